@@ -1,0 +1,61 @@
+"""Entry point: `python launch.py [group=option ...] [key=value ...]` (Hydra).
+
+python launch.py model=resnet20 quant=dorefa bits=1
+python launch.py task=pretrain model=resnet20 dataset=cifar10
+python launch.py task=eval model.pretrained=PATH quant=dorefa bits=1
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from mq.errors import ConfigError, find_config_error
+
+CONF = Path(__file__).resolve().parent / "conf"
+
+
+def check_group_options(argv: list[str]) -> None:
+    """Reject `group=unknown` before Hydra does, with one line naming what is allowed."""
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        group = CONF / key
+        if key.startswith("hydra") or not group.is_dir():
+            continue
+        allowed = sorted(p.stem for p in group.glob("*.yaml"))
+        for option in value.split(","):
+            if option and option not in allowed:
+                raise ConfigError(f"{key}={option} is not known; allowed: {', '.join(allowed)}")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> dict:
+    from mq.run import run  # torch is imported only once the config is known to compose
+
+    hydra_cfg = HydraConfig.get()
+    choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra")}
+    choices.update(bits=str(cfg.bits), seed=str(cfg.seed))
+    try:
+        return run(cfg, Path(hydra_cfg.runtime.output_dir), choices)
+    except Exception as exc:
+        error = find_config_error(exc)
+        if error is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    try:
+        check_group_options(sys.argv[1:])
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    main()

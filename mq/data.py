@@ -1,0 +1,399 @@
+"""Data loading: CIFAR held on the training device as uint8, ImageNet through a DataLoader.
+
+CIFAR is small enough to keep whole on the device, so augmentation (random crop with zero padding
+4, horizontal flip) and normalisation run batched there, as in airbench. That removes worker
+processes and host-to-device copies from the inner loop, which dominate at CIFAR scale.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor
+from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_image, read_file
+
+from mq.errors import ConfigError
+
+# Normalisation constants from the original MetaQuant code.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+CIFAR100_MEAN = (0.5, 0.5, 0.5)
+CIFAR100_STD = (0.5, 0.5, 0.5)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PAD = 4
+_FOLDER_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+class BatchSource(Protocol):
+    num_samples: int
+
+    def __len__(self) -> int: ...
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]: ...
+
+
+class Loaders(NamedTuple):
+    train: BatchSource  # iterable per epoch, augmented
+    test: BatchSource  # no augmentation, fixed order
+    num_classes: int
+
+
+class _Batches:
+    num_samples: int
+    batch_size: int
+    train: bool
+
+    def __len__(self) -> int:
+        # Train drops the last partial batch so every step sees a full batch; test keeps it.
+        if self.train:
+            return self.num_samples // self.batch_size
+        return math.ceil(self.num_samples / self.batch_size)
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    # SeedSequence mixes (seed, epoch) so that nearby pairs such as (0, 1) and (1, 0) get
+    # unrelated streams; a plain sum or product would collide.
+    state = np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) >> 1)
+
+
+class DeviceLoader(_Batches):
+    """Batches from a uint8 image tensor held on the device.
+
+    images: uint8 (N, H, W, C), the layout of torchvision's CIFAR ``.data``; stored as
+    (N, C, H, W). Train batches are randomly cropped back to (H, W) from the image zero-padded
+    by 4 pixels (the same distribution as torchvision ``RandomCrop(H, padding=4)`` on the uint8
+    image) and flipped horizontally with p=0.5.
+    """
+
+    def __init__(
+        self,
+        images: Tensor | np.ndarray,
+        labels: Tensor | Sequence[int] | np.ndarray,
+        batch_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        train: bool,
+        device: torch.device | str,
+        seed: int = 0,
+    ) -> None:
+        images = torch.as_tensor(images)
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(
+                f"images must be uint8 (N, H, W, C), got {images.dtype} {tuple(images.shape)}"
+            )
+        labels = torch.as_tensor(labels, dtype=torch.int64)
+        if len(labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size} must be at least 1")
+        if train and batch_size > len(images):
+            raise ConfigError(
+                f"batch_size={batch_size} is larger than the {len(images)} training images; "
+                "lower the batch size"
+            )
+        self.device = torch.device(device)
+        # A permuted view of contiguous NCHW data (as folder_loaders passes) needs no copy here.
+        self.images = images.permute(0, 3, 1, 2).contiguous().to(self.device)
+        self.labels = labels.to(self.device)
+        self.num_samples = len(images)
+        self.batch_size = batch_size
+        self.train = train
+        self.seed = seed
+        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        # (x / 255 - mean) / std folded into one multiply-add.
+        self._scale = 1.0 / (255.0 * std_t)
+        self._shift = -mean_t / std_t
+
+    def _normalise(self, x: Tensor) -> Tensor:
+        return x.float().mul_(self._scale).add_(self._shift)
+
+    def _augment(self, x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        padded = F.pad(x, (PAD, PAD, PAD, PAD)).view(n, c, -1)
+        pw = w + 2 * PAD
+        rows = dy[:, None] + torch.arange(h, device=x.device)
+        ar = torch.arange(w, device=x.device)
+        # Flipping the crop is reading its window right to left, so crop and flip are one gather.
+        cols = torch.where(flip[:, None], dx[:, None] + (w - 1) - ar, dx[:, None] + ar)
+        flat = (rows[:, :, None] * pw + cols[:, None, :]).view(n, 1, h * w).expand(-1, c, -1)
+        return torch.gather(padded, 2, flat).view(n, c, h, w)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        bs = self.batch_size
+        if not self.train:
+            for i in range(start_batch, len(self)):
+                sl = slice(i * bs, (i + 1) * bs)
+                yield self._normalise(self.images[sl]), self.labels[sl]
+            return
+        # The whole epoch is drawn up front on a CPU generator, so batches do not depend on the
+        # device and any start_batch continues the very same epoch.
+        g, n = _epoch_generator(self.seed, epoch), self.num_samples
+        order = torch.randperm(n, generator=g).to(self.device)
+        dy, dx = torch.randint(0, 2 * PAD + 1, (2, n), generator=g).to(self.device)
+        flip = torch.randint(0, 2, (n,), generator=g).bool().to(self.device)
+        for i in range(start_batch, len(self)):
+            sl = slice(i * bs, (i + 1) * bs)
+            idx = order[sl]
+            x = self._augment(self.images[idx], dy[sl], dx[sl], flip[sl])
+            yield self._normalise(x), self.labels[idx]
+
+
+def _device_loaders(
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    num_classes: int,
+    batch_size: int,
+    test_batch_size: int,
+    device: torch.device | str,
+    seed: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> Loaders:
+    return Loaders(
+        DeviceLoader(*train, batch_size, mean, std, train=True, device=device, seed=seed),
+        DeviceLoader(*test, test_batch_size, mean, std, train=False, device=device, seed=seed),
+        num_classes,
+    )
+
+
+_C10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+_CIFAR = {  # name: (classes, folder, files it needs, mean, std)
+    "cifar10": (10, "cifar-10-batches-py", _C10_FILES, CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": (100, "cifar-100-python", ["train", "test"], CIFAR100_MEAN, CIFAR100_STD),
+}
+
+
+def cifar_loaders(
+    name: str,
+    root: str,
+    download: bool,
+    batch_size: int,
+    device: torch.device | str,
+    seed: int = 0,
+    test_batch_size: int = 500,
+    num_classes: int | None = None,
+) -> Loaders:
+    """CIFAR-10/100 from torchvision's binary release, held on ``device``."""
+    if name not in _CIFAR:
+        raise ConfigError(f"dataset.name={name} is unknown; use one of {', '.join(_CIFAR)}")
+    classes, folder, files, mean, std = _CIFAR[name]
+    _check_classes(num_classes, classes, name)
+    label = f"CIFAR-{classes}"
+    if not download and not all((Path(root) / folder / f).is_file() for f in files):
+        raise ConfigError(
+            f"dataset.root={root} has no {label} data (expected {folder}/); set "
+            "dataset.download=true or point dataset.root at a folder that has it"
+        )
+    try:
+        cls = getattr(torchvision.datasets, name.upper())
+        sets = [cls(root, train=t, download=download) for t in (True, False)]
+    except (OSError, RuntimeError) as e:
+        # Download failures and md5 mismatches both land here; torchvision's text is multi-line.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"dataset.root={root}: could not load {label} ({first})") from e
+    train, test = ((torch.from_numpy(s.data), torch.tensor(s.targets)) for s in sets)
+    return _device_loaders(
+        train, test, classes, batch_size, test_batch_size, device, seed, mean, std
+    )
+
+
+def _check_classes(expected: int | None, found: int, where: str) -> None:
+    if expected is not None and expected != found:
+        raise ConfigError(
+            f"dataset.num_classes={expected} but {where} has {found} classes; allowed: {found}"
+        )
+
+
+def _decode_chunk(paths: list[str]) -> Tensor:
+    out = []
+    for p in paths:
+        try:
+            img = decode_image(read_file(p), mode=ImageReadMode.RGB)
+        except RuntimeError as e:
+            raise ConfigError(f"cannot decode image {p}: {str(e).splitlines()[0]}") from e
+        if img.shape[1:] != (32, 32):
+            raise ConfigError(f"image {p} is {img.shape[2]}x{img.shape[1]}; expected 32x32 RGB")
+        out.append(img)
+    return torch.stack(out)
+
+
+def _decode_all(paths: list[str]) -> Tensor:
+    # torchvision's decoders release the GIL, so threads scale; chunks keep per-task overhead low.
+    chunks = [paths[i : i + 1000] for i in range(0, len(paths), 1000)]
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        return torch.cat(list(pool.map(_decode_chunk, chunks)))
+
+
+def _scan(folder: Path) -> tuple[list[str], list[str], list[int]]:
+    try:
+        ds = torchvision.datasets.ImageFolder(
+            str(folder), is_valid_file=lambda p: p.lower().endswith(_FOLDER_EXTENSIONS)
+        )
+    except FileNotFoundError as e:
+        raise ConfigError(f"{folder}: {str(e).splitlines()[0]}") from e
+    return ds.classes, [p for p, _ in ds.samples], [c for _, c in ds.samples]
+
+
+def folder_loaders(
+    root: str,
+    batch_size: int,
+    device: torch.device | str,
+    seed: int = 0,
+    test_batch_size: int = 500,
+    mean: Sequence[float] = CIFAR10_MEAN,
+    std: Sequence[float] = CIFAR10_STD,
+    cache: str | None = None,
+    num_classes: int | None = None,
+) -> Loaders:
+    """32x32 images in ``root/{train,test}/<class>/*.{png,jpg}``, decoded once, held on device.
+
+    ``cache``: optional file for the decoded tensors; reused when it lists the same files and
+    classes, rewritten otherwise.
+    """
+    for split in ("train", "test"):
+        if not (Path(root) / split).is_dir():
+            raise ConfigError(
+                f"dataset.root={root} has no {split}/ folder; point dataset.root at a folder "
+                "with train/<class>/ and test/<class>/ images"
+            )
+    classes, train_paths, train_y = _scan(Path(root) / "train")
+    test_classes, test_paths, test_y = _scan(Path(root) / "test")
+    if test_classes != classes:
+        raise ConfigError(f"dataset.root={root}: train/ and test/ have different class folders")
+    _check_classes(num_classes, len(classes), root)
+    # The key is relative so a moved tree still hits its cache.
+    key = [os.path.relpath(p, root) for p in train_paths + test_paths]
+    data = None
+    if cache is not None and os.path.isfile(cache):
+        data = torch.load(cache, weights_only=True)
+        if data.get("files") != key or data.get("classes") != classes:
+            data = None
+    if data is None:
+        images = _decode_all(train_paths + test_paths)
+        n = len(train_paths)
+        data = {"files": key, "classes": classes, "train": images[:n], "test": images[n:]}
+        if cache is not None:
+            Path(cache).parent.mkdir(parents=True, exist_ok=True)
+            tmp = f"{cache}.tmp{os.getpid()}"
+            torch.save(data, tmp)
+            os.replace(tmp, cache)  # readers never see a half-written cache
+    # ImageFolder order is class by class; DeviceLoader takes NHWC, which here is a free view.
+    train = (data["train"].permute(0, 2, 3, 1), torch.tensor(train_y))
+    test = (data["test"].permute(0, 2, 3, 1), torch.tensor(test_y))
+    return _device_loaders(
+        train, test, len(classes), batch_size, test_batch_size, device, seed, mean, std
+    )
+
+
+def fake_loaders(
+    batch_size: int,
+    device: torch.device | str,
+    seed: int = 0,
+    num_train: int = 512,
+    num_test: int = 256,
+    num_classes: int = 10,
+    image_size: int = 32,
+    test_batch_size: int = 500,
+) -> Loaders:
+    """Random images from torchvision's FakeData, deterministic for a given seed."""
+    # FakeData seeds image i with i + random_offset; spacing the offsets keeps train, test and
+    # different seeds from sharing images.
+    offset = seed * 1_000_003
+    tensors = []
+    for size, off in ((num_train, offset), (num_test, offset + num_train)):
+        shape = (3, image_size, image_size)
+        ds = torchvision.datasets.FakeData(size, shape, num_classes, random_offset=off)
+        pairs = [ds[i] for i in range(size)]
+        images = torch.from_numpy(np.stack([np.asarray(img) for img, _ in pairs]))
+        tensors.append((images, torch.tensor([y for _, y in pairs])))
+    train, test = tensors
+    mean, std = CIFAR10_MEAN, CIFAR10_STD
+    return _device_loaders(
+        train, test, num_classes, batch_size, test_batch_size, device, seed, mean, std
+    )
+
+
+class StreamLoader(_Batches):
+    """BatchSource over a map-style dataset via DataLoader worker processes (for ImageNet).
+
+    Train order is a permutation drawn from (seed, epoch); start_batch skips straight to its
+    indices without loading the skipped batches. The order on resume is exact; the random
+    augmentations inside workers are reproducible only for whole epochs.
+    """
+
+    def __init__(
+        self,
+        dataset: torch.utils.data.Dataset,
+        batch_size: int,
+        train: bool,
+        device: torch.device | str,
+        seed: int = 0,
+        workers: int = 8,
+    ) -> None:
+        self.dataset = dataset
+        self.num_samples = len(dataset)  # type: ignore[arg-type]
+        self.batch_size = batch_size
+        self.train = train
+        self.device = torch.device(device)
+        self.seed = seed
+        self.workers = workers
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        g = _epoch_generator(self.seed, epoch)
+        n, bs = self.num_samples, self.batch_size
+        order = torch.randperm(n, generator=g) if self.train else torch.arange(n)
+        batches = [order[i * bs : (i + 1) * bs].tolist() for i in range(start_batch, len(self))]
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=batches,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            generator=g,  # seeds the workers' augmentation RNGs
+        )
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def imagenet_loaders(
+    root: str,
+    batch_size: int,
+    device: torch.device | str,
+    seed: int = 0,
+    workers: int = 8,
+    test_batch_size: int = 256,
+    num_classes: int | None = None,
+) -> Loaders:
+    """ImageNet from ``root/train`` and ``root/val`` class folders, standard augmentation."""
+    for split in ("train", "val"):
+        if not (Path(root) / split).is_dir():
+            raise ConfigError(
+                f"dataset.root={root} has no {split}/ folder; point dataset.root at an ImageNet "
+                "folder with train/<class>/ and val/<class>/"
+            )
+    norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    test_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])
+    try:
+        train_ds = torchvision.datasets.ImageFolder(str(Path(root) / "train"), train_tf)
+        test_ds = torchvision.datasets.ImageFolder(str(Path(root) / "val"), test_tf)
+    except FileNotFoundError as e:
+        raise ConfigError(f"dataset.root={root}: {str(e).splitlines()[0]}") from e
+    _check_classes(num_classes, len(train_ds.classes), root)
+    return Loaders(
+        StreamLoader(train_ds, batch_size, True, device, seed, workers),
+        StreamLoader(test_ds, test_batch_size, False, device, seed, workers),
+        len(train_ds.classes),
+    )

@@ -1,0 +1,148 @@
+"""Meta quantizers M: one small network shared by all layers, applied coordinate-wise.
+
+Every net maps the previous step's gradient w.r.t. the quantized weights (g_W^) and the
+previous transformed weights (W~), both flattened over all layers to shape (N,), to an
+estimate of g_W~ of the same shape. Stateful nets (LSTMFC) also take and return a state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mq.errors import ConfigError
+
+NONLINEARITIES = ("none", "relu", "tanh")
+State = tuple[Tensor, Tensor] | None
+
+
+def _activation(nonlinearity: str) -> nn.Module:
+    if nonlinearity not in NONLINEARITIES:
+        raise ConfigError(
+            f"meta.nonlinearity={nonlinearity} is not known; allowed: {', '.join(NONLINEARITIES)}"
+        )
+    return {"none": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh}[nonlinearity]()
+
+
+class MetaNet(nn.Module):
+    """Base class; subclasses implement ``forward(grad_hat, w_tilde, state)``."""
+
+    def initial_state(self, size: int, device: torch.device) -> State:
+        return None
+
+    def forward(self, grad_hat: Tensor, w_tilde: Tensor, state: State) -> tuple[Tensor, State]:
+        raise NotImplementedError
+
+
+class IdentitySTE(MetaNet):
+    """g_W~ = g_W^ * 1{|W~| <= 1}: the STE written as a meta net (no parameters).
+
+    With it, paper-mode MetaQuant reproduces plain STE training exactly; the tests use that.
+    """
+
+    def forward(self, grad_hat: Tensor, w_tilde: Tensor, state: State) -> tuple[Tensor, State]:
+        return grad_hat * (w_tilde.abs() <= 1).to(grad_hat.dtype), state
+
+
+class _FCChain(nn.Module):
+    """Bias-free Linear 1 -> h -> ... -> 1 with ``nonlinearity`` between the layers."""
+
+    def __init__(self, hidden_size: int, num_layers: int, nonlinearity: str) -> None:
+        super().__init__()
+        if num_layers < 2:
+            raise ConfigError(f"meta.num_layers={num_layers} is too small; allowed: 2 or more")
+        if hidden_size < 1:
+            raise ConfigError(f"meta.hidden_size={hidden_size} is too small; allowed: 1 or more")
+        sizes = [1] + [hidden_size] * (num_layers - 1) + [1]
+        layers: list[nn.Module] = []
+        for i in range(num_layers):
+            layers.append(nn.Linear(sizes[i], sizes[i + 1], bias=False))
+            if i < num_layers - 1:
+                layers.append(_activation(nonlinearity))
+        self.layers = nn.Sequential(*layers)
+        self.linear = nonlinearity == "none"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.linear:
+            # A bias-free, activation-free chain is one scalar: multiply the (1 x 1) product of
+            # its matrices into x instead of pushing N coordinates through h-wide layers.
+            # Same function and same gradients, at O(h^2) instead of O(N h) cost.
+            scale = self.layers[0].weight
+            for layer in self.layers[1:]:
+                if isinstance(layer, nn.Linear):
+                    scale = layer.weight @ scale
+            return x * scale.reshape(())
+        return self.layers(x.unsqueeze(1)).squeeze(1)
+
+
+class FCGrad(MetaNet):
+    """g_W~ = FC(g_W^)."""
+
+    def __init__(self, hidden_size: int = 100, num_layers: int = 2, nonlinearity: str = "none"):
+        super().__init__()
+        self.fc = _FCChain(hidden_size, num_layers, nonlinearity)
+
+    def forward(self, grad_hat: Tensor, w_tilde: Tensor, state: State) -> tuple[Tensor, State]:
+        return self.fc(grad_hat), state
+
+
+class MultiFC(MetaNet):
+    """g_W~ = g_W^ * FC(W~)."""
+
+    def __init__(self, hidden_size: int = 100, num_layers: int = 3, nonlinearity: str = "none"):
+        super().__init__()
+        self.fc = _FCChain(hidden_size, num_layers, nonlinearity)
+
+    def forward(self, grad_hat: Tensor, w_tilde: Tensor, state: State) -> tuple[Tensor, State]:
+        return grad_hat * self.fc(w_tilde), state
+
+
+class LSTMFC(MetaNet):
+    """g_W~ = g_W^ * Linear(h, 1)(LSTM(1, h)(W~)): one LSTM step per iteration, with hidden and
+    cell state kept per coordinate across iterations (the caller detaches them)."""
+
+    def __init__(
+        self, hidden_size: int = 100, nonlinearity: str = "none", state_dtype: str = "float32"
+    ) -> None:
+        super().__init__()
+        if hidden_size < 1:
+            raise ConfigError(f"meta.hidden_size={hidden_size} is too small; allowed: 1 or more")
+        self.cell = nn.LSTMCell(1, hidden_size)
+        self.act = _activation(nonlinearity)
+        self.out = nn.Linear(hidden_size, 1, bias=False)
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if state_dtype not in dtypes:
+            raise ConfigError(
+                f"meta.state_dtype={state_dtype} is not known; allowed: {', '.join(dtypes)}"
+            )
+        self.state_dtype = dtypes[state_dtype]
+
+    def initial_state(self, size: int, device: torch.device) -> State:
+        h = torch.zeros(size, self.cell.hidden_size, device=device, dtype=self.state_dtype)
+        return h, torch.zeros_like(h)
+
+    def forward(self, grad_hat: Tensor, w_tilde: Tensor, state: State) -> tuple[Tensor, State]:
+        assert state is not None
+        dtype = self.cell.weight_ih.dtype
+        h, c = self.cell(w_tilde.unsqueeze(1), (state[0].to(dtype), state[1].to(dtype)))
+        scale = self.out(self.act(h)).squeeze(1)
+        return grad_hat * scale, (h.to(self.state_dtype), c.to(self.state_dtype))
+
+
+def build_meta_net(
+    net: str,
+    hidden_size: int = 100,
+    num_layers: int = 3,
+    nonlinearity: str = "none",
+    state_dtype: str = "float32",
+) -> MetaNet:
+    """The meta net called ``net``: identity, fcgrad, multifc or lstmfc."""
+    if net == "identity":
+        return IdentitySTE()
+    if net == "fcgrad":
+        return FCGrad(hidden_size, num_layers, nonlinearity)
+    if net == "multifc":
+        return MultiFC(hidden_size, num_layers, nonlinearity)
+    if net == "lstmfc":
+        return LSTMFC(hidden_size, nonlinearity, state_dtype)
+    raise ConfigError(f"meta net {net} is not known; allowed: identity, fcgrad, multifc, lstmfc")

@@ -1,0 +1,219 @@
+"""Training steps: the STE baseline and MetaQuant (paper Algorithm 1).
+
+A step object owns everything that changes while training (optimizers, meta net, the previous
+step's gradients) and exposes ``train_step``, ``set_lr``, ``state_dict``/``load_state_dict``.
+The model's quantized weights are updated by one optimizer and every other parameter (BatchNorm,
+fc bias) by a second one, so the quantized weights can wait for their meta gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mq.errors import ConfigError
+from mq.meta.nets import MetaNet, build_meta_net
+from mq.quant.layers import quantized_weights, weight_quantizer
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+UPDATES = ("paper", "original")
+
+
+def _split(model: nn.Module) -> tuple[list[str], list[nn.Parameter], list[nn.Parameter]]:
+    quantized = quantized_weights(model)
+    ids = {id(p) for p in quantized.values()}
+    others = [p for p in model.parameters() if id(p) not in ids]
+    return list(quantized), list(quantized.values()), others
+
+
+def _set_lr(optimizer: torch.optim.Optimizer | None, lr: float) -> None:
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+
+class STEStep:
+    """Baseline: autograd through A(W) and the clipped STE, then ordinary optimizer steps."""
+
+    def __init__(self, model: nn.Module, optimizer: OptimizerFactory) -> None:
+        self.model = model
+        _, self.weights, others = _split(model)
+        self.weight_optimizer = optimizer(self.weights) if self.weights else None
+        self.other_optimizer = optimizer(others)
+
+    def set_lr(self, lr: float, meta_lr_factor: float = 1.0) -> None:
+        _set_lr(self.weight_optimizer, lr)
+        _set_lr(self.other_optimizer, lr)
+
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """One step on a batch; returns (loss, logits), both still on the device."""
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        for opt in (self.weight_optimizer, self.other_optimizer):
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in (self.weight_optimizer, self.other_optimizer):
+            if opt is not None:
+                opt.step()
+        return loss.detach(), logits.detach()
+
+    def state_dict(self) -> dict:
+        return {
+            "weight_optimizer": self.weight_optimizer.state_dict()
+            if self.weight_optimizer
+            else None,
+            "other_optimizer": self.other_optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.weight_optimizer is not None:
+            self.weight_optimizer.load_state_dict(state["weight_optimizer"])
+        self.other_optimizer.load_state_dict(state["other_optimizer"])
+
+
+class MetaQuantStep(STEStep):
+    """MetaQuant: the quantized weights' gradient comes from a meta net M.
+
+    Step t = 0 records g_W^ and W~ and updates only the unquantized parameters. For t > 0:
+    m = M(g_W^(t-1), W~(t-1)); g_W = m * calibration; u = pi(g_W) (the optimizer's refinement);
+    the forward sees W_meta = W - lr * (g_W + (u - g_W).detach()), whose derivative carries the
+    loss back to M's parameters; then M steps and W <- W - lr * u.
+
+    The late update is done first here, by the weight optimizer itself with g_W as gradient:
+    afterwards W already equals W - lr * u, so W_meta's value is W and only its derivative term
+    -lr * (g_W - g_W.detach()) is added. Same numbers, and the optimizer keeps its own state.
+
+    ``update="original"`` reproduces the released code instead: W_meta's value uses the previous
+    step's refined update (the STE gradient at t = 1), its derivative the current meta output.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: OptimizerFactory,
+        net: str = "multifc",
+        hidden_size: int = 100,
+        num_layers: int = 3,
+        nonlinearity: str = "none",
+        lr: float = 1e-3,
+        update: str = "paper",
+        lr_decay: bool = True,
+        state_dtype: str = "float32",
+        meta_net: MetaNet | None = None,
+    ) -> None:
+        super().__init__(model, optimizer)
+        if update not in UPDATES:
+            raise ConfigError(f"meta.update={update} is not known; allowed: {', '.join(UPDATES)}")
+        quantizer = weight_quantizer(model)
+        if quantizer is None:
+            raise ConfigError("meta needs a quantized model; use meta=ste with quant=none")
+        self.quantizer = quantizer
+        self.names, _, _ = _split(model)
+        self.sizes = [w.numel() for w in self.weights]
+        self.update = update
+        self.base_meta_lr = lr
+        self.lr_decay = lr_decay
+        device = self.weights[0].device
+        self.meta_net = meta_net or build_meta_net(
+            net, hidden_size, num_layers, nonlinearity, state_dtype
+        )
+        self.meta_net.to(device)
+        params = list(self.meta_net.parameters())
+        self.meta_optimizer = torch.optim.Adam(params, lr=lr) if params else None
+        self.meta_state = self.meta_net.initial_state(sum(self.sizes), device)
+        self.grad_hat: Tensor | None = None  # g_W^ of the previous step, flat over all layers
+        self.w_tilde: Tensor | None = None  # W~ of the previous step, flat
+        self.previous_update: list[Tensor] | None = None  # lr * u of the previous step (original)
+
+    def set_lr(self, lr: float, meta_lr_factor: float = 1.0) -> None:
+        super().set_lr(lr)
+        _set_lr(self.meta_optimizer, self.base_meta_lr * (meta_lr_factor if self.lr_decay else 1))
+
+    def _flat(self, tensors: list[Tensor]) -> Tensor:
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def _meta_weights(self) -> list[Tensor]:
+        """Run M, take the late update, and return W_meta for each quantized layer."""
+        assert self.grad_hat is not None and self.w_tilde is not None
+        assert self.weight_optimizer is not None
+        lr = self.weight_optimizer.param_groups[0]["lr"]
+        g_tilde, state = self.meta_net(self.grad_hat, self.w_tilde, self.meta_state)
+        self.meta_state = None if state is None else (state[0].detach(), state[1].detach())
+        grads = []
+        for w, g in zip(self.weights, g_tilde.split(self.sizes), strict=True):
+            g = g.view_as(w)
+            calibration = self.quantizer.calibration(w)
+            grads.append(g if calibration is None else g * calibration)
+        before = [w.detach().clone() for w in self.weights] if self.update == "original" else None
+        for w, g in zip(self.weights, grads, strict=True):
+            w.grad = g.detach()
+        self.weight_optimizer.step()
+        w_meta = []
+        for i, (w, g) in enumerate(zip(self.weights, grads, strict=True)):
+            derivative = -lr * (g - g.detach())  # zero in value, d/dphi in gradient
+            if before is None:
+                w_meta.append(w.detach() + derivative)
+            else:
+                assert self.previous_update is not None
+                w_meta.append(before[i] - self.previous_update[i] + derivative)
+        if before is not None:
+            self.previous_update = [
+                b - w.detach() for b, w in zip(before, self.weights, strict=True)
+            ]
+        return w_meta
+
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        first = self.grad_hat is None
+        weights = list(self.weights) if first else self._meta_weights()
+        w_tilde = [self.quantizer.transform(w) for w in weights]
+        w_hat = [self.quantizer.quantize(t) for t in w_tilde]
+        # Cut the graph at W^: the model's backward stops there and yields g_W^ on these
+        # leaves; a second, small backward carries g_W^ on through Q, A and M.
+        leaves = [w.detach().requires_grad_() for w in w_hat]
+        for opt in (self.other_optimizer, self.meta_optimizer):
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+        logits = self.model(x, dict(zip(self.names, leaves, strict=True)))
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        grad_hat = [leaf.grad for leaf in leaves]
+        if first:
+            if self.update == "original":
+                # The released code's second step moves by the STE gradient of step 0.
+                grads = torch.autograd.grad(w_hat, self.weights, grad_hat)
+                assert self.weight_optimizer is not None
+                lr = self.weight_optimizer.param_groups[0]["lr"]
+                self.previous_update = [lr * g for g in grads]
+        elif self.meta_optimizer is not None:
+            torch.autograd.backward(w_hat, grad_hat)
+            self.meta_optimizer.step()
+        self.other_optimizer.step()
+        self.grad_hat = self._flat(grad_hat)
+        self.w_tilde = self._flat([t.detach() for t in w_tilde])
+        return loss.detach(), logits.detach()
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.update(
+            meta_net=self.meta_net.state_dict(),
+            meta_optimizer=self.meta_optimizer.state_dict() if self.meta_optimizer else None,
+            meta_state=self.meta_state,
+            grad_hat=self.grad_hat,
+            w_tilde=self.w_tilde,
+            previous_update=self.previous_update,
+        )
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.meta_net.load_state_dict(state["meta_net"])
+        if self.meta_optimizer is not None:
+            self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self.meta_state = state["meta_state"]
+        self.grad_hat = state["grad_hat"]
+        self.w_tilde = state["w_tilde"]
+        self.previous_update = state["previous_update"]

@@ -1,0 +1,69 @@
+"""Model zoo: CIFAR ResNets and ImageNet ResNet18, with strict loading of pre-trained weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from mq.errors import ConfigError
+from mq.models.resnet_cifar import CifarResNet
+
+CIFAR_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
+MODELS = (*CIFAR_DEPTHS, "resnet18")
+
+
+def build_model(name: str, num_classes: int, pretrained: str | None = None) -> nn.Module:
+    """Build ``name`` for ``num_classes`` classes; load ``pretrained`` weights strictly."""
+    if name in CIFAR_DEPTHS:
+        model: nn.Module = CifarResNet(CIFAR_DEPTHS[name], num_classes)
+    elif name == "resnet18":
+        model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    else:
+        raise ConfigError(f"model={name} is not known; allowed: {', '.join(MODELS)}")
+    if pretrained:
+        load_pretrained(model, pretrained)
+    return model
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A plain state dict from an original checkpoint, one of ours, or a run directory."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / "checkpoint.pt"
+    if not file.is_file():
+        raise ConfigError(
+            f"model.pretrained={path} does not exist; give a .pth/.pt file or run dir"
+        )
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file; the cause is one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"model.pretrained={path} is not a readable checkpoint: {first}") from exc
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # a checkpoint written by mq
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"model.pretrained={path} holds no state dict of tensors")
+    # Checkpoints saved from nn.DataParallel prefix every key with "module.".
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_pretrained(model: nn.Module, path: str) -> None:
+    """Strict load: any missing, unexpected or mis-shaped key is an error, never a partial load."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+            if keys:
+                shown = ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+                parts.append(f"{label} keys: {shown}")
+        raise ConfigError(f"model.pretrained={path} does not match the model ({'; '.join(parts)})")
+    model.load_state_dict(state, strict=True)

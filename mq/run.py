@@ -1,0 +1,211 @@
+"""One job: config -> objects -> train or evaluate. Called by launch.py inside a Hydra job."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mq.checkpoint import load_checkpoint, read_json, write_json
+from mq.errors import ConfigError
+from mq.quant.layers import quantize_model
+from mq.train import evaluate, train
+
+log = logging.getLogger(__name__)
+
+TASKS = ("quantize", "pretrain", "eval")
+DEVICES = ("auto", "cpu", "cuda")
+# Keys that do not change a run's result: a resumed run may differ from the original in these.
+VOLATILE = ("logger", "device", "progress", "log_every", "checkpoint_every_min", "run_name")
+VOLATILE_DATASET = ("root", "download", "cache", "workers")
+ARTIFACTS = ("checkpoint.pt", "metrics.jsonl", "summary.json")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name not in DEVICES:
+        raise ConfigError(f"device={name} is not known; allowed: {', '.join(DEVICES)}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is available; allowed here: auto, cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks of plain values; group options and constructor arguments check themselves."""
+    if cfg.task.name not in TASKS:
+        raise ConfigError(f"task.name={cfg.task.name} is not known; allowed: {', '.join(TASKS)}")
+    for key in ("epochs", "batch_size", "lr_step", "log_every"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key}={value} is not allowed; allowed: an integer >= 1")
+    if cfg.device not in DEVICES:
+        raise ConfigError(f"device={cfg.device} is not known; allowed: {', '.join(DEVICES)}")
+    bits = cfg.bits
+    if not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ConfigError(f"bits={bits} is not allowed; allowed: an integer in 1..8")
+    for key in ("optimizer.lr", "meta.lr"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (not isinstance(value, (int, float)) or value < 0):
+            raise ConfigError(f"{key}={value} is not allowed; allowed: a number >= 0")
+    for key in ("limit_train_batches", "limit_test_batches"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{key}={value} is not allowed; allowed: null or an integer >= 1")
+    if cfg.task.name == "eval" and not cfg.model.pretrained:
+        raise ConfigError("task=eval needs model.pretrained=PATH (a checkpoint or run directory)")
+
+
+def result_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config minus the keys that do not change results."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(data, dict)
+    for key in VOLATILE:
+        data.pop(key, None)
+    for key in VOLATILE_DATASET:
+        data.get("dataset", {}).pop(key, None)
+    return data
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]}: {old} -> {new}"]
+
+
+def check_run_dir(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The existing summary when ``run_dir`` already holds this run; an error if it holds
+    another one (we never overwrite or mix runs)."""
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        return None
+    old = OmegaConf.to_container(OmegaConf.load(saved))
+    diff = _differences(old, result_config(cfg))
+    if diff:
+        raise ConfigError(
+            f"{run_dir} holds a run with another config ({'; '.join(diff[:3])}); "
+            "set run_name=NAME for a new run, or delete that directory"
+        )
+    return read_json(run_dir / "summary.json") or {}
+
+
+def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str, Any]:
+    """Run the job described by ``cfg`` in ``run_dir``; returns its summary."""
+    try:
+        return _run(cfg, run_dir, choices)
+    except ConfigError:
+        # Bad input: leave nothing behind but what was there (Hydra made the directory).
+        if run_dir.exists() and not any((run_dir / name).exists() for name in ARTIFACTS):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str, Any]:
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    previous = check_run_dir(cfg, run_dir)
+    if previous and previous.get("status") == "completed":
+        log.info(
+            "%s is already completed (test acc %s); nothing to do",
+            run_dir,
+            previous.get("final_test_acc"),
+        )
+        return previous
+
+    torch.manual_seed(cfg.seed)
+    net = instantiate(cfg.model)
+    quantizer = instantiate(cfg.quant) if cfg.quant.get("_target_") else None
+    if cfg.task.name == "quantize" and quantizer is not None and not cfg.model.pretrained:
+        log.warning(
+            "model.pretrained is not set: quantizing a randomly initialised %s. The paper starts "
+            "from a full-precision model: run task=pretrain first (see README).",
+            choices.get("model", cfg.model.name),
+        )
+    model = quantize_model(net, quantizer).to(device)
+    data = instantiate(cfg.dataset, batch_size=cfg.batch_size, device=device, seed=cfg.seed)
+    if data.num_classes != cfg.dataset.num_classes:
+        raise ConfigError(
+            f"dataset has {data.num_classes} classes, config says {cfg.dataset.num_classes}"
+        )
+    meta_choice = choices.get("meta", "")
+    if quantizer is None and meta_choice != "ste":
+        raise ConfigError(
+            f"meta={meta_choice} needs quantized weights; with quant=none use meta=ste"
+        )
+
+    if cfg.task.name == "eval":
+        test_loss, test_acc = evaluate(model, data.test, cfg.limit_test_batches)
+        summary = {"status": "completed", "test_loss": test_loss, "final_test_acc": test_acc}
+        log.info("test loss %.4f, test accuracy %.2f%%", test_loss, test_acc)
+        write_json(
+            {**summary, "choices": choices, "pretrained": cfg.model.pretrained},
+            run_dir / "summary.json",
+        )
+        return summary
+
+    meta_choice = choices.get("meta", "")
+    if quantizer is None and meta_choice != "ste":
+        raise ConfigError(
+            f"meta={meta_choice} needs quantized weights; with quant=none use meta=ste"
+        )
+    step = instantiate(cfg.meta, model=model, optimizer=instantiate(cfg.optimizer))
+    resume = None
+    checkpoint_path = run_dir / "checkpoint.pt"
+    if checkpoint_path.exists():
+        resume = load_checkpoint(checkpoint_path, device)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(result_config(cfg)), run_dir / "config.yaml")
+    run_id = (previous or {}).get("wandb_id")
+    logger = None
+    if cfg.logger.get("_target_"):
+        logger = instantiate(
+            cfg.logger,
+            name=cfg.run_name,
+            run_dir=run_dir,
+            run_config=OmegaConf.to_container(cfg, resolve=True),
+            run_id=run_id,
+        )
+        run_id = logger.run_id or run_id
+    head = {"name": cfg.run_name, "choices": choices, "wandb_id": run_id}
+    write_json({**head, "status": "running"}, run_dir / "summary.json")
+    try:
+        summary = train(
+            model,
+            step,
+            data.train,
+            data.test,
+            run_dir=run_dir,
+            epochs=cfg.epochs,
+            lr=cfg.optimizer.lr,
+            lr_step=cfg.lr_step,
+            limit_train_batches=cfg.limit_train_batches,
+            limit_test_batches=cfg.limit_test_batches,
+            log_every=cfg.log_every,
+            checkpoint_every_min=cfg.checkpoint_every_min,
+            progress_bar=cfg.progress,
+            resume=resume,
+            logger=logger,
+        )
+    except BaseException as exc:
+        error = (
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        )
+        write_json({**head, "status": "failed", "error": error}, run_dir / "summary.json")
+        if logger is not None:
+            logger.finish(exit_code=1)
+        raise
+    summary = {**head, **summary}
+    write_json(summary, run_dir / "summary.json")
+    if logger is not None:
+        logger.summary(summary)
+        logger.finish()
+    return summary

@@ -1,0 +1,278 @@
+"""The training loop: epochs of steps, evaluation, metrics, checkpoints, resume.
+
+Per-step loss and accuracy stay on the device and are read back every ``log_every`` steps,
+so the hot path has no host synchronisation. A checkpoint (end of every epoch, and every
+``checkpoint_every_min`` minutes inside one) holds everything a restart needs; the data order
+of an epoch is a function of (seed, epoch), so a restart replays the same batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from mq.checkpoint import save_checkpoint, write_json
+from mq.loggers import MetricsFile
+from mq.quant.layers import QuantizedModel, plain_state_dict, unwrap
+
+log = logging.getLogger(__name__)
+
+
+class BatchSource(Protocol):
+    def __len__(self) -> int: ...
+    def epoch(self, epoch: int, start_batch: int = 0): ...
+
+
+class Step(Protocol):
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]: ...
+    def set_lr(self, lr: float, meta_lr_factor: float = 1.0) -> None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in the checkpoint."""
+
+    epoch: int = 0  # next epoch to run
+    batch: int = 0  # next batch of that epoch
+    step: int = 0  # optimizer steps taken
+    test_acc: list[float] = field(default_factory=list)  # one per finished epoch
+    train_loss: list[float] = field(default_factory=list)
+    partial: dict[str, float] = field(default_factory=dict)  # sums over the unfinished epoch
+
+
+def lr_at(base_lr: float, epoch: int, lr_step: int) -> float:
+    """Step schedule: divided by 10 every ``lr_step`` epochs."""
+    return base_lr * 0.1 ** (epoch // lr_step)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: BatchSource, limit: int | None = None
+) -> tuple[float, float]:
+    """Test loss and accuracy (%) with the current (quantized) weights."""
+    model.eval()
+    weights = None
+    if isinstance(model, QuantizedModel):  # quantize once, not once per batch
+        weights = {n: model.weight_quant(w) for n, w in model.quantized_weights().items()}
+    loss_sum = torch.zeros((), device=_device(model))
+    correct = torch.zeros((), device=_device(model), dtype=torch.long)
+    count = 0
+    for i, (x, y) in enumerate(loader.epoch(0)):
+        if limit is not None and i >= limit:
+            break
+        logits = model(x, weights) if weights is not None else model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+        count += y.numel()
+    model.train()
+    return loss_sum.item() / max(count, 1), 100.0 * correct.item() / max(count, 1)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def summarize(progress: Progress, status: str, error: str | None = None) -> dict[str, Any]:
+    accs = progress.test_acc
+    last = accs[-10:]
+    return {
+        "status": status,
+        "error": error,
+        "epochs_completed": len(accs),
+        "steps": progress.step,
+        "final_test_acc": accs[-1] if accs else None,
+        "best_test_acc": max(accs) if accs else None,
+        "last10_mean_test_acc": statistics.fmean(last) if last else None,
+        "last10_std_test_acc": statistics.pstdev(last) if last else None,
+        "test_acc": accs,
+    }
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(
+    model: nn.Module,
+    step: Step,
+    train_data: BatchSource,
+    test_data: BatchSource,
+    *,
+    run_dir: Path,
+    epochs: int,
+    lr: float,
+    lr_step: int,
+    limit_train_batches: int | None = None,
+    limit_test_batches: int | None = None,
+    log_every: int = 20,
+    checkpoint_every_min: float = 10.0,
+    progress_bar: bool = True,
+    resume: dict[str, Any] | None = None,
+    logger: Any = None,
+    extra_state: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train for ``epochs`` epochs (resuming from ``resume``, a checkpoint dict); returns the
+    summary that is also written to ``run_dir/summary.json``."""
+    metrics = MetricsFile(run_dir / "metrics.jsonl", resume["metrics_offset"] if resume else None)
+    progress = Progress()
+    if resume:
+        unwrap(model).load_state_dict(resume["model"])
+        step.load_state_dict(resume["step_state"])
+        progress = Progress(**resume["progress"])
+        set_rng_state(resume["rng"])
+        log.info(
+            "resumed at epoch %d, batch %d (step %d)", progress.epoch, progress.batch, progress.step
+        )
+    batches = (
+        len(train_data)
+        if limit_train_batches is None
+        else min(len(train_data), limit_train_batches)
+    )
+
+    def checkpoint() -> None:
+        state = {
+            "version": 1,
+            "model": plain_state_dict(model),
+            "step_state": step.state_dict(),
+            "progress": progress.__dict__,
+            "rng": rng_state(),
+            "metrics_offset": metrics.offset(),
+            **(extra_state or {}),
+        }
+        save_checkpoint(state, run_dir / "checkpoint.pt")
+
+    def flush(pending: list[tuple[int, int, Tensor, Tensor, int]], current_lr: float) -> bool:
+        """Write buffered per-step rows; returns False when the loss is no longer finite."""
+        if not pending:
+            return True
+        losses = torch.stack([p[2] for p in pending]).tolist()
+        corrects = torch.stack([p[3] for p in pending]).tolist()
+        rows = [
+            {
+                "kind": "step",
+                "epoch": e,
+                "step": s,
+                "loss": loss,
+                "acc": 100.0 * c / n,
+                "lr": current_lr,
+            }
+            for (e, s, _, _, n), loss, c in zip(pending, losses, corrects, strict=True)
+        ]
+        metrics.write(rows)
+        if logger is not None:
+            logger.log(rows)
+        progress.partial["loss"] = progress.partial.get("loss", 0.0) + sum(losses)
+        progress.partial["correct"] = progress.partial.get("correct", 0.0) + sum(corrects)
+        progress.partial["seen"] = progress.partial.get("seen", 0.0) + sum(p[4] for p in pending)
+        progress.partial["batches"] = progress.partial.get("batches", 0.0) + len(pending)
+        pending.clear()
+        return all(math.isfinite(v) for v in losses)
+
+    model.train()
+    status = "completed"
+    last_checkpoint = time.monotonic()
+    while progress.epoch < epochs:
+        epoch = progress.epoch
+        current_lr = lr_at(lr, epoch, lr_step)
+        step.set_lr(current_lr, meta_lr_factor=0.1 ** (epoch // lr_step))
+        bar = tqdm(
+            total=batches,
+            initial=progress.batch,
+            desc=f"epoch {epoch + 1}/{epochs}",
+            disable=not progress_bar,
+            file=sys.stderr,
+            leave=False,
+            mininterval=1.0,
+        )
+        pending: list[tuple[int, int, Tensor, Tensor, int]] = []
+        started = time.perf_counter()
+        seen_at_start = progress.partial.get("seen", 0.0)
+        for x, y in train_data.epoch(epoch, start_batch=progress.batch):
+            if progress.batch >= batches:
+                break
+            loss, logits = step.train_step(x, y)
+            pending.append((epoch, progress.step, loss, (logits.argmax(1) == y).sum(), y.numel()))
+            progress.step += 1
+            progress.batch += 1
+            bar.update(1)
+            if len(pending) >= log_every or progress.batch == batches:
+                if not flush(pending, current_lr):
+                    status = "diverged"
+                    break
+                seen = progress.partial["seen"] - seen_at_start
+                bar.set_postfix(
+                    loss=f"{progress.partial['loss'] / progress.partial['batches']:.3f}",
+                    acc=f"{100 * progress.partial['correct'] / progress.partial['seen']:.1f}",
+                    img_s=f"{seen / (time.perf_counter() - started):.0f}",
+                )
+                if time.monotonic() - last_checkpoint > 60 * checkpoint_every_min:
+                    checkpoint()
+                    last_checkpoint = time.monotonic()
+        bar.close()
+        if status == "diverged":
+            log.warning("loss is not finite at step %d: run ends as diverged", progress.step)
+            break
+        epoch_time = time.perf_counter() - started
+        test_loss, test_acc = evaluate(model, test_data, limit_test_batches)
+        part = progress.partial
+        row = {
+            "kind": "epoch",
+            "epoch": epoch,
+            "step": max(progress.step - 1, 0),
+            "train_loss": part.get("loss", 0.0) / max(part.get("batches", 0.0), 1),
+            "train_acc": 100.0 * part.get("correct", 0.0) / max(part.get("seen", 0.0), 1),
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "epoch_time": epoch_time,
+            "images_per_s": (part.get("seen", 0.0) - seen_at_start) / max(epoch_time, 1e-9),
+            "lr": current_lr,
+        }
+        metrics.write([row])
+        if logger is not None:
+            logger.log([row])
+        log.info(
+            "epoch %d/%d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%% | %.1f s",
+            epoch + 1,
+            epochs,
+            row["train_loss"],
+            row["train_acc"],
+            test_loss,
+            test_acc,
+            epoch_time,
+        )
+        progress.test_acc.append(test_acc)
+        progress.train_loss.append(row["train_loss"])
+        progress.epoch, progress.batch, progress.partial = epoch + 1, 0, {}
+        if not math.isfinite(test_loss):
+            status = "diverged"
+            break
+        checkpoint()
+        last_checkpoint = time.monotonic()
+    summary = summarize(progress, status)
+    write_json(summary, run_dir / "summary.json")
+    metrics.close()
+    return summary

@@ -1,0 +1,57 @@
+"""Shared helpers: compose the Hydra config in-process, run launch.py as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SHARED_DATA = Path(os.environ.get("MQ_SHARED_DATA", ROOT.parent / "shared" / "data"))
+# Small, fast settings for launch.py runs on fake data.
+SMOKE = [
+    "dataset=fake",
+    "logger=none",
+    "epochs=1",
+    "batch_size=32",
+    "limit_train_batches=3",
+    "limit_test_batches=2",
+    "progress=false",
+]
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config launch.py would see, with ``${hydra:...}`` interpolations resolvable."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def launch(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python launch.py ARGS`` in ``cwd`` (outputs/ goes there)."""
+    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"no shared data at {SHARED_DATA} (set MQ_SHARED_DATA)")
+    return SHARED_DATA

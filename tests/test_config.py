@@ -1,0 +1,129 @@
+"""Every config composes and instantiates (compose API), like lightning-hydra-template's tests."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from conftest import CONF, compose_config
+from hydra.utils import instantiate
+
+from mq.errors import ConfigError, find_config_error
+from mq.meta import MetaQuantStep, STEStep
+from mq.quant import QuantizedModel, quantize_model
+from mq.run import validate
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_defaults_follow_the_paper():
+    cfg = compose_config([])
+    assert cfg.model.name == "resnet20" and cfg.dataset.name == "cifar10"
+    assert cfg.quant._target_.endswith("DorefaWeight") and cfg.bits == 1
+    assert cfg.meta.net == "multifc" and cfg.meta.hidden_size == 100 and cfg.meta.num_layers == 3
+    assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.lr == 1e-3
+    assert cfg.meta.lr == 1e-3 and cfg.epochs == 100 and cfg.lr_step == 30
+    assert cfg.batch_size == 128 and cfg.logger.mode == "offline"
+    assert cfg.run_name == "resnet20-dorefa-w1-multifc-sgd-s0"
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_every_model_instantiates(model):
+    cfg = compose_config([f"model={model}"])
+    net = instantiate(cfg.model)
+    assert (
+        net(torch.zeros(1, 3, 32, 32) if model != "resnet18" else torch.zeros(1, 3, 64, 64)).shape[
+            1
+        ]
+        == 10
+    )
+
+
+@pytest.mark.parametrize("quant", options("quant"))
+@pytest.mark.parametrize("meta", options("meta"))
+@pytest.mark.parametrize("optimizer", options("optimizer"))
+def test_every_quant_meta_optimizer_instantiates(quant, meta, optimizer):
+    cfg = compose_config(
+        [f"quant={quant}", f"meta={meta}", f"optimizer={optimizer}", "model=resnet20"]
+    )
+    validate(cfg)
+    quantizer = instantiate(cfg.quant) if cfg.quant.get("_target_") else None
+    model = quantize_model(instantiate(cfg.model), quantizer)
+    opt = instantiate(cfg.optimizer)
+    assert isinstance(opt, functools.partial)
+    if quantizer is None and meta != "ste":
+        with pytest.raises(Exception) as err:
+            instantiate(cfg.meta, model=model, optimizer=opt)
+        assert "quant=none" in str(find_config_error(err.value))
+        return
+    step = instantiate(cfg.meta, model=model, optimizer=opt)
+    assert isinstance(step, MetaQuantStep if meta != "ste" else STEStep)
+    assert isinstance(model, QuantizedModel) == (quant != "none")
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    loss, _ = step.train_step(x, y)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("dataset", options("dataset"))
+def test_every_dataset_config_instantiates_or_says_what_is_missing(dataset, tmp_path):
+    cfg = compose_config(
+        [f"dataset={dataset}", f"dataset.root={tmp_path}"]
+        if dataset != "fake"
+        else ["dataset=fake"]
+    )
+    if dataset == "fake":
+        data = instantiate(cfg.dataset, batch_size=16, device="cpu", seed=0)
+        assert data.num_classes == cfg.dataset.num_classes
+        x, y = next(iter(data.train.epoch(0)))
+        assert x.shape == (16, 3, 32, 32) and y.dtype == torch.long
+    else:
+        with pytest.raises(Exception) as err:
+            instantiate(cfg.dataset, batch_size=16, device="cpu", seed=0)
+        message = str(find_config_error(err.value))
+        assert str(tmp_path) in message and "\n" not in message
+
+
+@pytest.mark.parametrize("task", options("task"))
+def test_every_task_composes(task):
+    cfg = compose_config([f"task={task}"] + (["model.pretrained=x.pth"] if task == "eval" else []))
+    validate(cfg)
+    assert cfg.task.name == task
+    if task == "pretrain":
+        assert cfg.quant.get("_target_") is None and cfg.optimizer.lr == 0.1
+        assert cfg.run_name == "resnet20-fp-sgdm-s0"
+
+
+def test_pretrain_task_still_takes_command_line_choices():
+    cfg = compose_config(["task=pretrain", "optimizer=adam", "optimizer.lr=0.01", "epochs=3"])
+    assert (
+        cfg.optimizer._target_ == "torch.optim.Adam"
+        and cfg.optimizer.lr == 0.01
+        and cfg.epochs == 3
+    )
+
+
+def test_wandb_logger_config_instantiates_disabled(tmp_path):
+    cfg = compose_config(["logger.mode=disabled"])
+    logger = instantiate(cfg.logger, name="x", run_dir=tmp_path, run_config={"a": 1})
+    logger.log([{"kind": "step", "step": 0, "loss": 1.0}])
+    logger.finish()
+    assert cfg.logger.job_type == "multifc" and "w1" in cfg.logger.tags
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("bits=9", "bits=9"),
+        ("bits=0", "bits=0"),
+        ("optimizer.lr=-0.1", "optimizer.lr=-0.1"),
+        ("meta.lr=-1", "meta.lr=-1"),
+        ("epochs=0", "epochs=0"),
+        ("device=tpu", "device=tpu"),
+    ],
+)
+def test_validate_rejects_bad_values(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        validate(compose_config([override]))

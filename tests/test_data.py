@@ -1,0 +1,280 @@
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from mq import data
+from mq.data import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    DeviceLoader,
+    cifar_loaders,
+    fake_loaders,
+    folder_loaders,
+    imagenet_loaders,
+)
+from mq.errors import ConfigError
+
+MEAN = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+CLASSES = ["cat", "dog", "frog"]
+
+
+def unnormalise(x: torch.Tensor) -> torch.Tensor:
+    return ((x * STD + MEAN) * 255).round().to(torch.uint8)
+
+
+def collect(source, epoch=0, start_batch=0):
+    return [(x.clone(), y.clone()) for x, y in source.epoch(epoch, start_batch)]
+
+
+def assert_same_batches(a, b) -> None:
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+@pytest.fixture(scope="module")
+def folder_tree(tmp_path_factory) -> Path:
+    """train/ with 70 images per class, test/ with 20; cat is JPEG, the others PNG."""
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 70), ("test", 20)):
+        for cls in CLASSES:
+            (root / split / cls).mkdir(parents=True)
+            ext = "jpg" if cls == "cat" else "png"
+            for i in range(n):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i:03d}.{ext}")
+    return root
+
+
+def test_folder_loaders_pixels_and_labels(folder_tree):
+    loaders = folder_loaders(str(folder_tree), batch_size=64, device="cpu", test_batch_size=25)
+    assert loaders.num_classes == 3
+    assert (loaders.train.num_samples, loaders.test.num_samples) == (210, 60)
+    assert (len(loaders.train), len(loaders.test)) == (3, 3)
+    batches = collect(loaders.test)
+    assert [len(y) for _, y in batches] == [25, 25, 10]
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    assert x.dtype == torch.float32 and x.shape == (60, 3, 32, 32)
+    assert y.dtype == torch.int64
+    files = sorted((folder_tree / "test").glob("*/*"))
+    expected = [CLASSES.index(f.parent.name) for f in files]
+    assert y.tolist() == expected
+    # Decoded by PIL independently of the loader's torchvision decoder.
+    pixels = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    assert torch.equal(unnormalise(x), torch.from_numpy(pixels).permute(0, 3, 1, 2))
+    for x, y in loaders.train.epoch(0):
+        assert x.shape == (64, 3, 32, 32) and x.dtype == torch.float32
+        assert y.dtype == torch.int64 and set(y.tolist()) <= {0, 1, 2}
+
+
+def test_folder_loaders_cache(folder_tree, tmp_path, monkeypatch):
+    cache = tmp_path / "sub" / "cache.pt"
+    first = folder_loaders(str(folder_tree), 32, "cpu", cache=str(cache))
+    assert cache.is_file() and not list(cache.parent.glob("*.tmp*"))
+
+    def no_decoding(paths):
+        raise AssertionError("decoded again despite the cache")
+
+    monkeypatch.setattr(data, "_decode_all", no_decoding)
+    second = folder_loaders(str(folder_tree), 32, "cpu", cache=str(cache))
+    assert torch.equal(first.train.images, second.train.images)
+    assert torch.equal(first.test.labels, second.test.labels)
+    # A different file list must not reuse the stale cache.
+    other = tmp_path / "other"
+    for split in ("train", "test"):
+        (other / split / "a").mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(other / split / "a" / "x.png")
+    with pytest.raises(AssertionError, match="decoded again"):
+        folder_loaders(str(other), 1, "cpu", cache=str(cache))
+
+
+def test_folder_loaders_errors(tmp_path):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(tmp_path / "train" / "a" / "ok.png")
+    with pytest.raises(ConfigError, match="no test/") as err:
+        folder_loaders(str(tmp_path), 1, "cpu")
+    assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
+    (tmp_path / "test" / "a").mkdir(parents=True)
+    Image.new("RGB", (40, 30)).save(tmp_path / "test" / "a" / "big.png")
+    with pytest.raises(ConfigError, match=r"big\.png is 40x30"):
+        folder_loaders(str(tmp_path), 1, "cpu")
+
+
+def coded_images(n: int) -> torch.Tensor:
+    """Images whose pixels say where they came from: channel 0 = 10 + column, 1 = 10 + row."""
+    img = torch.empty(32, 32, 3, dtype=torch.uint8)
+    img[..., 0] = 10 + torch.arange(32).view(1, 32)
+    img[..., 1] = 10 + torch.arange(32).view(32, 1)
+    img[..., 2] = 200
+    return img.expand(n, -1, -1, -1).contiguous()
+
+
+def test_crop_flip_match_torchvision_and_distribution():
+    n = 9000
+    images = coded_images(n)
+    loader = DeviceLoader(images, torch.zeros(n), 1000, CIFAR10_MEAN, CIFAR10_STD, True, "cpu")
+    out = unnormalise(torch.cat([x for x, _ in loader.epoch(0)]))
+    # Recover each sample's offset and flip from the always-inside centre pixel.
+    centre, right = out[:, 0, 16, 16].long(), out[:, 0, 16, 17].long()
+    flip = right < centre
+    dx = torch.where(flip, centre - 21, centre - 22)
+    dy = out[:, 1, 16, 16].long() - 22
+    assert dx.min() == 0 and dx.max() == 8 and dy.min() == 0 and dy.max() == 8
+    padded = TF.pad(images[0].permute(2, 0, 1), [4])  # zero fill, as RandomCrop(32, padding=4)
+    for i in range(300):
+        expected = TF.crop(padded, int(dy[i]), int(dx[i]), 32, 32)
+        if flip[i]:
+            expected = TF.horizontal_flip(expected)
+        assert torch.equal(out[i], expected), i
+    # Offsets uniform over 0..8 on each axis (expected 1000 each, sd ~30), flips ~50%.
+    for offsets in (dx, dy):
+        counts = torch.bincount(offsets, minlength=9)
+        assert (counts - 1000).abs().max() < 150, counts
+    joint = torch.bincount(dy * 9 + dx, minlength=81)
+    assert joint.min() > 60 and joint.max() < 170
+    assert abs(flip.float().mean().item() - 0.5) < 0.03
+
+
+def test_constant_image_border_frequency():
+    # The zero padding must reach the output: a white image shows black rows for offsets != 4.
+    n = 4500
+    images = torch.full((n, 32, 32, 3), 255, dtype=torch.uint8)
+    loader = DeviceLoader(images, torch.zeros(n), 500, (0, 0, 0), (1, 1, 1), True, "cpu")
+    x = torch.cat([x for x, _ in loader.epoch(1)])
+    zero_rows = (x[:, 0].amax(dim=2) == 0).sum(dim=1)
+    assert set(zero_rows.unique().tolist()) == {0, 1, 2, 3, 4}
+    # |dy - 4| zero rows: 0 with p 1/9, each of 1..4 with p 2/9.
+    freq = torch.bincount(zero_rows, minlength=5).float() / n
+    assert torch.allclose(freq, torch.tensor([1, 2, 2, 2, 2]) / 9, atol=0.03)
+    assert set(x.unique().tolist()) == {0.0, 1.0}
+
+
+def test_determinism_and_resume():
+    n = 1000
+    images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8)
+    labels = torch.arange(n)
+
+    def make(seed: int) -> DeviceLoader:
+        return DeviceLoader(images, labels, 128, CIFAR10_MEAN, CIFAR10_STD, True, "cpu", seed)
+
+    loader = make(0)
+    full = collect(loader, 3)
+    assert_same_batches(full, collect(make(0), 3))
+    assert not torch.equal(full[0][1], collect(loader, 4)[0][1])
+    assert not torch.equal(full[0][1], collect(make(1), 3)[0][1])
+    for k in (0, 1, 5, 7):
+        assert_same_batches(collect(loader, 3, start_batch=k), full[k:])
+
+
+def test_train_drops_partial_batch_and_test_keeps_all():
+    n = 1000
+    images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8)
+    ids = torch.arange(n)
+    train = DeviceLoader(images, ids, 128, CIFAR10_MEAN, CIFAR10_STD, True, "cpu")
+    test = DeviceLoader(images, ids, 300, CIFAR10_MEAN, CIFAR10_STD, False, "cpu")
+    assert len(train) == 7 and train.num_samples == n
+    seen = torch.cat([y for _, y in train.epoch(0)])
+    assert len(seen) == 7 * 128 and len(seen.unique()) == len(seen)
+    assert len(test) == 4
+    batches = collect(test)
+    assert [len(y) for _, y in batches] == [300, 300, 300, 100]
+    assert torch.equal(torch.cat([y for _, y in batches]), ids)
+    x = torch.cat([x for x, _ in batches])
+    assert torch.equal(unnormalise(x), images.permute(0, 3, 1, 2))
+    assert collect(test, 0, start_batch=3)[0][1].tolist() == list(range(900, 1000))
+    with pytest.raises(ConfigError, match="batch_size=2000"):
+        DeviceLoader(images, ids, 2000, CIFAR10_MEAN, CIFAR10_STD, True, "cpu")
+
+
+@pytest.mark.parametrize("name,folder", [("cifar10", "cifar-10"), ("cifar100", "cifar-100")])
+def test_cifar_loaders_missing_files(tmp_path, name, folder):
+    root = tmp_path / "empty"
+    root.mkdir()
+    with pytest.raises(ConfigError) as err:
+        cifar_loaders(name, str(root), download=False, batch_size=128, device="cpu")
+    msg = str(err.value)
+    assert "\n" not in msg and f"dataset.root={root}" in msg and "dataset.download=true" in msg
+    assert folder in msg
+
+
+def test_cifar_loaders_unknown_name(tmp_path):
+    with pytest.raises(ConfigError, match="cifar10.*cifar100") as err:
+        cifar_loaders("mnist", str(tmp_path), download=False, batch_size=128, device="cpu")
+    assert "mnist" in str(err.value)
+
+
+def test_fake_loaders():
+    a = fake_loaders(batch_size=64, device="cpu", seed=3, num_train=200, num_test=70)
+    b = fake_loaders(batch_size=64, device="cpu", seed=3, num_train=200, num_test=70)
+    c = fake_loaders(batch_size=64, device="cpu", seed=4, num_train=200, num_test=70)
+    assert a.num_classes == 10 and len(a.train) == 3 and len(a.test) == 1
+    assert a.train.images.shape == (200, 3, 32, 32) and a.train.images.dtype == torch.uint8
+    assert torch.equal(a.train.images, b.train.images)
+    assert not torch.equal(a.train.images, c.train.images)
+    assert not torch.equal(a.train.images[:70], a.test.images)
+    assert_same_batches(collect(a.train, 2), collect(b.train, 2))
+    x, y = next(a.test.epoch(0))
+    assert x.shape == (70, 3, 32, 32) and y.min() >= 0 and y.max() < 10
+
+
+def test_imagenet_loaders(tmp_path):
+    with pytest.raises(ConfigError, match="no train/"):
+        imagenet_loaders(str(tmp_path), 4, "cpu")
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(5):
+                Image.new("RGB", (80, 60), (i * 40, 0, 0)).save(tmp_path / split / cls / f"{i}.jpg")
+    loaders = imagenet_loaders(str(tmp_path), 4, "cpu", seed=1, workers=0, test_batch_size=3)
+    assert loaders.num_classes == 2 and len(loaders.train) == 2 and len(loaders.test) == 4
+    train = collect(loaders.train, 5)
+    assert [x.shape for x, _ in train] == [(4, 3, 224, 224)] * 2
+    assert torch.equal(collect(loaders.train, 5, start_batch=1)[0][1], train[1][1])
+    test = collect(loaders.test)
+    assert torch.cat([y for _, y in test]).tolist() == [0] * 5 + [1] * 5
+    assert test[0][0].shape == (3, 3, 224, 224)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    loaders = [fake_loaders(64, dev, seed=2, num_train=256, num_test=64) for dev in ("cpu", "cuda")]
+    cpu, gpu = collect(loaders[0].train, 1), collect(loaders[1].train, 1)
+    assert len(cpu) == len(gpu) == 4
+    for (xc, yc), (xg, yg) in zip(cpu, gpu, strict=True):
+        assert xg.is_cuda and torch.equal(yc, yg.cpu())
+        torch.testing.assert_close(xc, xg.cpu())
+
+
+def shared_data() -> Path:
+    env = os.environ.get("MQ_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared/data"
+
+
+@pytest.mark.slow
+def test_real_cifar10_jpeg(tmp_path):
+    archive = shared_data() / "cifar10-jpeg.tar.gz"
+    if not archive.is_file():
+        pytest.skip(f"{archive} not present")
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp_path, filter="data")
+        loaders = folder_loaders(str(tmp_path), 512, "cpu")
+    finally:
+        # pytest keeps recent tmp dirs; 60,000 files each is too much to leave behind.
+        shutil.rmtree(tmp_path / "train", ignore_errors=True)
+        shutil.rmtree(tmp_path / "test", ignore_errors=True)
+    assert (loaders.train.num_samples, loaders.test.num_samples) == (50_000, 10_000)
+    assert loaders.num_classes == 10
+    assert torch.bincount(loaders.test.labels).tolist() == [1000] * 10
+    x, y = next(loaders.train.epoch(0))
+    assert x.shape == (512, 3, 32, 32) and x.dtype == torch.float32

@@ -1,0 +1,211 @@
+"""launch.py end to end, as a subprocess: every method, resume after a kill, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, SMOKE, launch
+
+METAS = ["ste", "multifc", "fcgrad", "lstmfc"]
+QUANTS = ["dorefa", "bwn", "bwn_f"]
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_every_meta_and_quant_pair_trains(tmp_path):
+    result = launch(
+        "-m",
+        f"meta={','.join(METAS)}",
+        f"quant={','.join(QUANTS)}",
+        *SMOKE,
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    fp = launch(*SMOKE, "quant=none", "meta=ste", "run_name=fp", cwd=tmp_path)
+    assert fp.returncode == 0, fp.stderr[-3000:]
+    dirs = sorted((tmp_path / "sweep").iterdir())
+    dirs = [d for d in dirs if d.is_dir()] + [tmp_path / "outputs/quantize/fake/fp"]
+    assert len(dirs) == len(METAS) * len(QUANTS) + 1
+    for run_dir in dirs:
+        s = summary(run_dir)
+        assert s["status"] == "completed", run_dir
+        assert 0 <= s["final_test_acc"] <= 100
+        steps = [r for r in rows(run_dir) if r["kind"] == "step"]
+        assert [r["step"] for r in steps] == [0, 1, 2]
+        assert all(math.isfinite(r["loss"]) for r in steps)
+        (epoch,) = [r for r in rows(run_dir) if r["kind"] == "epoch"]
+        assert math.isfinite(epoch["test_loss"]) and epoch["epoch_time"] > 0
+        assert (run_dir / "checkpoint.pt").exists() and (run_dir / "config.yaml").exists()
+
+
+def test_wandb_offline_run_has_the_choices_name_and_metric_names(tmp_path):
+    args = [a for a in SMOKE if a != "logger=none"] + ["logger.mode=offline"]
+    result = launch(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "outputs/quantize/fake/resnet20-dorefa-w1-multifc-sgd-s0"
+    (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    assert run_file.stat().st_size > 0
+    assert summary(run_dir)["wandb_id"] in run_file.name
+    # the run's config and metric names are those of metrics.jsonl (read from the run's files)
+    files = run_file.parent / "files"
+    config = (files / "config.yaml").read_text()
+    assert "run_name" in config and "resnet20-dorefa-w1-multifc-sgd-s0" in config
+
+
+def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early:\n{proc.stderr.read()[-3000:]}")
+        time.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+@pytest.mark.parametrize("meta", ["lstmfc"])
+def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, meta):
+    args = [
+        "dataset=fake",
+        "logger=none",
+        "progress=false",
+        "batch_size=32",
+        "epochs=3",
+        "limit_test_batches=2",
+        "log_every=1",
+        f"meta={meta}",
+        "meta.hidden_size=8",
+        "optimizer=adam",
+    ]
+    reference = launch(*args, "run_name=reference", cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    run_dir = tmp_path / "outputs/quantize/fake/killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "launch.py"), *args, "run_name=killed"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+
+    def mid_second_epoch() -> bool:
+        if not metrics.exists():
+            return False
+        epochs = [
+            json.loads(line).get("epoch") for line in metrics.read_text().splitlines() if line
+        ]
+        return epochs.count(1) >= 3  # a checkpoint at the end of epoch 0, then 3 steps into 1
+
+    try:
+        _wait_for(mid_second_epoch, 240, proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert summary(run_dir)["status"] == "running"
+    resumed = launch(*args, "run_name=killed", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at epoch 1, batch 0" in resumed.stderr + resumed.stdout
+    got, want = rows(run_dir), rows(tmp_path / "outputs/quantize/fake/reference")
+    assert [r["step"] for r in got] == [r["step"] for r in want]  # no duplicated rows
+    for a, b in zip(got, want, strict=True):
+        for key in ("loss", "acc", "test_acc", "test_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a, b)
+    assert summary(run_dir)["status"] == "completed"
+    assert summary(run_dir)["test_acc"] == pytest.approx(
+        summary(tmp_path / "outputs/quantize/fake/reference")["test_acc"]
+    )
+
+
+def test_completed_run_is_not_overwritten_and_other_config_is_refused(tmp_path):
+    first = launch(*SMOKE, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "outputs/quantize/fake/resnet20-dorefa-w1-multifc-sgd-s0"
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.is_file()}
+    again = launch(*SMOKE, cwd=tmp_path)
+    assert again.returncode == 0
+    assert "already completed" in again.stderr + again.stdout
+    changed = launch(*SMOKE, "optimizer.lr=0.5", cwd=tmp_path)
+    assert changed.returncode != 0
+    assert "optimizer.lr: 0.001 -> 0.5" in changed.stderr and "Traceback" not in changed.stderr
+    after = {
+        p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.is_file() and p.name in before
+    }
+    for name in ("checkpoint.pt", "metrics.jsonl", "summary.json", "config.yaml"):
+        assert after[name] == before[name], name
+
+
+def test_pretrain_then_quantize_then_eval(tmp_path):
+    pre = launch(*SMOKE, "task=pretrain", cwd=tmp_path)
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    pre_dir = tmp_path / "outputs/pretrain/fake/resnet20-fp-sgdm-s0"
+    assert summary(pre_dir)["status"] == "completed"
+    state = torch.load(pre_dir / "checkpoint.pt", weights_only=False)["model"]
+    assert "conv1.weight" in state  # the original checkpoints' key layout
+    quant = launch(*SMOKE, f"model.pretrained={pre_dir / 'checkpoint.pt'}", cwd=tmp_path)
+    assert quant.returncode == 0, quant.stderr[-3000:]
+    assert "randomly initialised" not in quant.stderr
+    ev = launch(*SMOKE, "task=eval", f"model.pretrained={pre_dir}", "quant=none", cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    s = summary(tmp_path / "outputs/eval/fake/resnet20-none-w1-s0")
+    assert s["status"] == "completed" and 0 <= s["final_test_acc"] <= 100
+
+
+@pytest.fixture(scope="module")
+def bad_checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    (folder / "garbage.pth").write_bytes(b"not a checkpoint at all")
+    from mq.models import build_model
+
+    torch.save(build_model("resnet20", 10).state_dict(), folder / "resnet20.pth")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["quant=foo"], "quant=foo is not known; allowed: bwn, bwn_f, dorefa, none"),
+        (["meta=ste,bogus"], "meta=bogus is not known"),
+        (["bits=9"], "bits=9 is not allowed"),
+        (["quant=bwn", "bits=2"], "bits=2 is not allowed for bwn; allowed: 1"),
+        (["optimizer.lr=-0.1"], "optimizer.lr=-0.1 is not allowed"),
+        (["dataset=cifar10", "dataset.root=nowhere"], "dataset.root=nowhere"),
+        (["model.pretrained=CKPT/garbage.pth"], "garbage.pth is not a readable checkpoint"),
+        (["model=resnet32", "model.pretrained=CKPT/resnet20.pth"], "missing keys: layer1.3"),
+        (["model.pretrained=CKPT/none.pth"], "none.pth does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, bad_checkpoints, args, message):
+    args = [a.replace("CKPT", str(bad_checkpoints)) for a in args]
+    smoke = [
+        a
+        for a in SMOKE
+        if not (a.startswith("dataset=") and any(x.startswith("dataset=") for x in args))
+    ]
+    result = launch(*smoke, *args, cwd=tmp_path)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: ") and message in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
+    outputs = tmp_path / "outputs"
+    assert not [p for p in outputs.rglob("*") if p.is_file()] if outputs.exists() else True
