@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mq.checkpoint import load_checkpoint, read_json, write_json
-from mq.errors import ConfigError
+from mq.errors import ConfigError, find_config_error
 from mq.quant.layers import quantize_model
 from mq.train import evaluate, train
 
@@ -101,7 +101,9 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str, An
     """Run the job described by ``cfg`` in ``run_dir``; returns its summary."""
     try:
         return _run(cfg, run_dir, choices)
-    except ConfigError:
+    except Exception as exc:
+        if find_config_error(exc) is None:
+            raise
         # Bad input: leave nothing behind but what was there (Hydra made the directory).
         if run_dir.exists() and not any((run_dir / name).exists() for name in ARTIFACTS):
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -131,16 +133,6 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str, A
         )
     model = quantize_model(net, quantizer).to(device)
     data = instantiate(cfg.dataset, batch_size=cfg.batch_size, device=device, seed=cfg.seed)
-    if data.num_classes != cfg.dataset.num_classes:
-        raise ConfigError(
-            f"dataset has {data.num_classes} classes, config says {cfg.dataset.num_classes}"
-        )
-    meta_choice = choices.get("meta", "")
-    if quantizer is None and meta_choice != "ste":
-        raise ConfigError(
-            f"meta={meta_choice} needs quantized weights; with quant=none use meta=ste"
-        )
-
     if cfg.task.name == "eval":
         test_loss, test_acc = evaluate(model, data.test, cfg.limit_test_batches)
         summary = {"status": "completed", "test_loss": test_loss, "final_test_acc": test_acc}
@@ -151,11 +143,6 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str, A
         )
         return summary
 
-    meta_choice = choices.get("meta", "")
-    if quantizer is None and meta_choice != "ste":
-        raise ConfigError(
-            f"meta={meta_choice} needs quantized weights; with quant=none use meta=ste"
-        )
     step = instantiate(cfg.meta, model=model, optimizer=instantiate(cfg.optimizer))
     resume = None
     checkpoint_path = run_dir / "checkpoint.pt"
@@ -169,6 +156,8 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str, A
     if cfg.logger.get("_target_"):
         logger = instantiate(
             cfg.logger,
+            _recursive_=False,  # run_config holds _target_ keys that are data here
+            _convert_="all",
             name=cfg.run_name,
             run_dir=run_dir,
             run_config=OmegaConf.to_container(cfg, resolve=True),

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, SMOKE, launch
+from wandb_records import history_keys, read_records
 
 METAS = ["ste", "multifc", "fcgrad", "lstmfc"]
 QUANTS = ["dorefa", "bwn", "bwn_f"]
@@ -63,10 +64,15 @@ def test_wandb_offline_run_has_the_choices_name_and_metric_names(tmp_path):
     (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     assert run_file.stat().st_size > 0
     assert summary(run_dir)["wandb_id"] in run_file.name
-    # the run's config and metric names are those of metrics.jsonl (read from the run's files)
-    files = run_file.parent / "files"
-    config = (files / "config.yaml").read_text()
-    assert "run_name" in config and "resnet20-dorefa-w1-multifc-sgd-s0" in config
+    records = read_records(run_file)
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert run.display_name == "resnet20-dorefa-w1-multifc-sgd-s0" and run.job_type == "multifc"
+    assert list(run.tags) == ["resnet20", "fake", "dorefa", "w1", "multifc", "sgd"]
+    assert {"model", "quant", "meta", "optimizer", "bits", "seed"} <= {
+        i.key for i in run.config.update
+    }
+    jsonl_keys = {k for row in rows(run_dir) for k in row} - {"kind", "step"}
+    assert jsonl_keys <= history_keys(records)
 
 
 def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:

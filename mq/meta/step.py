@@ -110,7 +110,9 @@ class MetaQuantStep(STEStep):
             raise ConfigError(f"meta.update={update} is not known; allowed: {', '.join(UPDATES)}")
         quantizer = weight_quantizer(model)
         if quantizer is None:
-            raise ConfigError("meta needs a quantized model; use meta=ste with quant=none")
+            raise ConfigError(
+                f"meta={net} needs quantized weights but quant=none; allowed with quant=none: ste"
+            )
         self.quantizer = quantizer
         self.names, _, _ = _split(model)
         self.sizes = [w.numel() for w in self.weights]
