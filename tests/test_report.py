@@ -1,0 +1,291 @@
+"""mq.report on synthetic sweeps with known numbers (fast), and on a real small sweep (slow)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, launch
+from matplotlib.image import imread
+from omegaconf import OmegaConf
+
+from mq.report import collect_runs, make_table, write_report
+
+META = {
+    "ste": {"_target_": "mq.meta.STEStep"},
+    **{
+        net: {"_target_": "mq.meta.MetaQuantStep", "net": net, "hidden_size": 100, "lr": 0.001}
+        for net in ("multifc", "fcgrad", "lstmfc")
+    },
+}
+
+
+def make_run(
+    sweep: Path,
+    method: str,
+    seed: int,
+    test_acc: list[float],
+    *,
+    status: str = "completed",
+    error: str | None = None,
+    epochs: int | None = None,
+    lr: float = 0.001,
+    hidden_size: int = 100,
+    optimizer: str = "sgd",
+    summary: bool = True,
+) -> Path:
+    """A run directory as mq.run/mq.train write it: config.yaml, summary.json, metrics.jsonl.
+    Training loss per epoch is 100 - test accuracy, so plots have something to draw."""
+    run_dir = sweep / f"lr={lr},meta={method},seed={seed},hs={hidden_size}"
+    run_dir.mkdir(parents=True)
+    meta = dict(META[method])
+    if "hidden_size" in meta:
+        meta["hidden_size"] = hidden_size
+    target = {"sgd": "torch.optim.SGD", "adam": "torch.optim.Adam"}[optimizer]
+    config = {
+        "bits": 1,
+        "epochs": epochs or len(test_acc),
+        "seed": seed,
+        "model": {"_target_": "mq.models.build_model", "name": "resnet20", "num_classes": 10},
+        "dataset": {"_target_": "mq.data.cifar_loaders", "name": "cifar10", "num_classes": 10},
+        "quant": {"_target_": "mq.quant.DorefaWeight", "bit_width": 1},
+        "meta": meta,
+        "optimizer": {"_target_": target, "_partial_": True, "lr": lr},
+        "task": {"name": "quantize"},
+    }
+    OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
+    rows = []
+    for epoch, acc in enumerate(test_acc):
+        rows.append({"kind": "step", "epoch": epoch, "step": epoch, "loss": 1.0, "acc": 1.0})
+        rows.append(
+            {"kind": "epoch", "epoch": epoch, "step": epoch, "train_loss": 100.0 - acc}
+            | {"train_acc": acc, "test_loss": 1.0, "test_acc": acc, "lr": lr}
+        )
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    choices = {
+        "model": "resnet20",
+        "dataset": "cifar10",
+        "quant": "dorefa",
+        "meta": method,
+        "optimizer": optimizer,
+        "logger": "none",
+        "task": "quantize",
+        "bits": "1",
+        "seed": str(seed),
+    }
+    data: dict[str, Any] = {"name": run_dir.name, "choices": choices, "status": status}
+    data |= {"error": error, "wandb_id": None}
+    if status in ("completed", "diverged"):
+        data |= {"test_acc": test_acc, "epochs_completed": len(test_acc)}
+        data |= {"final_test_acc": test_acc[-1] if test_acc else None}
+    if summary:
+        (run_dir / "summary.json").write_text(json.dumps(data, indent=2, sort_keys=True))
+    return run_dir
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+ACC = {  # method -> seed -> per-epoch test accuracy
+    "ste": {0: [10.0, 50.0, 60.0, 70.0], 1: [20.0, 52.0, 61.0, 72.0], 2: [5.0, 40.0, 65.0, 66.0]},
+    "multifc": {0: [30.0, 70.0, 80.0, 81.0], 1: [31.0, 69.0, 82.0, 83.0], 2: [1.0, 2.0, 3.0, 4.0]},
+}
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    root = tmp_path / "sweep"
+    for method, seeds in ACC.items():
+        for seed, acc in seeds.items():
+            make_run(root / "nested", method, seed, acc)
+    return root
+
+
+def test_table_numbers_equal_hand_computed_values(sweep, tmp_path):
+    path = write_report(sweep, tmp_path / "out", last=2)
+    assert path == tmp_path / "out" / "table.md"
+    rows = {r["method"]: r for r in read_csv(tmp_path / "out" / "table.csv")}
+    assert list(rows) == ["ste", "multifc"]
+    for method, seeds in ACC.items():
+        per_run = [statistics.fmean(acc[-2:]) for acc in seeds.values()]
+        row = rows[method]
+        assert (row["model"], row["dataset"], row["quant"]) == ("resnet20", "cifar10", "dorefa")
+        assert (row["bits"], row["optimizer"], row["seeds"]) == ("1", "sgd", "0;1;2")
+        assert int(row["n"]) == 3
+        assert float(row["mean"]) == pytest.approx(statistics.fmean(per_run))
+        assert float(row["std"]) == pytest.approx(statistics.stdev(per_run))
+    # ste: per-run last-2 means 65, 66.5, 65.5 -> mean 65.67, sample std 0.76
+    assert "| resnet20 | cifar10 | dorefa w1 | sgd | 65.67 (0.76) n=3 |" in path.read_text()
+
+
+def test_last_n_uses_the_last_epochs_only(sweep):
+    runs = collect_runs(sweep)
+    assert len(runs) == 6
+    for last, expected in ((1, [70.0, 72.0, 66.0]), (3, [60.0, 185 / 3, 57.0]), (10, None)):
+        table = make_table(runs, last=last)
+        (row,) = table.rows
+        ste = next(c for c in table.cols if c.method == "ste")
+        cell = table.cell(row, ste)
+        # More epochs asked for than a run has: the mean over all of them, as summary.json does.
+        expected = expected or [statistics.fmean(a) for a in ACC["ste"].values()]
+        assert cell.values == pytest.approx(expected)
+
+
+def test_methods_are_in_paper_order(tmp_path):
+    for method in ("lstmfc", "multifc", "fcgrad", "ste"):
+        make_run(tmp_path / "s", method, 0, [50.0])
+    table = make_table(collect_runs(tmp_path / "s"))
+    assert [c.label for c in table.cols] == ["ste", "multifc", "fcgrad", "lstmfc"]
+    header = table.to_markdown().splitlines()[0]
+    assert header.endswith("| ste | multifc | fcgrad | lstmfc |")
+
+
+def test_a_differing_key_splits_rows_or_columns(tmp_path):
+    sweep = tmp_path / "s"
+    for seed in (0, 1):
+        make_run(sweep, "ste", seed, [10.0], lr=0.001)
+        make_run(sweep, "ste", seed, [90.0], lr=0.01)
+        make_run(sweep, "multifc", seed, [20.0], lr=0.001, hidden_size=100)
+        make_run(sweep, "multifc", seed, [30.0], lr=0.001, hidden_size=50)
+    write_report(sweep, tmp_path / "out")
+    rows = read_csv(tmp_path / "out" / "table.csv")
+    got = {(r["optimizer.lr"], r["method"], r["meta.hidden_size"]): r for r in rows}
+    assert set(got) == {
+        ("0.001", "ste", "-"),
+        ("0.01", "ste", "-"),
+        ("0.001", "multifc", "100"),
+        ("0.001", "multifc", "50"),
+    }
+    assert float(got["0.01", "ste", "-"]["mean"]) == 90.0  # not averaged with lr=0.001
+    assert float(got["0.001", "multifc", "50"]["mean"]) == 30.0
+    assert all(r["n"] == "2" for r in rows)
+    md = (tmp_path / "out" / "table.md").read_text()
+    assert "| optimizer.lr | ste | multifc (hidden_size=100) | multifc (hidden_size=50) |" in md
+    assert (
+        "no runs: resnet20 cifar10 dorefa w1 sgd, optimizer.lr=0.01 | multifc (hidden_size=50)"
+        in md
+    )
+
+
+def test_unfinished_runs_are_excluded_and_listed(sweep, tmp_path, capsys):
+    error = "RuntimeError: CUDA out of memory"
+    make_run(sweep, "ste", 3, [99.0], status="failed", error=error, epochs=4)
+    make_run(sweep, "multifc", 3, [], status="running", epochs=4)
+    make_run(sweep, "multifc", 4, [99.0, float("nan")], status="diverged", epochs=4)
+    make_run(sweep, "ste", 4, [99.0, 99.0], epochs=4, summary=False)  # killed before summary
+    table = make_table(collect_runs(sweep), last=2)
+    (row,) = table.rows
+    assert [table.cell(row, c).n for c in table.cols] == [3, 3]
+    path = write_report(sweep, tmp_path / "out", last=2)
+    rows = {r["method"]: r for r in read_csv(tmp_path / "out" / "table.csv")}
+    assert rows["ste"]["not_completed"] == "2" and rows["multifc"]["not_completed"] == "2"
+    assert float(rows["ste"]["mean"]) == pytest.approx(statistics.fmean([65, 66.5, 65.5]))
+    missing = path.read_text().split("## Missing or incomplete")[1]
+    assert "failed: resnet20 cifar10 dorefa w1 sgd ste seed 3" in missing
+    assert "RuntimeError: CUDA out of memory" in missing
+    assert "running: resnet20 cifar10 dorefa w1 sgd multifc seed 3 (0/4 epochs)" in missing
+    assert "diverged: resnet20 cifar10 dorefa w1 sgd multifc seed 4" in missing
+    assert "unfinished: resnet20 cifar10 dorefa w1 sgd ste seed 4 (2/4 epochs)" in missing
+
+
+def test_cells_with_fewer_seeds_are_listed(tmp_path):
+    sweep = tmp_path / "s"
+    for seed in (0, 1, 2):
+        make_run(sweep, "ste", seed, [50.0])
+    make_run(sweep, "multifc", 0, [60.0])
+    make_run(sweep, "multifc", 2, [60.0], status="failed", error="ValueError: x")
+    path = write_report(sweep, tmp_path / "out", plots=False)
+    text = path.read_text()
+    assert "| 50.00 (0.00) n=3 | 60.00 (-) n=1 |" in text
+    assert "fewer seeds: resnet20 cifar10 dorefa w1 sgd | multifc: n=1 of 3" in text
+    assert "(no completed seed 1, 2)" in text
+    rows = {r["method"]: r for r in read_csv(tmp_path / "out" / "table.csv")}
+    assert rows["multifc"]["std"] == "" and rows["multifc"]["n"] == "1"
+
+
+def test_plots_are_valid_pngs(sweep, tmp_path):
+    make_run(sweep, "ste", 0, [40.0, 41.0], optimizer="adam")  # a second row
+    path = write_report(sweep, tmp_path / "out")
+    pngs = sorted((tmp_path / "out").glob("*.png"))
+    assert len(pngs) == 2
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        image = imread(png)
+        assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
+        assert f"]({png.name})" in path.read_text()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mq.report", *args],
+        cwd=ROOT,
+        env={**os.environ, "WANDB_SILENT": "true", "WANDB_MODE": "offline"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_prints_the_table(sweep):
+    result = run_cli(str(sweep), "--last", "2")
+    assert result.returncode == 0, result.stderr
+    assert "| model | dataset | quant | optimizer | ste | multifc |" in result.stdout
+    assert "65.67 (0.76) n=3" in result.stdout
+    assert (sweep / "report" / "table.md").read_text() == result.stdout
+    assert (sweep / "report" / "table.csv").exists()
+    # A second report sees the same runs: its own output folder is not mistaken for one.
+    again = run_cli(str(sweep), "--last", "2", "--no-plots", "--wandb")
+    assert again.returncode == 0 and "Runs found: 6." in again.stdout, again.stderr
+    (logged,) = (sweep / "report" / "wandb").glob("offline-run-*/files/media/table/*.table.json")
+    table = json.loads(logged.read_text())
+    assert table["columns"][:6] == ["model", "dataset", "quant", "bits", "optimizer", "method"]
+    assert [r[5:7] for r in table["data"]] == [["ste", 3], ["multifc", 3]]
+
+
+def test_cli_without_runs_fails_with_one_line(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    result = run_cli(str(tmp_path / "empty"))
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        f"error: no runs under {tmp_path / 'empty'} (looked for summary.json files)"
+    ]
+    assert not (tmp_path / "empty" / "report").exists()
+
+
+@pytest.mark.slow
+def test_report_on_a_real_sweep(tmp_path):
+    result = launch(
+        "-m",
+        "dataset=fake",
+        "logger=none",
+        "progress=false",
+        "epochs=3",
+        "batch_size=32",
+        "limit_train_batches=4",
+        "limit_test_batches=2",
+        "meta=ste,multifc",
+        "seed=0,1",
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    cli = run_cli(str(tmp_path / "sweep"), "--wandb")
+    assert cli.returncode == 0, cli.stderr
+    assert "| resnet20 | fake | dorefa w1 | sgd |" in cli.stdout
+    rows = read_csv(tmp_path / "sweep" / "report" / "table.csv")
+    assert [(r["method"], r["n"], r["seeds"]) for r in rows] == [
+        ("ste", "2", "0;1"),
+        ("multifc", "2", "0;1"),
+    ]
+    assert "Nothing: every cell is complete." in cli.stdout
+    assert list((tmp_path / "sweep" / "report" / "wandb").glob("offline-run-*/files/media/table"))
