@@ -3,15 +3,18 @@
 python launch.py model=resnet20 quant=dorefa bits=1
 python launch.py task=pretrain model=resnet20 dataset=cifar10
 python launch.py task=eval model.pretrained=PATH quant=dorefa bits=1
+python launch.py -m +sweep=table1 hydra/launcher=slurm      # a preset sweep (docs/sweeps.md)
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mq.errors import ConfigError, find_config_error
@@ -38,14 +41,32 @@ def check_group_options(argv: list[str]) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
     from mq.run import run  # torch is imported only once the config is known to compose
+    from mq.train import Interrupted
 
     hydra_cfg = HydraConfig.get()
     choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra")}
     choices.update(bits=str(cfg.bits), seed=str(cfg.seed))
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    logger_args = {}
+    if sweep:  # one wandb group per sweep, stable across relaunches; runs named by overrides
+        from mq.ledger import wandb_group
+
+        group = wandb_group(Path(hydra_cfg.sweep.dir), fallback=str(cfg.get("sweep_name")))
+        logger_args = {"group": group, "name": hydra_cfg.job.override_dirname or cfg.run_name}
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        return run(cfg, Path(hydra_cfg.runtime.output_dir), choices)
+        return run(cfg, run_dir, choices, logger_args)
+    except Interrupted as exc:  # SIGTERM outside SLURM: checkpointed, marked failed; stop here
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except Exception as exc:
         error = find_config_error(exc)
+        if sweep:  # the ledger says failed; raising (not exiting) lets the other jobs run
+            from mq.ledger import record_failure
+
+            text = str(error or exc).strip().splitlines() or [type(exc).__name__]
+            record_failure(run_dir, text[0], {"name": cfg.run_name, "choices": choices})
+            raise
         if error is None:
             raise
         print(f"error: {error}", file=sys.stderr)

@@ -81,19 +81,40 @@ class WandbLogger:
     def run_id(self) -> str | None:
         return None if self.run is None else self.run.id
 
+    def _lost(self, exc: Exception) -> None:
+        """wandb stopped working mid-run; training goes on without it. Under SLURM this is
+        typical: scancel and preemption signal every process of the job, wandb's service
+        process included, which then dies on the SIGTERM that the training survives."""
+        log.warning("wandb failed (%s); going on without it", str(exc).splitlines()[0])
+        self.run = None
+
     def log(self, rows: list[dict[str, Any]]) -> None:
         if self.run is None:
             return
-        for row in rows:
-            data = {k: v for k, v in row.items() if k not in ("kind", "step")}
-            self.run.log(data, step=row["step"])
+        try:
+            for row in rows:
+                data = {k: v for k, v in row.items() if k not in ("kind", "step")}
+                self.run.log(data, step=row["step"])
+        except Exception as exc:
+            self._lost(exc)
 
     def summary(self, summary: dict[str, Any]) -> None:
-        if self.run is not None:
+        if self.run is None:
+            return
+        try:
             for key, value in summary.items():
                 if isinstance(value, (int, float, str)):
                     self.run.summary[key] = value
+        except Exception as exc:
+            self._lost(exc)
 
-    def finish(self, exit_code: int = 0) -> None:
-        if self.run is not None:
+    def finish(self, exit_code: int = 0, preempting: bool = False) -> None:
+        """End the run; ``preempting``: the job is requeued and will resume this run (same id)."""
+        if self.run is None:
+            return
+        try:
+            if preempting:
+                self.run.mark_preempting()
             self.run.finish(exit_code=exit_code)
+        except Exception as exc:
+            self._lost(exc)

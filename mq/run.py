@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,15 +14,25 @@ from omegaconf import DictConfig, OmegaConf
 
 from mq.checkpoint import load_checkpoint, read_json, write_json
 from mq.errors import ConfigError, find_config_error
+from mq.models import MODELS
+from mq.preempt import GracefulStop
 from mq.quant.layers import quantize_model
-from mq.train import evaluate, train
+from mq.train import Interrupted, evaluate, train
 
 log = logging.getLogger(__name__)
 
 TASKS = ("quantize", "pretrain", "eval")
 DEVICES = ("auto", "cpu", "cuda")
 # Keys that do not change a run's result: a resumed run may differ from the original in these.
-VOLATILE = ("logger", "device", "progress", "log_every", "checkpoint_every_min", "run_name")
+VOLATILE = (
+    "logger",
+    "device",
+    "progress",
+    "log_every",
+    "checkpoint_every_min",
+    "run_name",
+    "sweep_name",
+)
 VOLATILE_DATASET = ("root", "download", "cache", "workers")
 ARTIFACTS = ("checkpoint.pt", "metrics.jsonl", "summary.json")
 
@@ -61,6 +72,26 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("task=eval needs model.pretrained=PATH (a checkpoint or run directory)")
 
 
+def check(cfg: DictConfig, run_dir: Path | None = None) -> None:
+    """Everything about a job that can be checked in milliseconds, before it is submitted:
+    plain values, every interpolation, the constructors of the quantizer, optimizer and meta
+    net (on a two-layer stand-in model), the model name, that model.pretrained exists, and that
+    ``run_dir`` holds no other run. Not the data (it may only exist on the compute nodes)."""
+    validate(cfg)
+    OmegaConf.to_container(cfg, resolve=True)  # an interpolation that fails, fails here
+    if cfg.model.name not in MODELS:
+        raise ConfigError(f"model.name={cfg.model.name} is not known; allowed: {', '.join(MODELS)}")
+    pretrained = cfg.model.pretrained
+    if pretrained and not Path(pretrained).exists():
+        raise ConfigError(f"model.pretrained={pretrained} does not exist")
+    quantizer = instantiate(cfg.quant) if cfg.quant.get("_target_") else None
+    if cfg.task.name != "eval":
+        stand_in = quantize_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), quantizer)
+        instantiate(cfg.meta, model=stand_in, optimizer=instantiate(cfg.optimizer))
+    if run_dir is not None:
+        check_run_dir(cfg, run_dir)
+
+
 def result_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config minus the keys that do not change results."""
     data = OmegaConf.to_container(cfg, resolve=True)
@@ -97,10 +128,16 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     return read_json(run_dir / "summary.json") or {}
 
 
-def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str, Any]:
-    """Run the job described by ``cfg`` in ``run_dir``; returns its summary."""
+def run(
+    cfg: DictConfig,
+    run_dir: Path,
+    choices: dict[str, str],
+    logger_args: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run the job described by ``cfg`` in ``run_dir``; returns its summary. ``logger_args``
+    (a sweep's wandb group and run name) fill logger keys that the config leaves null."""
     try:
-        return _run(cfg, run_dir, choices)
+        return _run(cfg, run_dir, choices, logger_args or {})
     except Exception as exc:
         if find_config_error(exc) is None:
             raise
@@ -110,7 +147,9 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str, An
         raise
 
 
-def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str, Any]:
+def _run(
+    cfg: DictConfig, run_dir: Path, choices: dict[str, str], logger_args: dict[str, Any]
+) -> dict[str, Any]:
     validate(cfg)
     device = resolve_device(cfg.device)
     previous = check_run_dir(cfg, run_dir)
@@ -154,46 +193,68 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str, A
     run_id = (previous or {}).get("wandb_id")
     logger = None
     if cfg.logger.get("_target_"):
+        extra = {k: v for k, v in logger_args.items() if cfg.logger.get(k) is None}
         logger = instantiate(
             cfg.logger,
             _recursive_=False,  # run_config holds _target_ keys that are data here
             _convert_="all",
-            name=cfg.run_name,
+            name=extra.pop("name", cfg.run_name),
+            **extra,
             run_dir=run_dir,
             run_config=OmegaConf.to_container(cfg, resolve=True),
             run_id=run_id,
         )
         run_id = logger.run_id or run_id
     head = {"name": cfg.run_name, "choices": choices, "wandb_id": run_id}
-    write_json({**head, "status": "running"}, run_dir / "summary.json")
-    try:
-        summary = train(
-            model,
-            step,
-            data.train,
-            data.test,
-            run_dir=run_dir,
-            epochs=cfg.epochs,
-            lr=cfg.optimizer.lr,
-            lr_step=cfg.lr_step,
-            limit_train_batches=cfg.limit_train_batches,
-            limit_test_batches=cfg.limit_test_batches,
-            log_every=cfg.log_every,
-            checkpoint_every_min=cfg.checkpoint_every_min,
-            progress_bar=cfg.progress,
-            resume=resume,
-            logger=logger,
-        )
-    except BaseException as exc:
-        error = (
-            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-        )
-        write_json({**head, "status": "failed", "error": error}, run_dir / "summary.json")
-        if logger is not None:
-            logger.finish(exit_code=1)
-        raise
+    if os.environ.get("SLURM_JOB_ID"):  # a relaunch leaves a job SLURM still runs alone
+        head["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+    summary_path = run_dir / "summary.json"
+    write_json({**head, "status": "running"}, summary_path)
+
+    def mark_failed(error: str) -> None:
+        write_json({**head, "status": "failed", "error": error}, summary_path)
+
+    # SIGTERM / preemption: checkpoint between steps, mark the ledger (see mq.preempt).
+    with GracefulStop(on_terminate=mark_failed) as stop:
+        try:
+            summary = train(
+                model,
+                step,
+                data.train,
+                data.test,
+                run_dir=run_dir,
+                epochs=cfg.epochs,
+                lr=cfg.optimizer.lr,
+                lr_step=cfg.lr_step,
+                limit_train_batches=cfg.limit_train_batches,
+                limit_test_batches=cfg.limit_test_batches,
+                log_every=cfg.log_every,
+                checkpoint_every_min=cfg.checkpoint_every_min,
+                progress_bar=cfg.progress,
+                resume=resume,
+                logger=logger,
+                interrupt=stop.poll,
+            )
+        except Interrupted as exc:
+            signame = stop.received.name if stop.received else "a signal"
+            requeue = stop.received is not None and stop.received.name != "SIGTERM"
+            error = f"{'preempted' if requeue else 'interrupted'} by {signame}; {exc}"
+            status = "preempted" if requeue else "failed"
+            write_json({**head, "status": status, "error": error}, summary_path)
+            log.warning("%s; run again to resume", error)
+            if logger is not None:
+                logger.finish(exit_code=1, preempting=requeue)
+            stop.hand_over()  # under submitit: requeue this job and exit
+            raise Interrupted(f"{error}; run the same command again to resume") from None
+        except BaseException as exc:
+            text = str(exc).strip()
+            mark_failed(f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}")
+            log.exception("run failed")  # the traceback, in launch.log and the job's stderr
+            if logger is not None:
+                logger.finish(exit_code=1)
+            raise
     summary = {**head, **summary}
-    write_json(summary, run_dir / "summary.json")
+    write_json(summary, summary_path)
     if logger is not None:
         logger.summary(summary)
         logger.finish()

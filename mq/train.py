@@ -14,6 +14,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +29,10 @@ from mq.loggers import MetricsFile
 from mq.quant.layers import QuantizedModel, plain_state_dict, unwrap
 
 log = logging.getLogger(__name__)
+
+
+class Interrupted(Exception):
+    """Training stopped on request (a preemption signal) right after saving a checkpoint."""
 
 
 class BatchSource(Protocol):
@@ -110,10 +115,11 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    # The checkpoint is loaded onto the training device; RNG states must be CPU byte tensors.
+    torch.set_rng_state(state["torch"].cpu())
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def train(
@@ -134,9 +140,13 @@ def train(
     resume: dict[str, Any] | None = None,
     logger: Any = None,
     extra_state: dict[str, Any] | None = None,
+    interrupt: Callable[[], str | None] | None = None,
 ) -> dict[str, Any]:
     """Train for ``epochs`` epochs (resuming from ``resume``, a checkpoint dict); returns the
-    summary that is also written to ``run_dir/summary.json``."""
+    summary that is also written to ``run_dir/summary.json``.
+
+    ``interrupt`` is polled after every step (mq.preempt.GracefulStop.poll): "checkpoint" saves
+    one now, "stop" saves one and raises Interrupted; None goes on."""
     metrics = MetricsFile(run_dir / "metrics.jsonl", resume["metrics_offset"] if resume else None)
     progress = Progress()
     if resume:
@@ -232,6 +242,17 @@ def train(
                 if time.monotonic() - last_checkpoint > 60 * checkpoint_every_min:
                     checkpoint()
                     last_checkpoint = time.monotonic()
+            action = interrupt() if interrupt is not None else None
+            if action is not None:  # a signal: save the state of this step boundary
+                if not flush(pending, current_lr):
+                    status = "diverged"
+                    break
+                checkpoint()
+                last_checkpoint = time.monotonic()
+                if action == "stop":
+                    bar.close()
+                    metrics.close()
+                    raise Interrupted(f"stopped at step {progress.step} after a checkpoint")
         bar.close()
         if status == "diverged":
             log.warning("loss is not finite at step %d: run ends as diverged", progress.step)

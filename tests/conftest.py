@@ -39,7 +39,8 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 def launch(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``python launch.py ARGS`` in ``cwd`` (outputs/ goes there)."""
-    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    # One thread per job: on a busy 2-core machine two torch threads per process thrash.
+    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, str(ROOT / "launch.py"), *args],
         cwd=cwd,

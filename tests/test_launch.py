@@ -103,7 +103,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, meta):
     reference = launch(*args, "run_name=reference", cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
     run_dir = tmp_path / "outputs/quantize/fake/killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "launch.py"), *args, "run_name=killed"],
         cwd=tmp_path,

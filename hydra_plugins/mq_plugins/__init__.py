@@ -1,0 +1,22 @@
+"""mq's Hydra plugins. Hydra instantiates sweepers and launchers only from the ``hydra_plugins``
+namespace package; this one is found because launch.py's folder is on ``sys.path``. The code
+lives in ``mq`` (mq.sweeper, mq.launcher), so that compute nodes only need ``mq`` installed."""
+
+from mq.launcher import TolerantLauncher
+from mq.sweeper import Sweeper as _Sweeper
+
+
+class Sweeper(_Sweeper):
+    """conf/hydra/sweeper/mq.yaml"""
+
+
+class SlurmLauncher(TolerantLauncher):
+    """conf/hydra/launcher/slurm.yaml"""
+
+    _EXECUTOR = "slurm"
+
+
+class LocalLauncher(TolerantLauncher):
+    """conf/hydra/launcher/local.yaml"""
+
+    _EXECUTOR = "local"

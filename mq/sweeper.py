@@ -1,0 +1,174 @@
+"""Hydra's basic sweeper (grid of ``key=a,b`` and ``hydra.sweeper.params``) plus three things a
+long sweep needs, for every launcher (basic, submitit local, SLURM):
+
+1. every point is composed and checked (mq.run.check) before anything runs; one bad point ends
+   the launch with one line naming its overrides, exit code 2, nothing submitted;
+2. points whose run directory says completed or diverged are skipped (not submitted at all),
+   so launching the same command again reruns only the failed and unfinished jobs;
+3. sweep.json records the launch and fixes the sweep's wandb group.
+
+After the jobs, a failed one is listed with its error and the exit code is 1; the other jobs
+of the sweep have run regardless.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn, JobStatus
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from mq import ledger
+
+log = logging.getLogger(__name__)
+IN_SLURM = "in SLURM"  # running or pending (requeued) under an earlier launch: not again
+
+
+@dataclass
+class Point:
+    """One job of the sweep, composed."""
+
+    overrides: list[str]
+    run_dir: Path
+    status: str  # ledger status before this launch
+
+
+def _one_line(exc: BaseException) -> str:
+    from mq.errors import find_config_error
+
+    error = find_config_error(exc) or exc
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+class Sweeper(BasicSweeper):
+    def sweep(self, arguments: list[str]) -> Any:
+        assert self.config is not None and self.launcher is not None
+        assert self.hydra_context is not None
+        params = self._parse_config() + list(arguments)
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        batches = self.split_arguments(parser.parse_overrides(params), None)
+        jobs = [job for batch in batches for job in batch]
+
+        points = self._compose_all(jobs)
+        self._mark_live(points)
+        todo = [p for p in points if p.status not in (*ledger.FINAL, IN_SLURM)]
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        name = str(self.config.get("sweep_name", sweep_dir.name))
+        skipped = len(points) - len(todo)
+        statuses = ledger.count([p.status for p in points])
+        log.info(
+            "sweep %s: %d jobs (%s); launching %d, skipping %d (done or still in SLURM)",
+            name,
+            len(points),
+            statuses,
+            len(todo),
+            skipped,
+        )
+        launcher = OmegaConf.select(self.config, "hydra.launcher._target_", default="?")
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        record = ledger.record_launch(
+            sweep_dir,
+            name,
+            {"jobs": len(points), "launched": len(todo), "before": statuses, "launcher": launcher},
+        )
+        log.info("wandb group: %s", record["group"])
+        if not todo:
+            return []
+
+        size = self.max_batch_size or len(todo)
+        returns: list[list[JobReturn]] = []
+        for start in range(0, len(todo), size):
+            chunk = [p.overrides for p in todo[start : start + size]]
+            returns.append(list(self.launcher.launch(chunk, initial_job_idx=start)))
+        self._report([r for batch in returns for r in batch], sweep_dir)
+        return returns
+
+    def _compose_all(self, jobs: list[list[str]]) -> list[Point]:
+        """Compose and check every job; exit 2 with one line at the first bad one."""
+        from mq.run import check  # torch is imported only when a sweep is launched
+
+        assert self.config is not None and self.hydra_context is not None
+        loader = self.hydra_context.config_loader
+        master = HydraConfig.instance().cfg
+        points = []
+        try:
+            for overrides in jobs:
+                try:
+                    cfg = loader.load_sweep_config(self.config, list(overrides))
+                    # ${hydra:...} (run_name, the subdir) resolves against the job's own config.
+                    HydraConfig.instance().set_config(cfg)
+                    run_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+                    task_cfg = copy.deepcopy(cfg)
+                    with read_write(task_cfg), open_dict(task_cfg):
+                        del task_cfg["hydra"]
+                    check(task_cfg, run_dir)
+                except Exception as exc:
+                    print(
+                        f"error: sweep point {' '.join(overrides)}: {_one_line(exc)}",
+                        file=sys.stderr,
+                    )
+                    sys.exit(2)
+                twin = next((p for p in points if p.run_dir == run_dir), None)
+                if twin is not None:  # e.g. logger=none,wandb: folder names leave logger out
+                    print(
+                        f"error: sweep points {' '.join(twin.overrides)} and {' '.join(overrides)}"
+                        f" would share the folder {run_dir}",
+                        file=sys.stderr,
+                    )
+                    sys.exit(2)
+                points.append(Point(list(overrides), run_dir, ledger.job_status(run_dir)))
+        finally:
+            if isinstance(master, DictConfig):
+                HydraConfig.instance().set_config(master)
+        return points
+
+    @staticmethod
+    def _mark_live(points: list[Point]) -> None:
+        """A running or preempted job whose SLURM job is still queued or running belongs to
+        an earlier launch: launching it again would run it twice into one folder."""
+        unfinished = [p for p in points if p.status in ("running", "preempted")]
+        ids = {id(p): ledger.slurm_job(p.run_dir) for p in unfinished}
+        if not any(ids.values()):
+            return
+        live = ledger.live_slurm_jobs()
+        if live is None:
+            log.warning("squeue not available: unfinished jobs are launched again")
+            return
+        for p in unfinished:
+            if ids[id(p)] in live:
+                p.status = IN_SLURM
+
+    @staticmethod
+    def _report(results: list[JobReturn], sweep_dir: Path) -> None:
+        """One line per failed job; exit 1 if any failed (a diverged run is a result, not a
+        failure). Jobs that raised, were cancelled or died all count."""
+        failed = [r for r in results if r.status != JobStatus.COMPLETED]
+        log.info(
+            "sweep done: %d jobs ran, %d failed; results in %s",
+            len(results),
+            len(failed),
+            sweep_dir,
+        )
+        if not failed:
+            return
+        for r in failed:
+            print(
+                f"failed: {' '.join(r.overrides or [])}: {_one_line(r._return_value)}",
+                file=sys.stderr,
+            )
+        print(
+            f"error: {len(failed)} of {len(results)} jobs failed; launch the same command again "
+            "to rerun them (completed jobs are skipped)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
