@@ -103,6 +103,7 @@ class MetaQuantStep(STEStep):
         update: str = "paper",
         lr_decay: bool = True,
         state_dtype: str = "float32",
+        compile: bool = False,
         meta_net: MetaNet | None = None,
     ) -> None:
         super().__init__(model, optimizer)
@@ -121,7 +122,7 @@ class MetaQuantStep(STEStep):
         self.lr_decay = lr_decay
         device = self.weights[0].device
         self.meta_net = meta_net or build_meta_net(
-            net, hidden_size, num_layers, nonlinearity, state_dtype
+            net, hidden_size, num_layers, nonlinearity, state_dtype, compile
         )
         self.meta_net.to(device)
         params = list(self.meta_net.parameters())

@@ -1,0 +1,93 @@
+"""The fast paths give the straightforward implementation's numbers, over a few training steps.
+
+Fast paths: the fused LSTMFC (``LSTMFC(fused=True)``, reference ``fused=False``: nn.LSTMCell)
+and channels-last weights (``build_model(channels_last=True)``, reference NCHW). Both change
+only the order of floating-point operations, so results agree to float32 rounding, not bitwise.
+"""
+
+import copy
+import functools
+
+import pytest
+import torch
+
+from mq.meta import MetaQuantStep, STEStep
+from mq.meta.nets import LSTMFC
+from mq.models import build_model
+from mq.quant import BWNWeight, DorefaWeight, quantize_model
+
+SGDM = functools.partial(torch.optim.SGD, lr=1e-3, momentum=0.9, weight_decay=5e-4)
+# Measured: up to 2e-5 absolute after 3 steps (binary weights magnify a conv's rounding into
+# BatchNorm's parameters); a wrong formula or a lost term shows up orders of magnitude above.
+TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+
+def batches(n: int = 3, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        (torch.randn(size, 3, 32, 32, generator=g), torch.randint(0, 10, (size,), generator=g))
+        for _ in range(n)
+    ]
+
+
+def run(step, model, data) -> tuple[torch.Tensor, dict]:
+    losses = torch.stack([step.train_step(x, y)[0] for x, y in data])
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(a, b) -> None:
+    torch.testing.assert_close(a[0], b[0], **TOL, msg="losses differ")
+    for name in a[1]:
+        torch.testing.assert_close(a[1][name], b[1][name], **TOL, msg=f"{name} differs")
+
+
+@pytest.mark.parametrize(
+    ("hidden", "nonlinearity", "state_dtype"),
+    [(100, "none", "float32"), (16, "tanh", "float32"), (16, "relu", "bfloat16")],
+)
+def test_fused_lstmfc_matches_lstm_cell(hidden, nonlinearity, state_dtype):
+    torch.manual_seed(0)
+    base = build_model("resnet20", 10)
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(1)
+        model = quantize_model(copy.deepcopy(base), DorefaWeight(1))
+        # block 50_000: several blocks and a ragged last one over ResNet20's 270,896 weights
+        net = LSTMFC(hidden, nonlinearity, state_dtype, fused=fused, block=50_000)
+        step = MetaQuantStep(model, SGDM, lr=1e-2, meta_net=net)
+        losses, weights = run(step, model, batches())
+        meta = {k: v.clone() for k, v in net.state_dict().items()}
+        results.append((losses, weights | {f"meta.{k}": v for k, v in meta.items()}, step))
+    assert_same(results[0][:2], results[1][:2])
+    # A bfloat16 state may round a value differently (one bf16 ulp, 2^-9 relative) where the
+    # float32 values differ in the last bit; those then carry on through the next step.
+    tol = TOL if state_dtype == "float32" else {"rtol": 2e-2, "atol": 4e-3}
+    for ref, fast in zip(results[0][2].meta_state, results[1][2].meta_state, strict=True):
+        assert fast.dtype == ref.dtype
+        torch.testing.assert_close(fast.float(), ref.float(), **tol)
+
+
+@pytest.mark.parametrize(
+    ("quant", "net"), [("bwn", "ste"), ("dorefa", "ste"), ("dorefa", "multifc")]
+)
+def test_channels_last_matches_nchw(quant, net):
+    results = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = build_model("resnet20", 10, channels_last=channels_last)
+        model = quantize_model(model, BWNWeight() if quant == "bwn" else DorefaWeight(1))
+        if net == "ste":
+            step = STEStep(model, SGDM)
+        else:
+            step = MetaQuantStep(model, SGDM, net=net, hidden_size=8, lr=1e-2)
+        results.append(run(step, model, batches()))
+    assert_same(*results)
+
+
+def test_full_precision_channels_last_matches_nchw():
+    results = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = build_model("resnet20", 10, channels_last=channels_last)
+        results.append(run(STEStep(model, SGDM), model, batches()))
+    assert_same(*results)
