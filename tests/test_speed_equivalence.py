@@ -91,3 +91,42 @@ def test_full_precision_channels_last_matches_nchw():
         model = build_model("resnet20", 10, channels_last=channels_last)
         results.append(run(STEStep(model, SGDM), model, batches()))
     assert_same(*results)
+
+
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+def test_fused_lstmfc_buffer_reuse_keeps_held_results(state_dtype):
+    """The fused path reuses its large buffers across calls; results a caller still holds (old
+    states, graphs not yet backpropagated) must not be overwritten by later calls."""
+    torch.manual_seed(0)
+    ref = LSTMFC(16, "none", state_dtype, fused=False)
+    fast = LSTMFC(16, "none", state_dtype, fused=True, block=300)
+    fast.load_state_dict(ref.state_dict())
+    n = 1000
+    inputs = [(torch.randn(n), torch.randn(n)) for _ in range(4)]
+    for hold in (True, False):
+        outs = {}
+        for name, net in (("ref", ref), ("fast", fast)):
+            state = net.initial_state(n, torch.device("cpu"))
+            kept, grads = [], []
+            for g, w in inputs:
+                out, state = net(g, w, state)
+                state = (state[0].detach(), state[1].detach())  # as the step does
+                kept.append((out, *state))  # every output, state and graph stays alive
+                if not hold:
+                    net.zero_grad()
+                    out.square().sum().backward()
+                    grads.append([p.grad.clone() for p in net.parameters()])
+            if hold:
+                for out, *_ in kept:  # backward only after all later calls ran
+                    net.zero_grad()
+                    out.square().sum().backward()
+                    grads.append([p.grad.clone() for p in net.parameters()])
+            outs[name] = (kept, grads)
+        # as in test_fused_lstmfc_matches_lstm_cell: a bf16 state may round one ulp apart
+        tol = TOL if state_dtype == "float32" else {"rtol": 2e-2, "atol": 4e-3}
+        for a, b in zip(outs["ref"][0], outs["fast"][0], strict=True):
+            for x, y in zip(a, b, strict=True):
+                torch.testing.assert_close(y.detach().float(), x.detach().float(), **tol)
+        for a, b in zip(outs["ref"][1], outs["fast"][1], strict=True):
+            for x, y in zip(a, b, strict=True):
+                torch.testing.assert_close(y, x, **TOL)

@@ -101,6 +101,47 @@ class MultiFC(MetaNet):
         return grad_hat * self.fc(w_tilde), state
 
 
+class _BufferCache:
+    """Large output buffers of ``_FusedLSTMFC`` kept across calls. Fresh (N, 4h) memory costs a
+    page fault per 4 KiB on first write (glibc returns big blocks to the OS on free), about a
+    fifth of the fused forward at N = 270k; a buffer is handed out again only when nothing else
+    still holds a view of it (the previous state, a saved tensor, a caller's copy). Two slots per
+    name, so that the state returned last time, still held by the caller, does not block reuse."""
+
+    def __init__(self) -> None:
+        self.slots: dict[tuple[str, int], tuple[Tensor, int]] = {}
+
+    def get(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
+        numel = 1
+        for size in shape:
+            numel *= size
+        for slot in (0, 1):
+            entry = self.slots.get((key, slot))
+            if entry is None:
+                break
+            base, free = entry
+            if (
+                base.dtype == dtype
+                and base.device == torch.device(device)
+                and base.numel() >= numel
+                and _storage_uses(base) <= free
+            ):
+                return base[:numel].view(shape)
+        else:
+            slot = 0 if self.slots.get((key, 1), (None, 0))[0] is not None else 1
+        base = torch.empty(numel, dtype=dtype, device=device)
+        self.slots[(key, slot)] = (base, _storage_uses(base))
+        return base[:numel].view(shape)
+
+
+def _storage_uses(t: Tensor) -> int:
+    """How many tensors share ``t``'s storage (views included); large where unknown."""
+    try:
+        return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+    except (AttributeError, RuntimeError):
+        return 1 << 30
+
+
 class _FusedLSTMFC(torch.autograd.Function):
     """One LSTMCell step and the bias-free Linear(h, 1) head, for N independent coordinates.
 
@@ -110,6 +151,8 @@ class _FusedLSTMFC(torch.autograd.Function):
     (the head's gradient is rank one: dh = dscale * w_out, so the whole backward is known up to
     the factor dscale). The backward is then one matrix product per block. The meta net's inputs
     and the carried state get no gradient (the step detaches them), so none is computed.
+    Each block's results are written straight into their rows of the outputs (out= and in-place
+    ops into preallocated views, block-sized scratch reused across blocks): no copies, no cat.
     """
 
     @staticmethod
@@ -125,26 +168,60 @@ class _FusedLSTMFC(torch.autograd.Function):
         w_out: Tensor,
         nonlinearity: str,
         block: int,
-        cell: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]],
+        cell: Callable[..., None],
+        cache: _BufferCache | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         n, hidden = h.shape
         dtype = w_hh.dtype
-        h_new, c_new = torch.empty_like(h), torch.empty_like(c)  # the state keeps its dtype
+        dev = h.device
+
+        def empty(key: str, *shape: int, dtype: torch.dtype = dtype) -> Tensor:
+            if cache is None:
+                return torch.empty(*shape, dtype=dtype, device=dev)
+            return cache.get(key, shape, dtype, dev)
+
+        h_new, c_new = empty("h", n, hidden, dtype=h.dtype), empty("c", n, hidden, dtype=c.dtype)
         # The head's backward needs act(h_new) in full precision; h_new itself is that when
         # there is no activation and the state is kept in the compute dtype.
         same = nonlinearity == "none" and h.dtype == dtype
-        act = h_new if same else torch.empty(n, hidden, dtype=dtype, device=h.device)
-        d_gates = torch.empty(n, 4 * hidden, dtype=dtype, device=h.device)
-        scale = torch.empty(n, dtype=dtype, device=h.device)
+        state_same = h.dtype == dtype
+        act = h_new if same else empty("act", n, hidden)
+        d_gates = empty("d_gates", n, 4 * hidden)
+        scale = torch.empty(n, dtype=dtype, device=dev)
         bias, w_x, w_out_row = b_ih + b_hh, w_ih[:, 0], w_out[0]
+        rows = min(block, n)
+        gates_buf = torch.empty(rows, 4 * hidden, dtype=dtype, device=dev)
+        scratch = torch.empty(2, rows, hidden, dtype=dtype, device=dev)
+        # h' and c' in the compute dtype when the state is kept in another one
+        hc_buf = None if state_same else torch.empty(2, rows, hidden, dtype=dtype, device=dev)
         for s in range(0, n, block):
             e = min(s + block, n)
-            gates = torch.addmm(bias, h[s:e].to(dtype), w_hh.t()).addcmul_(x[s:e, None], w_x)
-            h_next, c_next, a, d = cell(gates, c[s:e].to(dtype), w_out_row, nonlinearity)
-            torch.mv(a, w_out_row, out=scale[s:e])
-            h_new[s:e], c_new[s:e], d_gates[s:e] = h_next, c_next, d
-            if not same:
-                act[s:e] = a
+            m = e - s
+            gates = gates_buf[:m]
+            torch.addmm(bias, h[s:e].to(dtype), w_hh.t(), out=gates)
+            gates.addcmul_(x[s:e, None], w_x)
+            if state_same:
+                h_out, c_out = h_new[s:e], c_new[s:e]
+            else:
+                h_out, c_out = hc_buf[0, :m], hc_buf[1, :m]  # type: ignore[index]
+            a_out = h_out if nonlinearity == "none" else act[s:e]
+            cell(
+                gates,
+                c[s:e].to(dtype),
+                w_out_row,
+                nonlinearity,
+                h_out,
+                c_out,
+                a_out,
+                d_gates[s:e],
+                scratch[0, :m],
+                scratch[1, :m],
+            )
+            torch.mv(a_out, w_out_row, out=scale[s:e])
+            if not state_same:
+                h_new[s:e], c_new[s:e] = h_out, c_out
+                if nonlinearity == "none":
+                    act[s:e] = h_out
         ctx.save_for_backward(x, h, act, d_gates)
         ctx.block = block
         ctx.mark_non_differentiable(h_new, c_new)
@@ -159,43 +236,56 @@ class _FusedLSTMFC(torch.autograd.Function):
         # d(loss)/d(gates) = d_scale * d_gates row by row, so each weight gradient is d_gates^T
         # applied to the d_scale-weighted input of that weight: [h, x, 1] for W_hh, W_ih, bias.
         grad = torch.zeros(4 * hidden, hidden + 2, dtype=dtype, device=h.device)
+        rows = min(ctx.block, n)
+        inputs_buf = torch.empty(rows, hidden + 2, dtype=dtype, device=h.device)
         for s in range(0, n, ctx.block):
             e = min(s + ctx.block, n)
+            m = e - s
             ds = d_scale[s:e, None]
-            inputs = torch.cat([h[s:e].to(dtype) * ds, x[s:e, None] * ds, ds], dim=1)
+            inputs = inputs_buf[:m]
+            torch.mul(h[s:e], ds, out=inputs[:, :hidden])
+            torch.mul(x[s:e, None], ds, out=inputs[:, hidden : hidden + 1])
+            inputs[:, hidden + 1 :].copy_(ds)
             grad.addmm_(d_gates[s:e].t(), inputs)
         grad_hh, grad_ih, grad_b = grad[:, :hidden], grad[:, hidden : hidden + 1], grad[:, -1]
         grad_out = (d_scale @ act).unsqueeze(0)
-        return None, None, None, grad_ih, grad_hh, grad_b, grad_b, grad_out, None, None, None
+        return None, None, None, grad_ih, grad_hh, grad_b, grad_b, grad_out, None, None, None, None
 
 
 def _cell(
-    gates: Tensor, c: Tensor, w_out: Tensor, nonlinearity: str
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    gates: Tensor,
+    c: Tensor,
+    w_out: Tensor,
+    nonlinearity: str,
+    h_out: Tensor,
+    c_out: Tensor,
+    a_out: Tensor,
+    d_out: Tensor,
+    t1: Tensor,
+    t2: Tensor,
+) -> None:
     """The elementwise part of one block: from the gates' pre-activations (modified in place)
-    and the cell state to h', c', act(h') and d(scale)/d(gates)."""
+    and the cell state, writes h', c', act(h') and d(scale)/d(gates) into ``h_out``, ``c_out``,
+    ``a_out`` (may be ``h_out``: no activation) and ``d_out``; ``t1``, ``t2`` are scratch of
+    h_out's shape."""
     i, f, g, o = gates.chunk(4, 1)
     hidden = i.shape[1]
     gates[:, : 2 * hidden].sigmoid_(), _tanh_(g), o.sigmoid_()
-    c_next = (f * c).addcmul_(i, g)
-    tanh_c = _tanh_(c_next.clone())
-    h_next = o * tanh_c
-    a, v = _head(h_next, w_out, nonlinearity)  # act(h') and d(scale)/dh'
+    torch.mul(f, c, out=c_out).addcmul_(i, g)
+    tanh_c = _tanh_(t1.copy_(c_out))
+    torch.mul(o, tanh_c, out=h_out)
+    v = _head(h_out, w_out, nonlinearity, a_out, t2)  # act(h') (into a_out) and d(scale)/dh'
     # The LSTM cell's chain rule gate by gate, with sigmoid' = s - s^2 and tanh' = 1 - t^2.
-    d_c = (1 - tanh_c * tanh_c).mul_(o).mul_(v)
-    d = torch.cat(
-        [
-            (d_c * g).mul_(torch.addcmul(i, i, i, value=-1)),
-            (d_c * c).mul_(torch.addcmul(f, f, f, value=-1)),
-            (d_c * i).mul_(1 - g * g),
-            (v * tanh_c).mul_(torch.addcmul(o, o, o, value=-1)),
-        ],
-        dim=1,
-    )
-    return h_next, c_next, a, d
+    d_i, d_f, d_g, d_o = d_out.chunk(4, 1)
+    # d_o first: it is the last use of tanh_c before t1 is reused for d_c
+    torch.addcmul(o, o, o, value=-1, out=d_o).mul_(tanh_c).mul_(v)
+    d_c = tanh_c.mul_(tanh_c).sub_(1).mul_(o).mul_(v).neg_()  # (1 - tanh_c^2) o v, in t1
+    torch.mul(d_c, g, out=d_i).mul_(torch.addcmul(i, i, i, value=-1, out=o))
+    torch.mul(d_c, c, out=d_f).mul_(torch.addcmul(f, f, f, value=-1, out=o))
+    torch.mul(d_c, i, out=d_g).mul_(torch.mul(g, g, out=o).neg_().add_(1))
 
 
-def _compiled_cell() -> Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]:
+def _compiled_cell() -> Callable[..., None]:
     """``_cell`` through torch.compile: one fused loop instead of ~25 passes over the block.
     Falls back to eager (with a warning) where compiling fails, e.g. without a C++ compiler."""
     compiled = torch.compile(_cell, dynamic=False)
@@ -219,14 +309,16 @@ def _tanh_(t: Tensor) -> Tensor:
     return t.mul_(2).sigmoid_().mul_(2).sub_(1)
 
 
-def _head(h: Tensor, w_out: Tensor, nonlinearity: str) -> tuple[Tensor, Tensor]:
-    """act(h) and d(act(h) @ w_out)/dh for one block of rows."""
+def _head(h: Tensor, w_out: Tensor, nonlinearity: str, a_out: Tensor, tmp: Tensor) -> Tensor:
+    """act(h) into ``a_out`` (which is ``h`` itself without an activation) and
+    d(act(h) @ w_out)/dh for one block of rows (in ``tmp``, or the broadcast row ``w_out``)."""
     if nonlinearity == "relu":
-        return h.relu(), w_out * (h > 0).to(h.dtype)
+        torch.clamp_min(h, 0, out=a_out)
+        return torch.mul(h > 0, w_out, out=tmp)
     if nonlinearity == "tanh":
-        a = h.tanh()
-        return a, w_out * (1 - a * a)
-    return h, w_out.expand_as(h)
+        a = torch.tanh(h, out=a_out)
+        return torch.mul(a, a, out=tmp).neg_().add_(1).mul_(w_out)
+    return w_out
 
 
 class LSTMFC(MetaNet):
@@ -235,7 +327,7 @@ class LSTMFC(MetaNet):
 
     ``fused`` (default) computes the same function with ``_FusedLSTMFC``; ``fused=False`` is the
     plain ``nn.LSTMCell`` formulation, kept as the reference the equivalence tests compare to.
-    ``block``: rows per block of the fused path (None: 8192 on CPU, all rows on a GPU).
+    ``block``: rows per block of the fused path (None: 2048 on CPU, all rows on a GPU).
     ``compile``: fuse the block's elementwise work with torch.compile (fused path only).
     """
 
@@ -264,6 +356,7 @@ class LSTMFC(MetaNet):
         self.fused = fused
         self.block = block
         self.cell_fn = _compiled_cell() if compile else _cell
+        self._cache = _BufferCache()
 
     def initial_state(self, size: int, device: torch.device) -> State:
         h = torch.zeros(size, self.cell.hidden_size, device=device, dtype=self.state_dtype)
@@ -272,7 +365,7 @@ class LSTMFC(MetaNet):
     def forward(self, grad_hat: Tensor, w_tilde: Tensor, state: State) -> tuple[Tensor, State]:
         assert state is not None
         if self.fused:
-            block = self.block or (8192 if w_tilde.device.type == "cpu" else w_tilde.numel())
+            block = self.block or (2048 if w_tilde.device.type == "cpu" else w_tilde.numel())
             cell = self.cell
             scale, h, c = _FusedLSTMFC.apply(
                 w_tilde.to(cell.weight_hh.dtype),
@@ -285,6 +378,7 @@ class LSTMFC(MetaNet):
                 self.nonlinearity,
                 max(block, 1),
                 self.cell_fn,
+                self._cache,
             )
             return grad_hat * scale, (h, c)
         dtype = self.cell.weight_ih.dtype
