@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from mq.errors import ConfigError, find_config_error
+from mq.errors import ConfigError, find_config_error, first_line
 
 CONF = Path(__file__).resolve().parent / "conf"
 
@@ -64,8 +64,8 @@ def main(cfg: DictConfig) -> dict:
         if sweep:  # the ledger says failed; raising (not exiting) lets the other jobs run
             from mq.ledger import record_failure
 
-            text = str(error or exc).strip().splitlines() or [type(exc).__name__]
-            record_failure(run_dir, text[0], {"name": cfg.run_name, "choices": choices})
+            extra = {"name": cfg.run_name, "choices": choices}
+            record_failure(run_dir, first_line(error or exc), extra)
             raise
         if error is None:
             raise

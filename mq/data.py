@@ -22,7 +22,7 @@ from torch import Tensor
 from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_image, read_file
 
-from mq.errors import ConfigError
+from mq.errors import ConfigError, first_line
 
 # Normalisation constants from the original MetaQuant code.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -202,8 +202,7 @@ def cifar_loaders(
         sets = [cls(root, train=t, download=download) for t in (True, False)]
     except (OSError, RuntimeError) as e:
         # Download failures and md5 mismatches both land here; torchvision's text is multi-line.
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"dataset.root={root}: could not load {label} ({first})") from e
+        raise ConfigError(f"dataset.root={root}: could not load {label} ({first_line(e)})") from e
     train, test = ((torch.from_numpy(s.data), torch.tensor(s.targets)) for s in sets)
     return _device_loaders(
         train, test, classes, batch_size, test_batch_size, device, seed, mean, std
@@ -223,7 +222,7 @@ def _decode_chunk(paths: list[str]) -> Tensor:
         try:
             img = decode_image(read_file(p), mode=ImageReadMode.RGB)
         except RuntimeError as e:
-            raise ConfigError(f"cannot decode image {p}: {str(e).splitlines()[0]}") from e
+            raise ConfigError(f"cannot decode image {p}: {first_line(e)}") from e
         if img.shape[1:] != (32, 32):
             raise ConfigError(f"image {p} is {img.shape[2]}x{img.shape[1]}; expected 32x32 RGB")
         out.append(img)
@@ -243,7 +242,7 @@ def _scan(folder: Path) -> tuple[list[str], list[str], list[int]]:
             str(folder), is_valid_file=lambda p: p.lower().endswith(_FOLDER_EXTENSIONS)
         )
     except FileNotFoundError as e:
-        raise ConfigError(f"{folder}: {str(e).splitlines()[0]}") from e
+        raise ConfigError(f"{folder}: {first_line(e)}") from e
     return ds.classes, [p for p, _ in ds.samples], [c for _, c in ds.samples]
 
 
@@ -390,7 +389,7 @@ def imagenet_loaders(
         train_ds = torchvision.datasets.ImageFolder(str(Path(root) / "train"), train_tf)
         test_ds = torchvision.datasets.ImageFolder(str(Path(root) / "val"), test_tf)
     except FileNotFoundError as e:
-        raise ConfigError(f"dataset.root={root}: {str(e).splitlines()[0]}") from e
+        raise ConfigError(f"dataset.root={root}: {first_line(e)}") from e
     _check_classes(num_classes, len(train_ds.classes), root)
     return Loaders(
         StreamLoader(train_ds, batch_size, True, device, seed, workers),

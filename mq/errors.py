@@ -13,3 +13,9 @@ def find_config_error(exc: BaseException) -> ConfigError | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message for one-line reports (its type name when empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

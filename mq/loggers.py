@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from mq.errors import first_line
+
 log = logging.getLogger(__name__)
 
 
@@ -73,7 +75,7 @@ class WandbLogger:
                 )
                 break
             except Exception as exc:  # network, auth or service start-up problems
-                log.warning("wandb.init (mode=%s) failed: %s", attempt, str(exc).splitlines()[0])
+                log.warning("wandb.init (mode=%s) failed: %s", attempt, first_line(exc))
         if self.run is None:
             log.warning("wandb disabled for this run; metrics.jsonl still has everything")
 
@@ -85,7 +87,7 @@ class WandbLogger:
         """wandb stopped working mid-run; training goes on without it. Under SLURM this is
         typical: scancel and preemption signal every process of the job, wandb's service
         process included, which then dies on the SIGTERM that the training survives."""
-        log.warning("wandb failed (%s); going on without it", str(exc).splitlines()[0])
+        log.warning("wandb failed (%s); going on without it", first_line(exc))
         self.run = None
 
     def log(self, rows: list[dict[str, Any]]) -> None:

@@ -42,11 +42,9 @@ class Point:
 
 
 def _one_line(exc: BaseException) -> str:
-    from mq.errors import find_config_error
+    from mq.errors import find_config_error, first_line
 
-    error = find_config_error(exc) or exc
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return first_line(find_config_error(exc) or exc)
 
 
 class Sweeper(BasicSweeper):

@@ -8,7 +8,7 @@ import torch
 import torchvision
 from torch import nn
 
-from mq.errors import ConfigError
+from mq.errors import ConfigError, first_line
 from mq.models.resnet_cifar import CifarResNet
 
 CIFAR_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
@@ -49,8 +49,8 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file; the cause is one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"model.pretrained={path} is not a readable checkpoint: {first}") from exc
+        message = f"model.pretrained={path} is not a readable checkpoint: {first_line(exc)}"
+        raise ConfigError(message) from exc
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a checkpoint written by mq
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
