@@ -130,3 +130,42 @@ def test_fused_lstmfc_buffer_reuse_keeps_held_results(state_dtype):
         for a, b in zip(outs["ref"][1], outs["fast"][1], strict=True):
             for x, y in zip(a, b, strict=True):
                 torch.testing.assert_close(y, x, **TOL)
+
+
+@pytest.mark.parametrize("nonlinearity", ["none", "tanh"])
+def test_compiled_lstmfc_cell_matches_eager(nonlinearity, caplog):
+    """meta.compile=true runs the cell's pure form through torch.compile; it must give the
+    eager cell's outputs, states and gradients, and must really compile (not fall back)."""
+    torch.manual_seed(0)
+    nets = [LSTMFC(16, nonlinearity, fused=True, block=700, compile=c) for c in (False, True)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    n = 1500  # two full blocks and a ragged one
+    g, w = torch.randn(n), torch.randn(n)
+    state = (torch.randn(n, 16) * 0.5, torch.randn(n, 16) * 0.5)
+    results = []
+    for net in nets:
+        out, (h, c) = net(g, w, state)
+        out.square().sum().backward()
+        results.append([out.detach(), h, c] + [p.grad for p in net.parameters()])
+    assert "torch.compile failed" not in caplog.text
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_lstmfc_linear_picks_onednn_and_matches_mm():
+    """The fused LSTMFC's products go through oneDNN on the CPU (MKL's sgemm is half as fast on
+    AMD); the probe must choose it where oneDNN is built in, and it must give torch.mm's
+    product for the layouts the forward (contiguous) and backward (transposed views) use."""
+    from mq.meta import nets
+
+    linear = nets._pick_linear(torch.device("cpu"), torch.float32)
+    if torch.backends.mkldnn.is_available():
+        assert linear is nets._onednn_linear
+    assert nets._pick_linear(torch.device("cpu"), torch.float64) is nets._addmm_linear
+    g = torch.Generator().manual_seed(0)
+    h, w, b = torch.randn(300, 20, generator=g), torch.randn(80, 20, generator=g), torch.randn(80)
+    torch.testing.assert_close(linear(h, w, b), h @ w.t() + b, rtol=1e-5, atol=1e-4)
+    inputs, d_gates = torch.randn(300, 22, generator=g), torch.randn(300, 80, generator=g)
+    # sums of 300 products, in another order: float32 rounding of values around 17
+    close = {"rtol": 1e-5, "atol": 1e-4}
+    torch.testing.assert_close(linear(inputs.t(), d_gates.t()), inputs.t() @ d_gates, **close)
