@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from mq.allocator import keep_freed_memory
 from mq.data import CIFAR10_MEAN, CIFAR10_STD, DeviceLoader, folder_loaders
 from mq.meta import MetaQuantStep, STEStep
 from mq.models import build_model
@@ -144,6 +145,8 @@ def epoch_run(variant: Variant | None, args: argparse.Namespace) -> dict:
     """In a fresh process: images/s over an epoch and peak memory; ``None``: the loader alone."""
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    if not args.glibc_defaults:
+        keep_freed_memory()
     loader = _train_loader(args, device)
     sync(device)
     before = (
@@ -227,8 +230,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-root", default=None, help="cifar10 image folder (train/, test/)")
     p.add_argument("--state-dtype", default="float32", help="LSTMFC state: float32 | bfloat16")
     p.add_argument("--reference", action="store_true", help="straightforward LSTMFC (no fusing)")
-    p.add_argument("--compile", action="store_true", help="LSTMFC cell through torch.compile")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="LSTMFC cell through torch.compile (meta.compile; on by default, as in conf/)",
+    )
     p.add_argument("--no-channels-last", action="store_true", help="NCHW weights")
+    p.add_argument(
+        "--glibc-defaults",
+        action="store_true",
+        help="leave glibc's malloc thresholds alone (mq raises them: mq/allocator.py)",
+    )
     p.add_argument("--no-epoch", action="store_true", help="skip throughput and memory")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--quick", action="store_true", help="2 warm-up, 2x3 steps, 20-batch epoch")
@@ -245,6 +258,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     device = torch.device(args.device)
+    if not args.glibc_defaults:
+        keep_freed_memory()  # as mq.run does for every run
     nets = args.nets.split(",")
     variants = [Variant("none", "ste")] + [
         Variant(q, n) for q in args.quants.split(",") for n in NETS if n in nets
