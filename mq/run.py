@@ -12,9 +12,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mq.allocator import keep_freed_memory
 from mq.checkpoint import load_checkpoint, read_json, write_json
 from mq.errors import ConfigError, find_config_error
-from mq.models import MODELS
+from mq.models import check_model
 from mq.preempt import GracefulStop
 from mq.quant.layers import quantize_model
 from mq.train import Interrupted, evaluate, train
@@ -79,11 +80,7 @@ def check(cfg: DictConfig, run_dir: Path | None = None) -> None:
     ``run_dir`` holds no other run. Not the data (it may only exist on the compute nodes)."""
     validate(cfg)
     OmegaConf.to_container(cfg, resolve=True)  # an interpolation that fails, fails here
-    if cfg.model.name not in MODELS:
-        raise ConfigError(f"model.name={cfg.model.name} is not known; allowed: {', '.join(MODELS)}")
-    pretrained = cfg.model.pretrained
-    if pretrained and not Path(pretrained).exists():
-        raise ConfigError(f"model.pretrained={pretrained} does not exist")
+    check_model(cfg.model.name, cfg.model.pretrained)
     quantizer = instantiate(cfg.quant) if cfg.quant.get("_target_") else None
     if cfg.task.name != "eval":
         stand_in = quantize_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), quantizer)
@@ -152,6 +149,7 @@ def _run(
 ) -> dict[str, Any]:
     validate(cfg)
     device = resolve_device(cfg.device)
+    keep_freed_memory()  # a CPU step otherwise page-faults its memory back in every step
     previous = check_run_dir(cfg, run_dir)
     if previous and previous.get("status") == "completed":
         log.info(
