@@ -229,30 +229,28 @@ def train(
             progress.step += 1
             progress.batch += 1
             bar.update(1)
-            if len(pending) >= log_every or progress.batch == batches:
-                if not flush(pending, current_lr):
-                    status = "diverged"
-                    break
+            action = interrupt() if interrupt is not None else None  # a signal arrived
+            report = len(pending) >= log_every or progress.batch == batches
+            if (report or action is not None) and not flush(pending, current_lr):
+                status = "diverged"
+                break
+            if report:
                 seen = progress.partial["seen"] - seen_at_start
                 bar.set_postfix(
                     loss=f"{progress.partial['loss'] / progress.partial['batches']:.3f}",
                     acc=f"{100 * progress.partial['correct'] / progress.partial['seen']:.1f}",
                     img_s=f"{seen / (time.perf_counter() - started):.0f}",
                 )
-                if time.monotonic() - last_checkpoint > 60 * checkpoint_every_min:
-                    checkpoint()
-                    last_checkpoint = time.monotonic()
-            action = interrupt() if interrupt is not None else None
-            if action is not None:  # a signal: save the state of this step boundary
-                if not flush(pending, current_lr):
-                    status = "diverged"
-                    break
+            # a signal saves the state of this step boundary; otherwise one every few minutes
+            if action is not None or (
+                report and time.monotonic() - last_checkpoint > 60 * checkpoint_every_min
+            ):
                 checkpoint()
                 last_checkpoint = time.monotonic()
-                if action == "stop":
-                    bar.close()
-                    metrics.close()
-                    raise Interrupted(f"stopped at step {progress.step} after a checkpoint")
+            if action == "stop":
+                bar.close()
+                metrics.close()
+                raise Interrupted(f"stopped at step {progress.step} after a checkpoint")
         bar.close()
         if status == "diverged":
             log.warning("loss is not finite at step %d: run ends as diverged", progress.step)
