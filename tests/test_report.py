@@ -16,7 +16,8 @@ from conftest import ROOT, launch
 from matplotlib.image import imread
 from omegaconf import OmegaConf
 
-from mq.report import collect_runs, make_table, write_report
+from mq.report import make_table, write_report
+from mq.runs import collect_runs
 
 META = {
     "ste": {"_target_": "mq.meta.STEStep"},
