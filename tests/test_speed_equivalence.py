@@ -156,12 +156,12 @@ def test_lstmfc_linear_picks_onednn_and_matches_mm():
     """The fused LSTMFC's products go through oneDNN on the CPU (MKL's sgemm is half as fast on
     AMD); the probe must choose it where oneDNN is built in, and it must give torch.mm's
     product for the layouts the forward (contiguous) and backward (transposed views) use."""
-    from mq.meta import nets
+    from mq.meta import fused_lstm
 
-    linear = nets._pick_linear(torch.device("cpu"), torch.float32)
+    linear = fused_lstm.pick_linear(torch.device("cpu"), torch.float32)
     if torch.backends.mkldnn.is_available():
-        assert linear is nets._onednn_linear
-    assert nets._pick_linear(torch.device("cpu"), torch.float64) is nets._addmm_linear
+        assert linear is fused_lstm.onednn_linear
+    assert fused_lstm.pick_linear(torch.device("cpu"), torch.float64) is fused_lstm.addmm_linear
     g = torch.Generator().manual_seed(0)
     h, w, b = torch.randn(300, 20, generator=g), torch.randn(80, 20, generator=g), torch.randn(80)
     torch.testing.assert_close(linear(h, w, b), h @ w.t() + b, rtol=1e-5, atol=1e-4)
