@@ -42,10 +42,15 @@ def assert_same(a, b) -> None:
 
 
 @pytest.mark.parametrize(
-    ("hidden", "nonlinearity", "state_dtype"),
-    [(100, "none", "float32"), (16, "tanh", "float32"), (16, "relu", "bfloat16")],
+    ("hidden", "nonlinearity", "state_dtype", "compile"),
+    [
+        (100, "none", "float32", False),
+        (100, "none", "float32", True),  # the config's default: meta.compile=true
+        (16, "tanh", "float32", False),
+        (16, "relu", "bfloat16", False),
+    ],
 )
-def test_fused_lstmfc_matches_lstm_cell(hidden, nonlinearity, state_dtype):
+def test_fused_lstmfc_matches_lstm_cell(hidden, nonlinearity, state_dtype, compile):
     torch.manual_seed(0)
     base = build_model("resnet20", 10)
     results = []
@@ -53,7 +58,9 @@ def test_fused_lstmfc_matches_lstm_cell(hidden, nonlinearity, state_dtype):
         torch.manual_seed(1)
         model = quantize_model(copy.deepcopy(base), DorefaWeight(1))
         # block 50_000: several blocks and a ragged last one over ResNet20's 270,896 weights
-        net = LSTMFC(hidden, nonlinearity, state_dtype, fused=fused, block=50_000)
+        net = LSTMFC(
+            hidden, nonlinearity, state_dtype, fused=fused, block=50_000, compile=compile and fused
+        )
         step = MetaQuantStep(model, SGDM, lr=1e-2, meta_net=net)
         losses, weights = run(step, model, batches())
         meta = {k: v.clone() for k, v in net.state_dict().items()}
