@@ -169,6 +169,8 @@ def epoch_run(variant: Variant | None, args: argparse.Namespace) -> dict:
     peak = _peak_mb(device)
     return {
         "images_per_s": seen / seconds,
+        # training time of a 100-epoch run at this rate (test passes and checkpoints not included)
+        "projected_100_epochs_min": 100 * loader.num_samples / (seen / seconds) / 60,
         "ms_per_batch": 1000 * seconds / max(seen // args.batch, 1),
         "peak_mb": peak,  # CPU: peak RSS of the process; CUDA: max allocated
         "peak_over_data_mb": peak - before,  # what model, step and epoch added to the data
@@ -195,7 +197,7 @@ def table(results: dict, variants: list[Variant]) -> str:
     steps, epochs = results["steps"], results["epochs"]
     fp = steps["fp"]["ms"]
     head = f"{'variant':<16}{'ms/step':>9}{'IQR':>15}{'x STE':>7}{'x FP':>7}"
-    head += f"{'img/s':>8}{'peak MB':>9}{'+MB':>8}"
+    head += f"{'img/s':>8}{'100ep min':>10}{'peak MB':>9}{'+MB':>8}"
     lines = [head, "-" * len(head)]
     for v in variants:
         s = steps[v.name]
@@ -205,7 +207,9 @@ def table(results: dict, variants: list[Variant]) -> str:
         lines.append(
             f"{v.name:<16}{s['ms']:>9.1f}{iqr:>15}"
             f"{s['ms'] / ste:>7.2f}{s['ms'] / fp:>7.2f}"
-            f"{e.get('images_per_s', float('nan')):>8.0f}{e.get('peak_mb', float('nan')):>9.0f}"
+            f"{e.get('images_per_s', float('nan')):>8.0f}"
+            f"{e.get('projected_100_epochs_min', float('nan')):>10.1f}"
+            f"{e.get('peak_mb', float('nan')):>9.0f}"
             f"{e.get('peak_over_data_mb', float('nan')):>8.0f}"
         )
     data = epochs.get("data")

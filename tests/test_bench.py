@@ -1,0 +1,33 @@
+"""python -m mq.bench end to end, at a tiny size: the table, the JSON and what they promise."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_bench_writes_table_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    args = "--nets ste,multifc --quants dorefa --warmup 1 --steps 2 --rounds 2 --batch 32"
+    args += " --images 256 --epoch-batches 4 --threads 1 --no-compile"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "mq.bench", *args.split(), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "100ep min" in result.stdout and "dorefa/multifc" in result.stdout
+    data = json.loads(out.read_text())
+    names = ["fp", "dorefa/ste", "dorefa/multifc"]
+    assert [v["name"] for v in data["variants"]] == names
+    for name in names:
+        step = data["steps"][name]
+        assert step["n"] == 4 and 0 < step["q1"] <= step["ms"] <= step["q3"]
+        epoch = data["epochs"][name]
+        assert epoch["images_per_s"] > 0 and epoch["peak_mb"] > 0
+        # 100 epochs of the 256 training images at the measured rate, in minutes
+        expected = 100 * 256 / epoch["images_per_s"] / 60
+        assert abs(epoch["projected_100_epochs_min"] - expected) < 1e-9 * expected
+    assert data["epochs"]["data"]["ms_per_batch"] > 0
