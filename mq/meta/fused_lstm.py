@@ -99,9 +99,8 @@ class FusedLSTMFC(torch.autograd.Function):
         h_new, c_new = empty("h", n, hidden, dtype=h.dtype), empty("c", n, hidden, dtype=c.dtype)
         # The head's backward needs act(h_new) in full precision; h_new itself is that when
         # there is no activation and the state is kept in the compute dtype.
-        same = nonlinearity == "none" and h.dtype == dtype
         state_same = h.dtype == dtype
-        act = h_new if same else empty("act", n, hidden)
+        act = h_new if nonlinearity == "none" and state_same else empty("act", n, hidden)
         d_gates = empty("d_gates", n, 4 * hidden)
         scale = torch.empty(n, dtype=dtype, device=dev)
         # eager_cell wants the g gate's pre-activations doubled: scale its rows of the weights
