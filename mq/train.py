@@ -72,7 +72,7 @@ def evaluate(
     model.eval()
     weights = None
     if isinstance(model, QuantizedModel):  # quantize once, not once per batch
-        weights = {n: model.weight_quant(w) for n, w in model.quantized_weights().items()}
+        weights = model.quantize_weights()
     loss_sum = torch.zeros((), device=_device(model))
     correct = torch.zeros((), device=_device(model), dtype=torch.long)
     count = 0

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from mq.errors import ConfigError
 from mq.meta.nets import MetaNet, build_meta_net
-from mq.quant.layers import quantized_weights, weight_quantizer
+from mq.quant.flat import FlatLayout
+from mq.quant.layers import QuantizedModel, quantized_weights
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 UPDATES = ("paper", "original")
@@ -109,14 +110,12 @@ class MetaQuantStep(STEStep):
         super().__init__(model, optimizer)
         if update not in UPDATES:
             raise ConfigError(f"meta.update={update} is not known; allowed: {', '.join(UPDATES)}")
-        quantizer = weight_quantizer(model)
-        if quantizer is None:
+        if not isinstance(model, QuantizedModel):
             raise ConfigError(
                 f"meta={net} needs quantized weights but quant=none; allowed with quant=none: ste"
             )
-        self.quantizer = quantizer
-        self.names, _, _ = _split(model)
-        self.sizes = [w.numel() for w in self.weights]
+        self.model: QuantizedModel = model
+        self.quantizer = model.weight_quant
         self.update = update
         self.base_meta_lr = lr
         self.lr_decay = lr_decay
@@ -127,76 +126,69 @@ class MetaQuantStep(STEStep):
         self.meta_net.to(device)
         params = list(self.meta_net.parameters())
         self.meta_optimizer = torch.optim.Adam(params, lr=lr) if params else None
-        self.meta_state = self.meta_net.initial_state(sum(self.sizes), device)
-        self.grad_hat: Tensor | None = None  # g_W^ of the previous step, flat over all layers
-        self.w_tilde: Tensor | None = None  # W~ of the previous step, flat
-        self.previous_update: list[Tensor] | None = None  # lr * u of the previous step (original)
+        self.meta_state = self.meta_net.initial_state(model.layout().numel, device)
+        # Flat over all quantized layers, in the model's FlatLayout order:
+        self.grad_hat: Tensor | None = None  # g_W^ of the previous step
+        self.w_tilde: Tensor | None = None  # W~ of the previous step
+        self.previous_update: Tensor | None = None  # lr * u of the previous step (original)
 
     def set_lr(self, lr: float, meta_lr_factor: float = 1.0) -> None:
         super().set_lr(lr)
         _set_lr(self.meta_optimizer, self.base_meta_lr * (meta_lr_factor if self.lr_decay else 1))
 
-    def _flat(self, tensors: list[Tensor]) -> Tensor:
-        return torch.cat([t.reshape(-1) for t in tensors])
-
-    def _meta_weights(self) -> list[Tensor]:
-        """Run M, take the late update, and return W_meta for each quantized layer."""
+    def _meta_weights(self, layout: FlatLayout) -> Tensor:
+        """Run M, take the late update, and return W_meta, flat over all quantized layers."""
         assert self.grad_hat is not None and self.w_tilde is not None
         assert self.weight_optimizer is not None
         lr = self.weight_optimizer.param_groups[0]["lr"]
         g_tilde, state = self.meta_net(self.grad_hat, self.w_tilde, self.meta_state)
         self.meta_state = None if state is None else (state[0].detach(), state[1].detach())
-        grads = []
-        for w, g in zip(self.weights, g_tilde.split(self.sizes), strict=True):
-            g = g.view_as(w)
-            calibration = self.quantizer.calibration(w)
-            grads.append(g if calibration is None else g * calibration)
-        before = [w.detach().clone() for w in self.weights] if self.update == "original" else None
-        for w, g in zip(self.weights, grads, strict=True):
-            w.grad = g.detach()
+        with torch.no_grad():
+            before = layout.flatten(self.weights)
+        calibration = self.quantizer.calibration(before, layout)
+        grad = g_tilde if calibration is None else g_tilde * calibration
+        for w, g in zip(self.weights, layout.unflatten(grad.detach()), strict=True):
+            w.grad = g
         self.weight_optimizer.step()
-        w_meta = []
-        for i, (w, g) in enumerate(zip(self.weights, grads, strict=True)):
-            derivative = -lr * (g - g.detach())  # zero in value, d/dphi in gradient
-            if before is None:
-                w_meta.append(w.detach() + derivative)
-            else:
-                assert self.previous_update is not None
-                w_meta.append(before[i] - self.previous_update[i] + derivative)
-        if before is not None:
-            self.previous_update = [
-                b - w.detach() for b, w in zip(before, self.weights, strict=True)
-            ]
+        derivative = -lr * (grad - grad.detach())  # zero in value, d/dphi in gradient
+        with torch.no_grad():
+            after = layout.flatten(self.weights)
+        if self.update == "paper":
+            return after + derivative
+        assert self.previous_update is not None
+        w_meta = before - self.previous_update + derivative
+        self.previous_update = before - after
         return w_meta
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        layout = self.model.layout()
         first = self.grad_hat is None
-        weights = list(self.weights) if first else self._meta_weights()
-        w_tilde = [self.quantizer.transform(w) for w in weights]
-        w_hat = [self.quantizer.quantize(t) for t in w_tilde]
-        # Cut the graph at W^: the model's backward stops there and yields g_W^ on these
-        # leaves; a second, small backward carries g_W^ on through Q, A and M.
-        leaves = [w.detach().requires_grad_() for w in w_hat]
+        weights = layout.flatten(self.weights) if first else self._meta_weights(layout)
+        w_tilde = self.quantizer.transform(weights, layout)
+        w_hat = self.quantizer.quantize(w_tilde, layout)
+        # Cut the graph at W^: the model's backward stops there and yields g_W^ on this leaf;
+        # a second, small backward carries g_W^ on through Q, A and M.
+        leaf = w_hat.detach().requires_grad_()
         for opt in (self.other_optimizer, self.meta_optimizer):
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
-        logits = self.model(x, dict(zip(self.names, leaves, strict=True)))
+        logits = self.model(x, self.model.named(layout.unflatten(leaf)))
         loss = F.cross_entropy(logits, y)
         loss.backward()
-        grad_hat = [leaf.grad for leaf in leaves]
+        grad_hat = leaf.grad
+        assert grad_hat is not None
         if first:
             if self.update == "original":
                 # The released code's second step moves by the STE gradient of step 0.
-                grads = torch.autograd.grad(w_hat, self.weights, grad_hat)
+                (grad,) = torch.autograd.grad(w_hat, weights, grad_hat)
                 assert self.weight_optimizer is not None
-                lr = self.weight_optimizer.param_groups[0]["lr"]
-                self.previous_update = [lr * g for g in grads]
+                self.previous_update = self.weight_optimizer.param_groups[0]["lr"] * grad
         elif self.meta_optimizer is not None:
             torch.autograd.backward(w_hat, grad_hat)
             self.meta_optimizer.step()
         self.other_optimizer.step()
-        self.grad_hat = self._flat(grad_hat)
-        self.w_tilde = self._flat([t.detach() for t in w_tilde])
+        self.grad_hat = grad_hat
+        self.w_tilde = w_tilde.detach()
         return loss.detach(), logits.detach()
 
     def state_dict(self) -> dict:
@@ -208,6 +200,7 @@ class MetaQuantStep(STEStep):
             grad_hat=self.grad_hat,
             w_tilde=self.w_tilde,
             previous_update=self.previous_update,
+            flat_orders=self.model.layout().orders,  # how the flat tensors above are laid out
         )
         return state
 
@@ -216,7 +209,18 @@ class MetaQuantStep(STEStep):
         self.meta_net.load_state_dict(state["meta_net"])
         if self.meta_optimizer is not None:
             self.meta_optimizer.load_state_dict(state["meta_optimizer"])
-        self.meta_state = state["meta_state"]
-        self.grad_hat = state["grad_hat"]
-        self.w_tilde = state["w_tilde"]
-        self.previous_update = state["previous_update"]
+        meta_state, grad_hat = state["meta_state"], state["grad_hat"]
+        w_tilde, previous_update = state["w_tilde"], state["previous_update"]
+        layout = self.model.layout()
+        if isinstance(previous_update, list):  # saved per layer before the flat layout
+            previous_update = torch.cat([u.reshape(-1) for u in previous_update])
+        orders = state.get("flat_orders")  # None: saved before the flat layout, row-major
+        if orders != layout.orders:
+            grad_hat, w_tilde, previous_update = (
+                None if t is None else layout.reorder(t, orders)
+                for t in (grad_hat, w_tilde, previous_update)
+            )
+            if meta_state is not None:
+                meta_state = tuple(layout.reorder(t, orders) for t in meta_state)
+        self.meta_state, self.grad_hat, self.w_tilde = meta_state, grad_hat, w_tilde
+        self.previous_update = previous_update

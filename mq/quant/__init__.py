@@ -7,7 +7,6 @@ from mq.quant.layers import (
     quantize_model,
     quantized_weights,
     unwrap,
-    weight_quantizer,
 )
 from mq.quant.quantizers import BWNWeight, DorefaWeight, WeightQuantizer
 
@@ -21,5 +20,4 @@ __all__ = [
     "plain_state_dict",
     "quantize_model",
     "quantized_weights",
-    "weight_quantizer",
 ]

@@ -3,12 +3,17 @@
 A quantizer is split in two, as in the paper: a differentiable transform A (W -> W~) and a
 non-differentiable quantizer Q (W~ -> W^). Q's backward is the clipped straight-through
 estimator g_W~ = g_W^ * 1{|W~| <= 1}; the meta network replaces exactly this piece.
+
+Each function takes one weight tensor, or (with ``layout``) the flat vector of all quantized
+weights of a model (mq.quant.flat), whose per-layer constants are then taken per segment.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from mq.quant.flat import FlatLayout
 
 
 class ClippedSTE(torch.autograd.Function):
@@ -31,10 +36,12 @@ def clipped_ste(w_tilde: Tensor, w_hat: Tensor) -> Tensor:
     return ClippedSTE.apply(w_tilde, w_hat)
 
 
-def dorefa_transform(weight: Tensor) -> Tensor:
+def dorefa_transform(weight: Tensor, layout: FlatLayout | None = None) -> Tensor:
     """A(W) = tanh(W) / (2 max|tanh W|) + 1/2, mapping W into [0, 1]; the max is a constant."""
     t = torch.tanh(weight)
-    return t / (2 * t.abs().max().detach()) + 0.5
+    if layout is None:
+        return t / (2 * t.abs().max().detach()) + 0.5
+    return t / layout.broadcast(2 * layout.amax(t)) + 0.5
 
 
 def dorefa_levels(w_tilde: Tensor, bit_width: int) -> Tensor:
@@ -43,20 +50,24 @@ def dorefa_levels(w_tilde: Tensor, bit_width: int) -> Tensor:
     return 2 * torch.round(w_tilde.detach() * n) / n - 1
 
 
-def dorefa_calibration(weight: Tensor) -> Tensor:
+def dorefa_calibration(weight: Tensor, layout: FlatLayout | None = None) -> Tensor:
     """dW~/dW as the paper and the original code use it: (1 - tanh^2 W) / max|tanh W|.
 
     This is twice the true derivative of ``dorefa_transform`` (which divides by 2 max); the
     factor is kept on purpose so MetaQuant runs match the paper and the released code.
     """
     t = torch.tanh(weight.detach())
-    return (1 - t * t) / t.abs().max()
+    return (1 - t * t) / (t.abs().max() if layout is None else layout.broadcast(layout.amax(t)))
 
 
-def bwn_levels(w_tilde: Tensor, per_filter: bool = False) -> Tensor:
+def bwn_levels(
+    w_tilde: Tensor, per_filter: bool = False, layout: FlatLayout | None = None
+) -> Tensor:
     """W^ = mean|W~| * sign(W~); one scale per tensor, or per output filter (dim 0)."""
     w = w_tilde.detach()
-    if per_filter and w.dim() > 1:
+    if layout is not None:
+        scale = layout.broadcast(layout.mean_abs(w, per_filter), per_filter)
+    elif per_filter and w.dim() > 1:
         scale = w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
     else:
         scale = w.abs().mean()

@@ -4,6 +4,7 @@ The quantized weights are computed outside the layers and handed to the network 
 ``torch.func.functional_call``. That keeps the layers stateless and lets a training step supply
 its own W^ (MetaQuant builds W^ from W_meta and needs the gradient w.r.t. W^ itself), while
 ``model(x)`` quantizes the current weights on the fly for evaluation and the STE baseline.
+The quantizer runs once over all layers' weights laid end to end (mq.quant.flat), not per layer.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections import OrderedDict
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from mq.quant.flat import FlatLayout
 from mq.quant.quantizers import WeightQuantizer
 
 
@@ -23,22 +25,47 @@ class QuantizedModel(nn.Module):
         super().__init__()
         self.net = net
         self.weight_quant = weight_quant
-        self.weight_names = [
-            f"{name}.weight"
+        layers = [
+            (name, module)
             for name, module in net.named_modules()
             if isinstance(module, (nn.Conv2d, nn.Linear))
         ]
+        self.weight_names = [f"{name}.weight" for name, _ in layers]
+        self._layers = [module for _, module in layers]  # a plain list: not registered twice
+        self._layout: FlatLayout | None = None
 
     def quantized_weights(self) -> OrderedDict[str, nn.Parameter]:
         """``{"<layer>.weight": full-precision parameter}`` in forward order."""
-        return OrderedDict((name, self.net.get_parameter(name)) for name in self.weight_names)
+        return OrderedDict(zip(self.weight_names, self._weights(), strict=True))
+
+    def _weights(self) -> list[nn.Parameter]:
+        return [module.weight for module in self._layers]
+
+    def layout(self) -> FlatLayout:
+        """The flat layout of the quantized weights (rebuilt if their shapes or strides change,
+        e.g. after a change of memory format)."""
+        weights = self._weights()
+        if self._layout is None or self._layout.key != FlatLayout.key_of(weights):
+            self._layout = FlatLayout(weights)
+        return self._layout
+
+    def named(self, tensors: list[Tensor]) -> dict[str, Tensor]:
+        """``{"<layer>.weight": tensor}`` for per-layer tensors in forward order."""
+        return dict(zip(self.weight_names, tensors, strict=True))
+
+    def quantize_weights(self) -> dict[str, Tensor]:
+        """W^ = Q(A(W)) of the current weights per layer, differentiable through the STE."""
+        layout = self.layout()
+        flat = layout.flatten(self._weights())
+        return self.named(layout.unflatten(self.weight_quant(flat, layout)))
 
     def forward(self, x: Tensor, weights: dict[str, Tensor] | None = None) -> Tensor:
         """Run the network on quantized weights: ``weights`` if given (W^ per layer), else
         Q(A(W)) of the current weights, differentiable through the clipped STE."""
         if weights is None:
-            weights = {name: self.weight_quant(w) for name, w in self.quantized_weights().items()}
-        return functional_call(self.net, weights, (x,))
+            weights = self.quantize_weights()
+        # tie_weights=False: no weights are tied here, and the check walks every module per call
+        return functional_call(self.net, weights, (x,), tie_weights=False)
 
 
 def quantize_model(net: nn.Module, weight_quant: WeightQuantizer | None) -> nn.Module:
@@ -49,10 +76,6 @@ def quantize_model(net: nn.Module, weight_quant: WeightQuantizer | None) -> nn.M
 def quantized_weights(model: nn.Module) -> OrderedDict[str, nn.Parameter]:
     """The quantized layers' full-precision weights; empty for a full-precision model."""
     return model.quantized_weights() if isinstance(model, QuantizedModel) else OrderedDict()
-
-
-def weight_quantizer(model: nn.Module) -> WeightQuantizer | None:
-    return model.weight_quant if isinstance(model, QuantizedModel) else None
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from mq.errors import ConfigError
+from mq.quant.flat import FlatLayout
 from mq.quant.functions import (
     bwn_levels,
     clipped_ste,
@@ -19,23 +20,24 @@ class WeightQuantizer(nn.Module):
 
     MetaQuant needs the three pieces separately: ``transform`` (A, differentiated by autograd),
     ``quantize`` (Q, whose backward is the clipped STE) and ``calibration`` (the dW~/dW factor
-    that turns the meta network's g_W~ into g_W).
+    that turns the meta network's g_W~ into g_W). Each takes one weight tensor, or the flat
+    vector of all of a model's quantized weights with its ``layout`` (mq.quant.flat).
     """
 
     bit_width: int
 
-    def transform(self, weight: Tensor) -> Tensor:
+    def transform(self, weight: Tensor, layout: FlatLayout | None = None) -> Tensor:
         raise NotImplementedError
 
-    def quantize(self, w_tilde: Tensor) -> Tensor:
+    def quantize(self, w_tilde: Tensor, layout: FlatLayout | None = None) -> Tensor:
         raise NotImplementedError
 
-    def calibration(self, weight: Tensor) -> Tensor | None:
+    def calibration(self, weight: Tensor, layout: FlatLayout | None = None) -> Tensor | None:
         """dW~/dW used by MetaQuant, or None where it is 1."""
         return None
 
-    def forward(self, weight: Tensor) -> Tensor:
-        return self.quantize(self.transform(weight))
+    def forward(self, weight: Tensor, layout: FlatLayout | None = None) -> Tensor:
+        return self.quantize(self.transform(weight, layout), layout)
 
 
 class DorefaWeight(WeightQuantizer):
@@ -47,14 +49,14 @@ class DorefaWeight(WeightQuantizer):
             raise ConfigError(f"bits={bit_width} is not allowed for dorefa; allowed: 1..8")
         self.bit_width = bit_width
 
-    def transform(self, weight: Tensor) -> Tensor:
-        return dorefa_transform(weight)
+    def transform(self, weight: Tensor, layout: FlatLayout | None = None) -> Tensor:
+        return dorefa_transform(weight, layout)
 
-    def quantize(self, w_tilde: Tensor) -> Tensor:
+    def quantize(self, w_tilde: Tensor, layout: FlatLayout | None = None) -> Tensor:
         return clipped_ste(w_tilde, dorefa_levels(w_tilde, self.bit_width))
 
-    def calibration(self, weight: Tensor) -> Tensor:
-        return dorefa_calibration(weight)
+    def calibration(self, weight: Tensor, layout: FlatLayout | None = None) -> Tensor:
+        return dorefa_calibration(weight, layout)
 
     def extra_repr(self) -> str:
         return f"bit_width={self.bit_width}"
@@ -71,11 +73,11 @@ class BWNWeight(WeightQuantizer):
         self.bit_width = 1
         self.per_filter = per_filter
 
-    def transform(self, weight: Tensor) -> Tensor:
+    def transform(self, weight: Tensor, layout: FlatLayout | None = None) -> Tensor:
         return weight
 
-    def quantize(self, w_tilde: Tensor) -> Tensor:
-        return clipped_ste(w_tilde, bwn_levels(w_tilde, self.per_filter))
+    def quantize(self, w_tilde: Tensor, layout: FlatLayout | None = None) -> Tensor:
+        return clipped_ste(w_tilde, bwn_levels(w_tilde, self.per_filter, layout))
 
     def extra_repr(self) -> str:
         return f"per_filter={self.per_filter}"

@@ -1,0 +1,78 @@
+"""MetaQuant (paper Algorithm 1) written layer by layer, the straightforward way.
+
+The step in mq.meta.step runs the quantizer and the update over all layers' weights at once
+(mq.quant.flat); this one loops over the layers with the per-tensor quantizer API and keeps its
+flat tensors in plain row-major order per layer, with ``previous_update`` as a list, as mq's
+checkpoints did before the flat layout. Tests compare the two and resume one from the other.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mq.meta import MetaQuantStep
+
+
+class PerLayerMetaQuantStep(MetaQuantStep):
+    def _flat(self, tensors: list[Tensor]) -> Tensor:
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def _per_layer_meta_weights(self) -> list[Tensor]:
+        lr = self.weight_optimizer.param_groups[0]["lr"]
+        g_tilde, state = self.meta_net(self.grad_hat, self.w_tilde, self.meta_state)
+        self.meta_state = None if state is None else (state[0].detach(), state[1].detach())
+        sizes = [w.numel() for w in self.weights]
+        grads = []
+        for w, g in zip(self.weights, g_tilde.split(sizes), strict=True):
+            calibration = self.quantizer.calibration(w)
+            g = g.view_as(w)
+            grads.append(g if calibration is None else g * calibration)
+        before = [w.detach().clone() for w in self.weights]
+        for w, g in zip(self.weights, grads, strict=True):
+            w.grad = g.detach()
+        self.weight_optimizer.step()
+        w_meta = []
+        for i, (w, g) in enumerate(zip(self.weights, grads, strict=True)):
+            derivative = -lr * (g - g.detach())
+            if self.update == "paper":
+                w_meta.append(w.detach() + derivative)
+            else:
+                w_meta.append(before[i] - self.previous_update[i] + derivative)
+        if self.update == "original":
+            self.previous_update = [
+                b - w.detach() for b, w in zip(before, self.weights, strict=True)
+            ]
+        return w_meta
+
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        first = self.grad_hat is None
+        weights = list(self.weights) if first else self._per_layer_meta_weights()
+        w_tilde = [self.quantizer.transform(w) for w in weights]
+        w_hat = [self.quantizer.quantize(t) for t in w_tilde]
+        leaves = [w.detach().requires_grad_() for w in w_hat]
+        for opt in (self.other_optimizer, self.meta_optimizer):
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+        logits = self.model(x, self.model.named(leaves))
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        grad_hat = [leaf.grad for leaf in leaves]
+        if first:
+            if self.update == "original":
+                grads = torch.autograd.grad(w_hat, self.weights, grad_hat)
+                lr = self.weight_optimizer.param_groups[0]["lr"]
+                self.previous_update = [lr * g for g in grads]
+        elif self.meta_optimizer is not None:
+            torch.autograd.backward(w_hat, grad_hat)
+            self.meta_optimizer.step()
+        self.other_optimizer.step()
+        self.grad_hat = self._flat(grad_hat)
+        self.w_tilde = self._flat([t.detach() for t in w_tilde])
+        return loss.detach(), logits.detach()
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        del state["flat_orders"]  # the layout of checkpoints written before the flat layout
+        return state
