@@ -10,7 +10,8 @@ Step times come from one process with every variant built, timed in interleaved 
 all timed steps is reported, with the interquartile range as the noise. Throughput and peak
 memory come from one fresh child process per variant: a whole epoch (or ``--epoch-batches``)
 through ``DeviceLoader`` (uint8 images on the device, crop and flip per batch), and the peak
-resident set (CPU, reset per process) or ``torch.cuda.max_memory_allocated`` (CUDA).
+resident set (CPU, reset per process) or ``torch.cuda.max_memory_allocated`` (CUDA). ``ops``
+counts the kernel-running aten ops of one step: on a GPU each is a launch that costs host time.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mq.allocator import keep_freed_memory
 from mq.data import CIFAR10_MEAN, CIFAR10_STD, DeviceLoader, folder_loaders
@@ -74,15 +76,46 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# aten ops that only allocate or reinterpret memory; every other op runs at least one kernel
+NO_KERNEL = {"empty", "empty_like", "empty_strided", "_unsafe_view", "lift_fresh"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops below autograd that run a kernel (not views, not allocations)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        if (
+            func.namespace == "aten"
+            and not func.is_view
+            and func.__name__.split(".")[0] not in NO_KERNEL
+        ):
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(step: Any, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Kernel-running ops in one training step: on a GPU each is a launch costing host time
+    (~5-20 us in eager mode), which bounds a small model's step however fast the device is."""
+    with OpCounter() as counter:
+        step.train_step(x, y)
+    return counter.ops
+
+
 def time_steps(variants: list[Variant], args: argparse.Namespace, device: torch.device) -> dict:
     """Median ms per step of each variant, interleaved rounds on one fixed random batch."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
     steps = {v: build_step(v, args, device) for v in variants}
-    for step in steps.values():
+    ops = {}
+    for v, step in steps.items():
         for _ in range(args.warmup):
             step.train_step(x, y)
+        ops[v] = count_ops(step, x, y)
     times: dict[Variant, list[float]] = {v: [] for v in variants}
     for _ in range(args.rounds):
         for v, step in steps.items():
@@ -96,6 +129,7 @@ def time_steps(variants: list[Variant], args: argparse.Namespace, device: torch.
     for v, ts in times.items():
         q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
         out[v.name] = {"ms": statistics.median(ts), "q1": q[0], "q3": q[2], "n": len(ts)}
+        out[v.name]["ops"] = ops[v]
     return out
 
 
@@ -196,7 +230,7 @@ def in_child(variant: Variant | None, args: argparse.Namespace) -> dict:
 def table(results: dict, variants: list[Variant]) -> str:
     steps, epochs = results["steps"], results["epochs"]
     fp = steps["fp"]["ms"]
-    head = f"{'variant':<16}{'ms/step':>9}{'IQR':>15}{'x STE':>7}{'x FP':>7}"
+    head = f"{'variant':<16}{'ms/step':>9}{'IQR':>15}{'x STE':>7}{'x FP':>7}{'ops':>6}"
     head += f"{'img/s':>8}{'100ep min':>10}{'peak MB':>9}{'+MB':>8}"
     lines = [head, "-" * len(head)]
     for v in variants:
@@ -206,7 +240,7 @@ def table(results: dict, variants: list[Variant]) -> str:
         iqr = f"{s['q1']:.0f}-{s['q3']:.0f}"
         lines.append(
             f"{v.name:<16}{s['ms']:>9.1f}{iqr:>15}"
-            f"{s['ms'] / ste:>7.2f}{s['ms'] / fp:>7.2f}"
+            f"{s['ms'] / ste:>7.2f}{s['ms'] / fp:>7.2f}{s['ops']:>6}"
             f"{e.get('images_per_s', float('nan')):>8.0f}"
             f"{e.get('projected_100_epochs_min', float('nan')):>10.1f}"
             f"{e.get('peak_mb', float('nan')):>9.0f}"

@@ -31,3 +31,8 @@ def test_bench_writes_table_and_json(tmp_path):
         expected = 100 * 256 / epoch["images_per_s"] / 60
         assert abs(epoch["projected_100_epochs_min"] - expected) < 1e-9 * expected
     assert data["epochs"]["data"]["ms_per_batch"] > 0
+    # kernel-running ops per step: the quantizer over all layers adds a few dozen, not one set
+    # per layer (ResNet20 has 22 quantized layers; layer by layer it added ~400 here)
+    ops = {name: data["steps"][name]["ops"] for name in names}
+    assert 0 < ops["fp"] < ops["dorefa/ste"] < ops["fp"] + 100, ops
+    assert ops["dorefa/ste"] < ops["dorefa/multifc"] < ops["fp"] + 200, ops
