@@ -33,10 +33,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mq.allocator import keep_freed_memory
 from mq.data import CIFAR10_MEAN, CIFAR10_STD, DeviceLoader, folder_loaders
 from mq.meta import MetaQuantStep, STEStep
-from mq.models import build_model
+from mq.models import MODELS, build_model
 from mq.quant import BWNWeight, DorefaWeight, quantize_model
 
 NETS = ("ste", "multifc", "fcgrad", "lstmfc")
+QUANTS = ("dorefa", "bwn")
 META = {  # the settings: MultiFC 3 layers, FCGrad 2, hidden 100, no activation
     "multifc": {"num_layers": 3},
     "fcgrad": {"num_layers": 2},
@@ -254,7 +255,7 @@ def table(results: dict, variants: list[Variant]) -> str:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mq.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--model", default="resnet20")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--bits", type=int, default=1, help="dorefa bit width")
@@ -287,6 +288,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available here; allowed: auto, cpu")
+    for option, values, allowed in (
+        ("--nets", args.nets.split(","), NETS),
+        ("--quants", args.quants.split(","), QUANTS),
+        ("--model", [args.model], MODELS),
+        ("--state-dtype", [args.state_dtype], ("float32", "bfloat16", "float16")),
+    ):
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            p.error(f"{option} {','.join(bad)} is not known; allowed: {', '.join(allowed)}")
     if args.quick:
         args.warmup, args.steps, args.rounds = 2, 2, 3
         args.epoch_batches = args.epoch_batches or 20

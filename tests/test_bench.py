@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
 from conftest import ROOT
 
 
@@ -36,3 +38,30 @@ def test_bench_writes_table_and_json(tmp_path):
     ops = {name: data["steps"][name]["ops"] for name in names}
     assert 0 < ops["fp"] < ops["dorefa/ste"] < ops["fp"] + 100, ops
     assert ops["dorefa/ste"] < ops["dorefa/multifc"] < ops["fp"] + 200, ops
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--nets", "ste,foo"], "--nets foo is not known; allowed: ste, multifc"),
+        (["--quants", "xnor"], "--quants xnor is not known; allowed: dorefa, bwn"),
+        (["--model", "vgg"], "--model vgg is not known; allowed: resnet20"),
+        (["--device", "tpu"], "invalid choice: 'tpu'"),
+    ],
+)
+def test_bench_bad_arguments_exit_with_one_line(args, message, capsys):
+    from mq.bench import parse
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_bench_cuda_without_a_gpu_is_a_clear_error(capsys):
+    from mq.bench import parse
+
+    with pytest.raises(SystemExit):
+        parse(["--device", "cuda"])
+    assert "no CUDA device is available here" in capsys.readouterr().err

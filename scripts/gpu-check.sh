@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Everything a GPU session should run, in one command (a few minutes on one H100):
+#   bash scripts/gpu-check.sh [OUT_DIR]      (default: $OUT, else ./gpu-check)
+# 1. the CUDA tests (CUDA code paths against the CPU's, launch.py on CUDA);
+# 2. the benchmark: a whole epoch per variant (its 100ep min column for dorefa/multifc is the
+#    issue's goal: under 5 minutes on one H100), then LSTMFC with a bf16 state and eager.
+# Each part runs even if an earlier one fails; the exit status is the first failure's.
+set -u
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-gpu-check}}"
+mkdir -p "$out"
+py=.venv/bin/python
+[ -x "$py" ] || py=python
+status=0
+run() {  # run NAME COMMAND...: output to OUT/NAME.log and the terminal
+    echo "== $1"
+    local name=$1
+    shift
+    "$@" 2>&1 | tee "$out/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc"
+    if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$rc; fi
+}
+run env "$py" -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"
+run tests "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_data.py -k cuda
+run bench "$py" -m mq.bench --device cuda --out "$out/bench-cuda.json"
+run bench-bf16 "$py" -m mq.bench --device cuda --nets ste,lstmfc --state-dtype bfloat16 \
+    --no-epoch --out "$out/bench-cuda-bf16.json"
+run bench-eager "$py" -m mq.bench --device cuda --nets ste,lstmfc --no-compile --no-epoch \
+    --out "$out/bench-cuda-eager.json"
+exit "$status"
