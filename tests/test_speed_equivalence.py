@@ -42,24 +42,27 @@ def assert_same(a, b) -> None:
 
 
 @pytest.mark.parametrize(
-    ("hidden", "nonlinearity", "state_dtype", "compile"),
+    ("hidden", "nonlinearity", "state_dtype", "compile", "block"),
     [
-        (100, "none", "float32", False),
-        (100, "none", "float32", True),  # the config's default: meta.compile=true
-        (16, "tanh", "float32", False),
-        (16, "relu", "bfloat16", False),
+        (100, "none", "float32", False, 50_000),
+        (100, "none", "float32", True, 50_000),  # the config's default: meta.compile=true
+        (16, "tanh", "float32", False, 50_000),
+        (16, "relu", "bfloat16", False, 50_000),
+        (16, "none", "float32", True, None),  # one block of all rows, as on a GPU (compiled)
     ],
 )
-def test_fused_lstmfc_matches_lstm_cell(hidden, nonlinearity, state_dtype, compile):
+def test_fused_lstmfc_matches_lstm_cell(hidden, nonlinearity, state_dtype, compile, block):
     torch.manual_seed(0)
     base = build_model("resnet20", 10)
+    if block is None:
+        block = quantize_model(base, DorefaWeight(1)).layout().numel
     results = []
     for fused in (False, True):
         torch.manual_seed(1)
         model = quantize_model(copy.deepcopy(base), DorefaWeight(1))
         # block 50_000: several blocks and a ragged last one over ResNet20's 270,896 weights
         net = LSTMFC(
-            hidden, nonlinearity, state_dtype, fused=fused, block=50_000, compile=compile and fused
+            hidden, nonlinearity, state_dtype, fused=fused, block=block, compile=compile and fused
         )
         step = MetaQuantStep(model, SGDM, lr=1e-2, meta_net=net)
         losses, weights = run(step, model, batches())
