@@ -100,7 +100,7 @@ class OpCounter(TorchDispatchMode):
 
 def count_ops(step: Any, x: torch.Tensor, y: torch.Tensor) -> int:
     """Kernel-running ops in one training step: on a GPU each is a launch costing host time
-    (~5-20 us in eager mode), which bounds a small model's step however fast the device is."""
+    (~5-20 us in eager mode), which can bound a small model's step however fast the device is."""
     with OpCounter() as counter:
         step.train_step(x, y)
     return counter.ops

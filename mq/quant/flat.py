@@ -2,11 +2,12 @@
 
 Quantizing layer by layer costs a few kernels per layer for every operation (ResNet20 has 22
 quantized layers: about 400 more kernel launches per STE step and 760 more per MetaQuant step
-than the ~180 of the whole full-precision step). On a GPU those launches, not the arithmetic,
-bound a step. A ``FlatLayout`` lays the weights end to end in *memory order* (a channels-last
-conv weight as (O, H, W, I)), so flattening them is one ``cat`` and each layer's slice of a
-flat result is a free view with the parameter's own strides. Per-layer (or per-filter) constants,
-such as DoReFa's max|tanh W| and BWN's mean|W|, are reduced per segment and broadcast back.
+than the ~180 of the whole full-precision step). On a GPU those launches, rather than the
+arithmetic, are expected to bound a small model's step. A ``FlatLayout`` lays the weights end
+to end in *memory order* (a channels-last conv weight as (O, H, W, I)), so flattening them is
+one ``cat`` and each layer's slice of a flat result is a free view with the parameter's own
+strides. Per-layer (or per-filter) constants, such as DoReFa's max|tanh W| and BWN's mean|W|,
+are reduced per segment and broadcast back.
 """
 
 from __future__ import annotations
