@@ -161,7 +161,7 @@ class MetaQuantStep(STEStep):
         return w_meta
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        layout = self.model.layout()
+        layout = self.model.layout(self.weights)
         first = self.grad_hat is None
         weights = layout.flatten(self.weights) if first else self._meta_weights(layout)
         w_tilde = self.quantizer.transform(weights, layout)

@@ -41,10 +41,10 @@ class QuantizedModel(nn.Module):
     def _weights(self) -> list[nn.Parameter]:
         return [module.weight for module in self._layers]
 
-    def layout(self) -> FlatLayout:
+    def layout(self, weights: list[nn.Parameter] | None = None) -> FlatLayout:
         """The flat layout of the quantized weights (rebuilt if their shapes or strides change,
-        e.g. after a change of memory format)."""
-        weights = self._weights()
+        e.g. after a change of memory format); ``weights``: the parameters, if already at hand."""
+        weights = self._weights() if weights is None else weights
         if self._layout is None or self._layout.key != FlatLayout.key_of(weights):
             self._layout = FlatLayout(weights)
         return self._layout
@@ -55,8 +55,9 @@ class QuantizedModel(nn.Module):
 
     def quantize_weights(self) -> dict[str, Tensor]:
         """W^ = Q(A(W)) of the current weights per layer, differentiable through the STE."""
-        layout = self.layout()
-        flat = layout.flatten(self._weights())
+        weights = self._weights()
+        layout = self.layout(weights)
+        flat = layout.flatten(weights)
         return self.named(layout.unflatten(self.weight_quant(flat, layout)))
 
     def forward(self, x: Tensor, weights: dict[str, Tensor] | None = None) -> Tensor:
