@@ -28,4 +28,22 @@ run bench-bf16 "$py" -m mq.bench --device cuda --nets ste,lstmfc --state-dtype b
     --no-epoch --out "$out/bench-cuda-bf16.json"
 run bench-eager "$py" -m mq.bench --device cuda --nets ste,lstmfc --no-compile --no-epoch \
     --out "$out/bench-cuda-eager.json"
+# The numbers the issue asks for, from the first benchmark's JSON.
+if [ -f "$out/bench-cuda.json" ]; then
+    "$py" - "$out/bench-cuda.json" <<'PY' | tee "$out/summary.txt"
+import json, sys
+data = json.load(open(sys.argv[1]))
+print(f"device: {data.get('device_name', data['device'])}")
+for name in ("fp", "dorefa/ste", "dorefa/multifc", "bwn/ste", "bwn/multifc"):
+    step, epoch = data["steps"].get(name), data["epochs"].get(name, {})
+    if step:
+        print(f"{name:<16} {step['ms']:7.2f} ms/step  {step['ops']:5d} ops  "
+              f"{epoch.get('images_per_s', float('nan')):8.0f} img/s  "
+              f"{epoch.get('projected_100_epochs_min', float('nan')):6.2f} min per 100 epochs")
+goal = data["epochs"].get("dorefa/multifc", {}).get("projected_100_epochs_min")
+if goal is not None:
+    print(f"goal, 100-epoch ResNet20 MultiFC under 5 min: {goal:.2f} min, "
+          f"{'met' if goal < 5 else 'NOT met'}")
+PY
+fi
 exit "$status"
