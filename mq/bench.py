@@ -180,6 +180,7 @@ def epoch_run(variant: Variant | None, args: argparse.Namespace) -> dict:
     """In a fresh process: images/s over an epoch and peak memory; ``None``: the loader alone."""
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if not args.glibc_defaults:
         keep_freed_memory()
     loader = _train_loader(args, device)
@@ -277,6 +278,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-channels-last", action="store_true", help="NCHW weights")
     p.add_argument(
+        "--cudnn-benchmark",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CUDA: cuDNN picks its fastest algorithms per shape (on, as in conf/)",
+    )
+    p.add_argument(
         "--glibc-defaults",
         action="store_true",
         help="leave glibc's malloc thresholds alone (mq raises them: mq/allocator.py)",
@@ -308,6 +315,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark  # as mq.run does for every run
     if not args.glibc_defaults:
         keep_freed_memory()  # as mq.run does for every run
     nets = args.nets.split(",")

@@ -28,6 +28,7 @@ DEVICES = ("auto", "cpu", "cuda")
 VOLATILE = (
     "logger",
     "device",
+    "cudnn_benchmark",
     "progress",
     "log_every",
     "checkpoint_every_min",
@@ -58,6 +59,10 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} is not allowed; allowed: an integer >= 1")
     if cfg.device not in DEVICES:
         raise ConfigError(f"device={cfg.device} is not known; allowed: {', '.join(DEVICES)}")
+    if not isinstance(cfg.cudnn_benchmark, bool):
+        raise ConfigError(
+            f"cudnn_benchmark={cfg.cudnn_benchmark} is not allowed; allowed: true, false"
+        )
     bits = cfg.bits
     if not isinstance(bits, int) or not 1 <= bits <= 8:
         raise ConfigError(f"bits={bits} is not allowed; allowed: an integer in 1..8")
@@ -149,6 +154,7 @@ def _run(
 ) -> dict[str, Any]:
     validate(cfg)
     device = resolve_device(cfg.device)
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # fixed shapes: time once, then reuse
     keep_freed_memory()  # a CPU step otherwise page-faults its memory back in every step
     previous = check_run_dir(cfg, run_dir)
     if previous and previous.get("status") == "completed":

@@ -3,7 +3,8 @@
 #   bash scripts/gpu-check.sh [OUT_DIR]      (default: $OUT, else ./gpu-check)
 # 1. the CUDA tests (CUDA code paths against the CPU's, launch.py on CUDA);
 # 2. the benchmark: a whole epoch per variant (its 100ep min column for dorefa/multifc is the
-#    issue's goal: under 5 minutes on one H100), then LSTMFC with a bf16 state and eager.
+#    issue's goal: under 5 minutes on one H100), then LSTMFC with a bf16 state and eager, and
+#    STE and MultiFC steps without cuDNN's algorithm search (cudnn_benchmark=false).
 # Each part runs even if an earlier one fails; the exit status is the first failure's.
 set -u
 cd "$(dirname "$0")/.."
@@ -28,6 +29,8 @@ run bench-bf16 "$py" -m mq.bench --device cuda --nets ste,lstmfc --state-dtype b
     --no-epoch --out "$out/bench-cuda-bf16.json"
 run bench-eager "$py" -m mq.bench --device cuda --nets ste,lstmfc --no-compile --no-epoch \
     --out "$out/bench-cuda-eager.json"
+run bench-no-cudnn-benchmark "$py" -m mq.bench --device cuda --nets ste,multifc --no-epoch \
+    --no-cudnn-benchmark --out "$out/bench-cuda-no-cudnn-benchmark.json"
 # The numbers the issue asks for, from the first benchmark's JSON.
 if [ -f "$out/bench-cuda.json" ]; then
     "$py" - "$out/bench-cuda.json" <<'PY' | tee "$out/summary.txt"

@@ -151,6 +151,9 @@ def test_completed_run_is_not_overwritten_and_other_config_is_refused(tmp_path):
     again = launch(*SMOKE, cwd=tmp_path)
     assert again.returncode == 0
     assert "already completed" in again.stderr + again.stdout
+    # a key that does not change results (cuDNN's algorithm search) finds the same run
+    volatile = launch(*SMOKE, "cudnn_benchmark=false", cwd=tmp_path)
+    assert volatile.returncode == 0 and "already completed" in volatile.stderr + volatile.stdout
     changed = launch(*SMOKE, "optimizer.lr=0.5", cwd=tmp_path)
     assert changed.returncode != 0
     assert "optimizer.lr: 0.001 -> 0.5" in changed.stderr and "Traceback" not in changed.stderr
@@ -193,6 +196,7 @@ def bad_checkpoints(tmp_path_factory):
         (["quant=foo"], "quant=foo is not known; allowed: bwn, bwn_f, dorefa, none"),
         (["meta=ste,bogus"], "meta=bogus is not known"),
         (["bits=9"], "bits=9 is not allowed"),
+        (["cudnn_benchmark=maybe"], "cudnn_benchmark=maybe is not allowed; allowed: true, false"),
         (["quant=bwn", "bits=2"], "bits=2 is not allowed for bwn; allowed: 1"),
         (["optimizer.lr=-0.1"], "optimizer.lr=-0.1 is not allowed"),
         (["dataset=cifar10", "dataset.root=nowhere"], "dataset.root=nowhere"),
