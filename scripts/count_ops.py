@@ -4,7 +4,8 @@
     python scripts/count_ops.py --cpu-paths   # this machine's paths (what mq.bench counts here)
 
 A launch costs host time on a GPU, so for ResNet20 this count bounds a step in eager mode.
-The CUDA paths are forced on the CPU: the count does not need a GPU.
+The CUDA paths are forced on the CPU: the count does not need a GPU. The steps are the bench's
+(mq.bench.build_step), counted as the bench counts them (mq.bench.count_ops).
 """
 
 from __future__ import annotations
@@ -14,33 +15,13 @@ import functools
 
 import torch
 
-from mq.bench import OpCounter
-from mq.meta import MetaQuantStep, STEStep
-from mq.models import build_model
-from mq.quant import BWNWeight, DorefaWeight, quantize_model
+from mq.bench import Variant, build_step, count_ops
+from mq.bench import parse as bench_args
 from mq.quant.flat import FlatLayout
 
-VARIANTS = [("none", "ste")] + [
-    (q, n) for q in ("dorefa", "bwn") for n in ("ste", "multifc", "fcgrad")
+VARIANTS = [Variant("none", "ste")] + [
+    Variant(q, n) for q in ("dorefa", "bwn") for n in ("ste", "multifc", "fcgrad")
 ]
-
-
-def count(quant: str, net: str, model_name: str, cuda_paths: bool) -> int:
-    torch.manual_seed(0)
-    quantizer = {"none": None, "dorefa": DorefaWeight(1), "bwn": BWNWeight()}[quant]
-    model = quantize_model(build_model(model_name, 10), quantizer)
-    optimizer = functools.partial(torch.optim.SGD, lr=1e-3, foreach=cuda_paths)
-    if net == "ste":
-        step = STEStep(model, optimizer)
-    else:
-        layers = 3 if net == "multifc" else 2
-        step = MetaQuantStep(model, optimizer, net=net, hidden_size=100, num_layers=layers)
-    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    for _ in range(3):  # past MetaQuant's first step, which differs
-        step.train_step(x, y)
-    with OpCounter() as counter:
-        step.train_step(x, y)
-    return counter.ops
 
 
 def main() -> None:
@@ -48,13 +29,20 @@ def main() -> None:
     p.add_argument("--model", default="resnet20")
     p.add_argument("--cpu-paths", action="store_true", help="this machine's code paths")
     args = p.parse_args()
-    cuda_paths = not args.cpu_paths
-    if cuda_paths:  # the per-layer reductions as CUDA runs them: one multi-tensor kernel
+    bench = bench_args(["--device", "cpu", "--model", args.model, "--batch", "8"])
+    if not args.cpu_paths:  # the per-layer reductions as CUDA runs them: one multi-tensor kernel
         FlatLayout.amax = functools.partialmethod(FlatLayout.amax, foreach=True)
         FlatLayout.mean_abs = functools.partialmethod(FlatLayout.mean_abs, foreach=True)
-    for quant, net in VARIANTS:
-        name = "fp" if quant == "none" else f"{quant}/{net}"
-        print(f"{name:<16}{count(quant, net, args.model, cuda_paths):>6}")
+    x, y = torch.randn(bench.batch, 3, 32, 32), torch.randint(0, 10, (bench.batch,))
+    for variant in VARIANTS:
+        step = build_step(variant, bench, torch.device("cpu"))
+        if not args.cpu_paths:  # foreach optimizer steps, CUDA's default
+            for opt in (step.weight_optimizer, step.other_optimizer):
+                for group in opt.param_groups if opt is not None else ():
+                    group["foreach"] = True
+        for _ in range(bench.warmup):  # past MetaQuant's first step, which differs
+            step.train_step(x, y)
+        print(f"{variant.name:<16}{count_ops(step, x, y):>6}")
 
 
 if __name__ == "__main__":
