@@ -7,12 +7,15 @@ processes and host-to-device copies from the inner loop, which dominate at CIFAR
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -21,8 +24,11 @@ import torchvision
 from torch import Tensor
 from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_image, read_file
+from tqdm import tqdm
 
 from mq.errors import ConfigError, first_line
+
+log = logging.getLogger(__name__)
 
 # Normalisation constants from the original MetaQuant code.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -33,14 +39,20 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PAD = 4
 _FOLDER_EXTENSIONS = (".png", ".jpg", ".jpeg")
+# Seeds the choice of a limited evaluation's images: a constant, so every epoch and every run
+# (whatever its seed) of one dataset is tested on the very same images.
+SAMPLE_SEED = 0
 
 
 class BatchSource(Protocol):
     num_samples: int
+    batch_size: int
 
     def __len__(self) -> int: ...
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]: ...
+
+    def sample(self, batches: int) -> BatchSource: ...
 
 
 class Loaders(NamedTuple):
@@ -59,6 +71,46 @@ class _Batches:
         if self.train:
             return self.num_samples // self.batch_size
         return math.ceil(self.num_samples / self.batch_size)
+
+    def sample(self, batches: int) -> BatchSource:
+        """The first ``batches`` batches' worth of images as a fixed, class-stratified sample
+        (see balanced_sample); the whole source when that is all of it. Test sets are stored
+        class by class, so their first batches would hold one or two classes only."""
+        n = batches * self.batch_size
+        if n >= self.num_samples:
+            return self
+        return self._subset(balanced_sample(self._labels(), n))
+
+    def _labels(self) -> Tensor:
+        raise NotImplementedError
+
+    def _subset(self, indices: Tensor) -> BatchSource:
+        raise NotImplementedError
+
+
+def balanced_sample(labels: Tensor, n: int, seed: int = SAMPLE_SEED) -> Tensor:
+    """Sorted indices of ``n`` of ``labels``, stratified by class: each class gets its share of
+    ``n`` in proportion to its share of ``labels`` (equal shares on a balanced set; largest
+    remainders round), its images drawn at random by a generator seeded with ``seed`` alone."""
+    labels = torch.as_tensor(labels, dtype=torch.int64).cpu()
+    total = len(labels)
+    if not 0 <= n <= total:
+        raise ValueError(f"cannot sample {n} of {total} labels")
+    counts = torch.bincount(labels)
+    # Integer arithmetic, so the quotas add up to exactly n and never exceed a class's size.
+    quota, rest = counts * n // total, counts * n % total
+    short = n - int(quota.sum())
+    ranked = sorted(range(len(counts)), key=lambda c: (-int(rest[c]), c))
+    for c in ranked[:short]:
+        quota[c] += 1
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(total, generator=g)
+    # Grouped by class, random within each class: the first quota[c] of class c are taken.
+    order = order[torch.argsort(labels[order], stable=True)]
+    grouped = labels[order]
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(total) - starts[grouped]
+    return order[rank < quota[grouped]].sort().values
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -116,6 +168,15 @@ class DeviceLoader(_Batches):
         # (x / 255 - mean) / std folded into one multiply-add.
         self._scale = 1.0 / (255.0 * std_t)
         self._shift = -mean_t / std_t
+
+    def _labels(self) -> Tensor:
+        return self.labels
+
+    def _subset(self, indices: Tensor) -> DeviceLoader:
+        part = copy.copy(self)
+        idx = indices.to(self.device)
+        part.images, part.labels, part.num_samples = self.images[idx], self.labels[idx], len(idx)
+        return part
 
     def _normalise(self, x: Tensor) -> Tensor:
         return x.float().mul_(self._scale).add_(self._shift)
@@ -185,6 +246,7 @@ def cifar_loaders(
     seed: int = 0,
     test_batch_size: int = 500,
     num_classes: int | None = None,
+    progress: bool = True,  # accepted like every loader's; nothing here takes long enough
 ) -> Loaders:
     """CIFAR-10/100 from torchvision's binary release, held on ``device``."""
     if name not in _CIFAR:
@@ -229,11 +291,59 @@ def _decode_chunk(paths: list[str]) -> Tensor:
     return torch.stack(out)
 
 
-def _decode_all(paths: list[str]) -> Tensor:
+def _decode_all(paths: list[str], progress: bool = False) -> Tensor:
     # torchvision's decoders release the GIL, so threads scale; chunks keep per-task overhead low.
     chunks = [paths[i : i + 1000] for i in range(0, len(paths), 1000)]
-    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-        return torch.cat(list(pool.map(_decode_chunk, chunks)))
+    bar = tqdm(
+        total=len(paths),
+        desc="decoding",
+        unit="img",
+        disable=not progress,
+        file=sys.stderr,
+        leave=False,
+        mininterval=1.0,
+    )
+    out = []
+    with bar, ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        for chunk in pool.map(_decode_chunk, chunks):
+            out.append(chunk)
+            bar.update(len(chunk))
+    return torch.cat(out)
+
+
+def _read_cache(cache: str, files: list[str], classes: list[str]) -> dict[str, Any] | None:
+    """The decoded images in ``cache`` when it holds exactly these files; None otherwise."""
+    if not os.path.isfile(cache):
+        return None
+    try:
+        data = torch.load(cache, weights_only=True)
+    except Exception as e:  # truncated, not a torch file, foreign pickle: all just a miss
+        log.warning("dataset.cache=%s is unreadable (%s); decoding again", cache, first_line(e))
+        return None
+    if not isinstance(data, dict) or data.get("files") != files or data.get("classes") != classes:
+        log.info("dataset.cache=%s lists other files; decoding again", cache)
+        return None
+    images = [data.get(k) for k in ("train", "test")]
+    if not all(isinstance(t, Tensor) for t in images) or sum(len(t) for t in images) != len(files):
+        log.warning("dataset.cache=%s is incomplete; decoding again", cache)
+        return None
+    return data
+
+
+def _write_cache(cache: str, data: dict[str, Any]) -> None:
+    """Through a temporary file and a rename: a kill mid-write leaves no torn cache behind.
+    A cache that cannot be written costs the next run a decode, not this run its result."""
+    tmp = f"{cache}.tmp{os.getpid()}"
+    try:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, cache)
+    except OSError as e:
+        log.warning("dataset.cache=%s not written: %s", cache, first_line(e))
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _scan(folder: Path) -> tuple[list[str], list[str], list[int]]:
@@ -256,11 +366,13 @@ def folder_loaders(
     std: Sequence[float] = CIFAR10_STD,
     cache: str | None = None,
     num_classes: int | None = None,
+    progress: bool = True,
 ) -> Loaders:
     """32x32 images in ``root/{train,test}/<class>/*.{png,jpg}``, decoded once, held on device.
 
     ``cache``: optional file for the decoded tensors; reused when it lists the same files and
-    classes, rewritten otherwise.
+    classes, rewritten otherwise (an unreadable one too). ``progress``: a bar on stderr while
+    decoding.
     """
     for split in ("train", "test"):
         if not (Path(root) / split).is_dir():
@@ -275,20 +387,20 @@ def folder_loaders(
     _check_classes(num_classes, len(classes), root)
     # The key is relative so a moved tree still hits its cache.
     key = [os.path.relpath(p, root) for p in train_paths + test_paths]
-    data = None
-    if cache is not None and os.path.isfile(cache):
-        data = torch.load(cache, weights_only=True)
-        if data.get("files") != key or data.get("classes") != classes:
-            data = None
+    data = None if cache is None else _read_cache(cache, key, classes)
     if data is None:
-        images = _decode_all(train_paths + test_paths)
+        # The one slow step of a folder dataset (about a minute for CIFAR-10 on 2 cores).
+        log.info(
+            "decoding %d images under %s%s",
+            len(key),
+            root,
+            "" if cache is None else f" (once: kept in dataset.cache={cache})",
+        )
+        images = _decode_all(train_paths + test_paths, progress)
         n = len(train_paths)
         data = {"files": key, "classes": classes, "train": images[:n], "test": images[n:]}
         if cache is not None:
-            Path(cache).parent.mkdir(parents=True, exist_ok=True)
-            tmp = f"{cache}.tmp{os.getpid()}"
-            torch.save(data, tmp)
-            os.replace(tmp, cache)  # readers never see a half-written cache
+            _write_cache(cache, data)
     # ImageFolder order is class by class; DeviceLoader takes NHWC, which here is a free view.
     train = (data["train"].permute(0, 2, 3, 1), torch.tensor(train_y))
     test = (data["test"].permute(0, 2, 3, 1), torch.tensor(test_y))
@@ -306,6 +418,7 @@ def fake_loaders(
     num_classes: int = 10,
     image_size: int = 32,
     test_batch_size: int = 500,
+    progress: bool = True,  # accepted like every loader's; nothing here takes long enough
 ) -> Loaders:
     """Random images from torchvision's FakeData, deterministic for a given seed."""
     # FakeData seeds image i with i + random_offset; spacing the offsets keeps train, test and
@@ -350,6 +463,18 @@ class StreamLoader(_Batches):
         self.seed = seed
         self.workers = workers
 
+    def _labels(self) -> Tensor:
+        targets = getattr(self.dataset, "targets", None)  # ImageFolder has them without decoding
+        if targets is None:  # one stratum: a fixed random sample, not stratified
+            return torch.zeros(self.num_samples, dtype=torch.int64)
+        return torch.as_tensor(targets, dtype=torch.int64)
+
+    def _subset(self, indices: Tensor) -> StreamLoader:
+        part = copy.copy(self)
+        part.dataset = torch.utils.data.Subset(self.dataset, indices.tolist())
+        part.num_samples = len(indices)
+        return part
+
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         g = _epoch_generator(self.seed, epoch)
         n, bs = self.num_samples, self.batch_size
@@ -374,6 +499,7 @@ def imagenet_loaders(
     workers: int = 8,
     test_batch_size: int = 256,
     num_classes: int | None = None,
+    progress: bool = True,  # accepted like every loader's; batches stream, nothing up front
 ) -> Loaders:
     """ImageNet from ``root/train`` and ``root/val`` class folders, standard augmentation."""
     for split in ("train", "val"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from mq.errors import ConfigError, find_config_error
 from mq.models import check_model
 from mq.preempt import GracefulStop
 from mq.quant.layers import quantize_model
-from mq.train import Interrupted, evaluate, train
+from mq.train import Interrupted, evaluate_only, train
 
 log = logging.getLogger(__name__)
 
@@ -175,11 +176,11 @@ def _run(
             choices.get("model", cfg.model.name),
         )
     model = quantize_model(net, quantizer).to(device)
-    data = instantiate(cfg.dataset, batch_size=cfg.batch_size, device=device, seed=cfg.seed)
+    data = instantiate(
+        cfg.dataset, batch_size=cfg.batch_size, device=device, seed=cfg.seed, progress=cfg.progress
+    )
     if cfg.task.name == "eval":
-        test_loss, test_acc = evaluate(model, data.test, cfg.limit_test_batches)
-        summary = {"status": "completed", "test_loss": test_loss, "final_test_acc": test_acc}
-        log.info("test loss %.4f, test accuracy %.2f%%", test_loss, test_acc)
+        summary = evaluate_only(model, data.test, cfg.limit_test_batches, cfg.progress)
         write_json(
             {**summary, "choices": choices, "pretrained": cfg.model.pretrained},
             run_dir / "summary.json",
@@ -209,7 +210,8 @@ def _run(
             run_id=run_id,
         )
         run_id = logger.run_id or run_id
-    head = {"name": cfg.run_name, "choices": choices, "wandb_id": run_id}
+    started = (previous or {}).get("started") or time.time()  # the first launch's, kept
+    head = {"name": cfg.run_name, "choices": choices, "wandb_id": run_id, "started": started}
     if os.environ.get("SLURM_JOB_ID"):  # a relaunch leaves a job SLURM still runs alone
         head["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
     summary_path = run_dir / "summary.json"

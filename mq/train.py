@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +36,11 @@ class Interrupted(Exception):
 
 
 class BatchSource(Protocol):
+    num_samples: int
+
     def __len__(self) -> int: ...
     def epoch(self, epoch: int, start_batch: int = 0): ...
+    def sample(self, batches: int) -> BatchSource: ...
 
 
 class Step(Protocol):
@@ -57,6 +60,8 @@ class Progress:
     test_acc: list[float] = field(default_factory=list)  # one per finished epoch
     train_loss: list[float] = field(default_factory=list)
     partial: dict[str, float] = field(default_factory=dict)  # sums over the unfinished epoch
+    # Seconds of training up to the last checkpoint (0 in an older version's checkpoint).
+    elapsed: float = 0.0
 
 
 def lr_at(base_lr: float, epoch: int, lr_step: int) -> float:
@@ -64,11 +69,26 @@ def lr_at(base_lr: float, epoch: int, lr_step: int) -> float:
     return base_lr * 0.1 ** (epoch // lr_step)
 
 
+class Evaluation(NamedTuple):
+    loss: float
+    acc: float  # %
+    images: int  # test images it was measured on
+
+
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: BatchSource, limit: int | None = None
-) -> tuple[float, float]:
-    """Test loss and accuracy (%) with the current (quantized) weights."""
+    model: nn.Module,
+    loader: BatchSource,
+    limit: int | None = None,
+    *,
+    progress: bool = False,
+    desc: str = "test",
+) -> Evaluation:
+    """Test loss and accuracy (%) with the current (quantized) weights: on every test image, or
+    with ``limit`` on a fixed class-stratified sample of ``limit`` batches' worth of them
+    (``loader.sample``; the first batches of a test set stored class by class would hold one
+    class). ``progress``: a bar on stderr."""
+    source = loader if limit is None else loader.sample(limit)
     model.eval()
     weights = None
     if isinstance(model, QuantizedModel):  # quantize once, not once per batch
@@ -76,22 +96,71 @@ def evaluate(
     loss_sum = torch.zeros((), device=_device(model))
     correct = torch.zeros((), device=_device(model), dtype=torch.long)
     count = 0
-    for i, (x, y) in enumerate(loader.epoch(0)):
-        if limit is not None and i >= limit:
-            break
-        logits = model(x, weights) if weights is not None else model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-        count += y.numel()
+    bar = tqdm(
+        total=len(source),
+        desc=desc,
+        unit="batch",
+        disable=not progress,
+        file=sys.stderr,
+        leave=False,
+        mininterval=1.0,
+    )
+    with bar:
+        for x, y in source.epoch(0):
+            logits = model(x, weights) if weights is not None else model(x)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+            count += y.numel()
+            bar.update(1)
     model.train()
-    return loss_sum.item() / max(count, 1), 100.0 * correct.item() / max(count, 1)
+    return Evaluation(
+        loss_sum.item() / max(count, 1), 100.0 * correct.item() / max(count, 1), count
+    )
+
+
+def tested_on(images: int, total: int, limit: int | None) -> str:
+    """How much of the test set a measurement saw, for logs: "" when all of it."""
+    if images >= total:
+        return ""
+    return f"{images} of {total} test images (limit_test_batches={limit}, class-stratified)"
+
+
+def evaluate_only(
+    model: nn.Module, test_data: BatchSource, limit: int | None, progress: bool
+) -> dict[str, Any]:
+    """task=eval: one evaluation, logged before (it can take a minute) and after; returns the
+    summary, which says what it was measured on."""
+    start = time.time()
+    part = test_data if limit is None else test_data.sample(limit)
+    where = tested_on(part.num_samples, test_data.num_samples, limit)
+    log.info("testing on %s", where or f"all {test_data.num_samples} test images")
+    loss, acc, images = evaluate(model, part, progress=progress)
+    log.info("test loss %.4f, test accuracy %.2f%%%s", loss, acc, f" on {where}" if where else "")
+    return {
+        "status": "completed",
+        "test_loss": loss,
+        "final_test_acc": acc,
+        "limit_test_batches": limit,
+        "test_images": images,
+        "test_images_total": test_data.num_samples,
+        "started": start,
+        "updated": time.time(),
+        "elapsed": time.time() - start,
+    }
 
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def summarize(progress: Progress, status: str, error: str | None = None) -> dict[str, Any]:
+def summarize(
+    progress: Progress,
+    status: str,
+    error: str | None = None,
+    measured: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """summary.json's numbers; ``measured``: what the numbers were measured on (limits, test
+    images), so a limited run says so wherever it is shown."""
     accs = progress.test_acc
     last = accs[-10:]
     return {
@@ -103,7 +172,11 @@ def summarize(progress: Progress, status: str, error: str | None = None) -> dict
         "best_test_acc": max(accs) if accs else None,
         "last10_mean_test_acc": statistics.fmean(last) if last else None,
         "last10_std_test_acc": statistics.pstdev(last) if last else None,
+        "last10_epochs": len(last),  # the "last 10" of a shorter run are all it has
         "test_acc": accs,
+        "updated": time.time(),
+        "elapsed": progress.elapsed,
+        **(measured or {}),
     }
 
 
@@ -155,15 +228,38 @@ def train(
         progress = Progress(**resume["progress"])
         set_rng_state(resume["rng"])
         log.info(
-            "resumed at epoch %d, batch %d (step %d)", progress.epoch, progress.batch, progress.step
+            "resumed at epoch %d, batch %d (step %d; %d epochs completed)",
+            progress.epoch + 1,  # 1-based like every epoch number shown
+            progress.batch,
+            progress.step,
+            progress.epoch,
         )
+    segment_start, elapsed_before = time.monotonic(), progress.elapsed
+
+    def elapsed() -> float:
+        return elapsed_before + time.monotonic() - segment_start
+
     batches = (
         len(train_data)
         if limit_train_batches is None
         else min(len(train_data), limit_train_batches)
     )
+    # Every epoch tests the same images: all of them, or a fixed class-stratified sample.
+    test_source = test_data if limit_test_batches is None else test_data.sample(limit_test_batches)
+    measured = {
+        "limit_train_batches": limit_train_batches,
+        "limit_test_batches": limit_test_batches,
+        "train_batches": batches,  # per epoch
+        "train_batches_total": len(train_data),
+        "test_images": test_source.num_samples,
+        "test_images_total": test_data.num_samples,
+    }
+    limited = tested_on(test_source.num_samples, test_data.num_samples, limit_test_batches)
+    if limited:
+        log.info("every epoch is tested on the same %s", limited)
 
     def checkpoint() -> None:
+        progress.elapsed = elapsed()
         state = {
             "version": 1,
             "model": plain_state_dict(model),
@@ -181,14 +277,18 @@ def train(
             return True
         losses = torch.stack([p[2] for p in pending]).tolist()
         corrects = torch.stack([p[3] for p in pending]).tolist()
+        # After the read-back above, so the time is when these steps had finished.
+        now, ran = time.time(), elapsed()
         rows = [
             {
                 "kind": "step",
-                "epoch": e,
+                "epoch": e + 1,  # 1-based, as in the logs: the epoch this step belongs to
                 "step": s,
                 "loss": loss,
                 "acc": 100.0 * c / n,
                 "lr": current_lr,
+                "time": now,
+                "elapsed": ran,
             }
             for (e, s, _, _, n), loss, c in zip(pending, losses, corrects, strict=True)
         ]
@@ -256,11 +356,13 @@ def train(
             log.warning("loss is not finite at step %d: run ends as diverged", progress.step)
             break
         epoch_time = time.perf_counter() - started
-        test_loss, test_acc = evaluate(model, test_data, limit_test_batches)
+        test_loss, test_acc, _ = evaluate(
+            model, test_source, progress=progress_bar, desc=f"epoch {epoch + 1}/{epochs} test"
+        )
         part = progress.partial
         row = {
             "kind": "epoch",
-            "epoch": epoch,
+            "epoch": epoch + 1,  # epochs completed, as in the logs and plots
             "step": max(progress.step - 1, 0),
             "train_loss": part.get("loss", 0.0) / max(part.get("batches", 0.0), 1),
             "train_acc": 100.0 * part.get("correct", 0.0) / max(part.get("seen", 0.0), 1),
@@ -269,18 +371,21 @@ def train(
             "epoch_time": epoch_time,
             "images_per_s": (part.get("seen", 0.0) - seen_at_start) / max(epoch_time, 1e-9),
             "lr": current_lr,
+            "time": time.time(),
+            "elapsed": elapsed(),
         }
         metrics.write([row])
         if logger is not None:
             logger.log([row])
         log.info(
-            "epoch %d/%d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%% | %.1f s",
+            "epoch %d/%d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%%%s | %.1f s",
             epoch + 1,
             epochs,
             row["train_loss"],
             row["train_acc"],
             test_loss,
             test_acc,
+            f" (on {test_source.num_samples} images: limited)" if limited else "",
             epoch_time,
         )
         progress.test_acc.append(test_acc)
@@ -291,7 +396,8 @@ def train(
             break
         checkpoint()
         last_checkpoint = time.monotonic()
-    summary = summarize(progress, status)
+    progress.elapsed = elapsed()
+    summary = summarize(progress, status, measured=measured)
     write_json(summary, run_dir / "summary.json")
     metrics.close()
     return summary

@@ -1,5 +1,7 @@
+import logging
 import os
 import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -14,12 +16,14 @@ from mq.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     DeviceLoader,
+    balanced_sample,
     cifar_loaders,
     fake_loaders,
     folder_loaders,
     imagenet_loaders,
 )
 from mq.errors import ConfigError
+from mq.train import evaluate
 
 MEAN = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
@@ -82,7 +86,7 @@ def test_folder_loaders_cache(folder_tree, tmp_path, monkeypatch):
     first = folder_loaders(str(folder_tree), 32, "cpu", cache=str(cache))
     assert cache.is_file() and not list(cache.parent.glob("*.tmp*"))
 
-    def no_decoding(paths):
+    def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again despite the cache")
 
     monkeypatch.setattr(data, "_decode_all", no_decoding)
@@ -278,3 +282,133 @@ def test_real_cifar10_jpeg(tmp_path):
     assert torch.bincount(loaders.test.labels).tolist() == [1000] * 10
     x, y = next(loaders.train.epoch(0))
     assert x.shape == (512, 3, 32, 32) and x.dtype == torch.float32
+
+
+TEN = [f"c{i}" for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def sorted_tree(tmp_path_factory) -> Path:
+    """Ten classes, stored (and so read) class by class: train/ 10 images each, test/ 30."""
+    root = tmp_path_factory.mktemp("sorted")
+    for split, n in (("train", 10), ("test", 30)):
+        for c, cls in enumerate(TEN):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (32, 32), (c * 20, i, 0)).save(root / split / cls / f"{i}.png")
+    return root
+
+
+class Constant(torch.nn.Module):
+    """Predicts one class for every image: 1/classes accuracy on any class-balanced sample."""
+
+    def __init__(self, answer: int) -> None:
+        super().__init__()
+        self.answer = answer
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(len(x), 10)
+        logits[:, self.answer] = 1.0
+        return logits + self.w
+
+
+def test_limited_evaluation_is_a_fixed_class_balanced_sample(sorted_tree):
+    loaders = folder_loaders(str(sorted_tree), 10, "cpu", seed=0, test_batch_size=20)
+    assert loaders.test.labels.tolist() == sorted(loaders.test.labels.tolist())  # class-sorted
+    for answer in (0, 9):  # the first two batches are all class 0: this was 100% and 0%
+        full = evaluate(Constant(answer), loaders.test)
+        limited = evaluate(Constant(answer), loaders.test, limit=2)
+        assert (full.acc, full.images) == (pytest.approx(10.0), 300)
+        assert (limited.acc, limited.images) == (pytest.approx(10.0), 40)
+    part = loaders.test.sample(2)
+    assert part.num_samples == 40 and len(part) == 2
+    labels = torch.cat([y for _, y in part.epoch(0)])
+    assert torch.bincount(labels, minlength=10).tolist() == [4] * 10
+    # The same images every time and for every run seed; the images are not the first of
+    # each class folder but a random choice.
+    other_seed = folder_loaders(str(sorted_tree), 10, "cpu", seed=7, test_batch_size=20)
+    again = collect(other_seed.test.sample(2))
+    assert_same_batches(collect(part), again)
+    assert_same_batches(collect(part), collect(loaders.test.sample(2)))
+    first_of_class = torch.arange(10) * 30
+    assert not set(first_of_class.tolist()) >= set(
+        balanced_sample(loaders.test.labels, 10).tolist()
+    )
+    # A limit covering the whole test set is the whole test set, in its order.
+    assert loaders.test.sample(15) is loaders.test
+
+
+def test_limited_training_batches_span_the_classes(sorted_tree):
+    # limit_train_batches takes the first batches of an epoch: a fresh permutation each epoch.
+    loaders = folder_loaders(str(sorted_tree), 20, "cpu", seed=0)
+    first = [next(iter(loaders.train.epoch(e)))[1] for e in range(3)]
+    assert all(len(y.unique()) >= 6 for y in first)
+    assert not torch.equal(first[0], first[1])
+
+
+def test_balanced_sample_is_proportional_and_exact():
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        classes = int(rng.integers(1, 8))
+        labels = torch.from_numpy(rng.integers(0, classes, int(rng.integers(1, 200))))
+        n = int(rng.integers(0, len(labels) + 1))
+        idx = balanced_sample(labels, n)
+        assert len(idx) == n == len(idx.unique()) and torch.equal(idx, idx.sort().values)
+        got = torch.bincount(labels[idx], minlength=classes).double()
+        share = torch.bincount(labels, minlength=classes).double() * n / len(labels)
+        assert ((got - share).abs() < 1).all(), (got, share)
+        assert torch.equal(idx, balanced_sample(labels, n))
+
+
+def test_fake_and_stream_loaders_sample_by_class(tmp_path):
+    fake = fake_loaders(32, "cpu", seed=3, num_train=64, num_test=200, test_batch_size=50)
+    part = fake.test.sample(1)
+    got = torch.bincount(part.labels, minlength=10).double()
+    share = torch.bincount(fake.test.labels, minlength=10).double() * 50 / 200
+    assert part.num_samples == 50 and ((got - share).abs() < 1).all()
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(6):
+                Image.new("RGB", (40, 40)).save(tmp_path / split / cls / f"{i}.jpg")
+    stream = imagenet_loaders(str(tmp_path), 2, "cpu", workers=0, test_batch_size=4)
+    labels = torch.cat([y for _, y in stream.test.sample(1).epoch(0)])
+    assert sorted(labels.tolist()) == [0, 0, 1, 1]  # the first batch alone was [0, 0, 0, 0]
+
+
+def test_corrupt_cache_is_a_miss_and_is_rewritten(folder_tree, tmp_path, caplog):
+    cache = tmp_path / "cache.pt"
+    good = folder_loaders(str(folder_tree), 32, "cpu", cache=str(cache))
+    whole = cache.read_bytes()
+    for broken in (b"not a torch file", whole[: len(whole) // 2]):
+        cache.write_bytes(broken)
+        with caplog.at_level(logging.WARNING, logger="mq.data"):
+            caplog.clear()
+            again = folder_loaders(str(folder_tree), 32, "cpu", cache=str(cache))
+        (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert "\n" not in warning and "unreadable" in warning and str(cache) in warning
+        assert torch.equal(again.test.images, good.test.images)
+        assert torch.load(cache, weights_only=True)["files"]  # rebuilt, readable
+        assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_decoding_and_evaluation_show_progress(folder_tree, capsys, caplog):
+    with caplog.at_level(logging.INFO, logger="mq.data"):
+        loaders = folder_loaders(str(folder_tree), 32, "cpu", test_batch_size=10)
+    assert f"decoding 270 images under {folder_tree}" in caplog.text
+    assert "decoding" in capsys.readouterr().err
+    folder_loaders(str(folder_tree), 32, "cpu", progress=False)
+    assert capsys.readouterr().err == ""
+    evaluate(Constant(0), loaders.test, progress=True, desc="testing")
+    assert "testing" in capsys.readouterr().err
+    evaluate(Constant(0), loaders.test)
+    assert capsys.readouterr().err == ""
+
+
+def test_data_folder_is_ignored_by_git():
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    result = subprocess.run(["git", "check-ignore", "-q", "data/cifar-10-batches-py"], cwd=root)
+    assert result.returncode == 0, "data/ is not in .gitignore"

@@ -120,7 +120,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, meta):
         epochs = [
             json.loads(line).get("epoch") for line in metrics.read_text().splitlines() if line
         ]
-        return epochs.count(1) >= 3  # a checkpoint at the end of epoch 0, then 3 steps into 1
+        return epochs.count(2) >= 3  # a checkpoint at the end of epoch 1, then 3 steps into 2
 
     try:
         _wait_for(mid_second_epoch, 240, proc)
@@ -130,7 +130,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, meta):
     assert summary(run_dir)["status"] == "running"
     resumed = launch(*args, "run_name=killed", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed at epoch 1, batch 0" in resumed.stderr + resumed.stdout
+    assert "resumed at epoch 2, batch 0" in resumed.stderr + resumed.stdout
     got, want = rows(run_dir), rows(tmp_path / "outputs/quantize/fake/reference")
     assert [r["step"] for r in got] == [r["step"] for r in want]  # no duplicated rows
     for a, b in zip(got, want, strict=True):

@@ -174,7 +174,7 @@ def test_sigterm_checkpoints_marks_failed_and_the_rerun_matches(tmp_path):
     assert procs["ref"].wait(timeout=120) == 0
     resumed = launch(*args, "run_name=cut", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed at epoch 0, batch " in resumed.stdout
+    assert "resumed at epoch 1, batch " in resumed.stdout
     assert summary(run_dir)["status"] == "completed"
     want = summary(tmp_path / "outputs/quantize/fake/ref")["test_acc"]
     assert summary(run_dir)["test_acc"] == pytest.approx(want, rel=1e-5)
