@@ -1,16 +1,46 @@
 """Run directories read back from the files each job writes (config.yaml, summary.json,
-metrics.jsonl): what the sweep report and anything else that compares runs start from."""
+metrics.jsonl): what the sweep report and anything else that compares runs start from.
+
+python -m mq.runs [DIR ...]   lists the runs under DIR (default outputs/): status, epochs,
+final and best test accuracy, whether the run was limited, when it last wrote, its folder.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
-from dataclasses import dataclass
+import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 RUN_MARKERS = ("summary.json", "metrics.jsonl")
+# mq.run's keys that do not change results (its config.yaml leaves them out; Hydra's record
+# in .hydra/ has them). A copy, so that listing runs does not import torch; a test keeps the
+# two equal.
+VOLATILE = (
+    "logger",
+    "device",
+    "cudnn_benchmark",
+    "progress",
+    "log_every",
+    "checkpoint_every_min",
+    "run_name",
+    "sweep_name",
+)
+VOLATILE_DATASET = ("root", "download", "cache", "workers")
+# summary.json keys that say what a run's numbers were measured on (written since 0.6.0).
+MEASURED = (
+    "limit_train_batches",
+    "limit_test_batches",
+    "train_batches",
+    "train_batches_total",
+    "test_images",
+    "test_images_total",
+)
 
 
 @dataclass
@@ -31,11 +61,55 @@ class Run:
     test_acc: list[float]  # per finished epoch
     train_loss: list[float]  # per finished epoch (from metrics.jsonl; may be empty)
     epochs: int | None  # configured epochs
+    task: str = "quantize"  # quantize | pretrain | eval
+    measured: dict[str, Any] = field(default_factory=dict)  # MEASURED keys known for this run
+    updated: float | None = None  # unix time of the run's last write
 
     def last_mean(self, last: int) -> float | None:
         """Mean test accuracy over the last ``last`` epochs (fewer if the run has fewer)."""
         tail = self.test_acc[-last:]
         return statistics.fmean(tail) if tail else None
+
+    def _limits(self, brief: bool) -> str | None:
+        m, parts = self.measured, []
+        images, total = m.get("test_images"), m.get("test_images_total")
+        if images is not None and total is not None:
+            if images < total:
+                parts.append(
+                    f"test {images:,}/{total:,}"
+                    if brief
+                    else f"tested on {images:,} of {total:,} images"
+                )
+        elif m.get("limit_test_batches") is not None:
+            # Before 0.6.0 a limit took the first batches: one or two classes of a sorted set.
+            n = m["limit_test_batches"]
+            parts.append(
+                f"test first {n} batches" if brief else f"tested on the first {n} batches only"
+            )
+        done, total = m.get("train_batches"), m.get("train_batches_total")
+        if done is not None and total is not None:
+            if done < total:
+                parts.append(
+                    f"train {done:,}/{total:,} batches"
+                    if brief
+                    else f"trained on {done:,} of {total:,} batches per epoch"
+                )
+        elif m.get("limit_train_batches") is not None:
+            n = m["limit_train_batches"]
+            parts.append(
+                f"train <={n} batches" if brief else f"trained on at most {n} batches per epoch"
+            )
+        return "; ".join(parts) or None
+
+    @property
+    def limited(self) -> str | None:
+        """What a limited run left out, in words; None when it used all the data."""
+        return self._limits(brief=False)
+
+    @property
+    def limited_brief(self) -> str | None:
+        """The same, short, for a listing column."""
+        return self._limits(brief=True)
 
     def describe(self) -> str:
         names = (self.model, self.dataset, f"{self.quant} w{self.bits}", self.optimizer)
@@ -59,22 +133,83 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _read_epochs(path: Path) -> dict[int, dict[str, Any]]:
-    """Epoch rows by epoch number. A killed job can leave a torn last line (skipped), and the
-    later of two rows for one epoch is the one that counts (a replay after a restart)."""
+def normalize(value: Any) -> Any:
+    """One spelling per value, so that 1, 1.0 and "1" (a Hydra choice, a YAML string) compare
+    and group as one: numeric strings become numbers, integral floats ints."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        for kind in (int, float):
+            try:
+                value = kind(text)
+                break
+            except ValueError:
+                continue
+        else:
+            return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, (list, tuple)):
+        return tuple(normalize(v) for v in value)
+    return value
+
+
+def _read_epochs(path: Path) -> tuple[dict[int, dict[str, Any]], float | None]:
+    """Epoch rows by epoch number (1-based: epochs completed), and the time of the last row.
+    A killed job can leave a torn last line (skipped), and the later of two rows for one epoch
+    is the one that counts (a replay after a restart). Rows without a time are from before
+    0.6.0, which counted epochs from 0; a run resumed across versions has both kinds."""
     epochs: dict[int, dict[str, Any]] = {}
+    last_time = None
     try:
         lines = path.read_text().splitlines()
     except OSError:
-        return epochs
+        return epochs, last_time
     for line in lines:
         try:
             row = json.loads(line)
         except ValueError:
             continue
-        if isinstance(row, dict) and row.get("kind") == "epoch" and "epoch" in row:
-            epochs[int(row["epoch"])] = row
-    return epochs
+        if not isinstance(row, dict):
+            continue
+        if isinstance(row.get("time"), (int, float)):
+            last_time = float(row["time"])
+        if row.get("kind") == "epoch" and "epoch" in row:
+            epoch = int(row["epoch"]) + (0 if "time" in row else 1)
+            epochs[epoch] = {**row, "epoch": epoch}
+    return epochs, last_time
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """The flattened result config: config.yaml, or for a run that has none (task=eval) the
+    resolved Hydra record in .hydra/config.yaml minus the keys that do not change results."""
+    from omegaconf import OmegaConf  # the writer's own YAML dialect (1e-3 is a float)
+
+    try:
+        if (path / "config.yaml").exists():
+            return _flatten(OmegaConf.to_container(OmegaConf.load(path / "config.yaml")))
+        if not (path / ".hydra" / "config.yaml").exists():
+            return {}
+        data = OmegaConf.to_container(OmegaConf.load(path / ".hydra" / "config.yaml"))
+        assert isinstance(data, dict)
+        for key in VOLATILE:
+            data.pop(key, None)
+        for key in VOLATILE_DATASET:
+            (data.get("dataset") or {}).pop(key, None)
+        try:
+            return _flatten(OmegaConf.to_container(OmegaConf.create(data), resolve=True))
+        except Exception:  # an interpolation only Hydra resolves: keep it as written
+            return _flatten(data)
+    except Exception:  # a torn or hand-edited file: fall back on summary.json's choices
+        return {}
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
 
 
 def _target_name(target: Any) -> str:
@@ -84,17 +219,10 @@ def _target_name(target: Any) -> str:
 def read_run(path: Path) -> Run:
     """Read one run directory. Names come from the Hydra choices in summary.json; when that is
     missing (a job killed before its first write) they are rebuilt from config.yaml."""
-    config: dict[str, Any] = {}
-    if (path / "config.yaml").exists():
-        from omegaconf import OmegaConf  # the writer's own YAML dialect (1e-3 is a float)
-
-        try:
-            config = _flatten(OmegaConf.to_container(OmegaConf.load(path / "config.yaml")))
-        except Exception:  # a torn or hand-edited file: fall back on summary.json's choices
-            config = {}
+    config = {key: normalize(value) for key, value in _read_config(path).items()}
     summary = _read_json(path / "summary.json")
     choices = (summary or {}).get("choices") or {}
-    rows = _read_epochs(path / "metrics.jsonl")
+    rows, last_time = _read_epochs(path / "metrics.jsonl")
     ordered = [rows[e] for e in sorted(rows)]
     test_acc = [float(r["test_acc"]) for r in ordered if r.get("test_acc") is not None]
     train_loss = [float(r["train_loss"]) for r in ordered if r.get("train_loss") is not None]
@@ -110,6 +238,13 @@ def read_run(path: Path) -> Run:
     meta = choices.get("meta") or config.get("meta.net")
     if not meta and config:
         meta = "ste" if _target_name(config.get("meta._target_")) == "stestep" else "?"
+    # Older summaries lack the measured keys: the limits are also result keys of the config.
+    measured = {k: config[k] for k in MEASURED if config.get(k) is not None}
+    measured |= {k: (summary or {})[k] for k in MEASURED if k in (summary or {})}
+    times = [(summary or {}).get("updated"), last_time]
+    times = [float(t) for t in times if isinstance(t, (int, float))] or [
+        t for t in map(_mtime, (path / "summary.json", path / "metrics.jsonl")) if t is not None
+    ]
     return Run(
         path=path,
         status=(summary or {}).get("status") or "unfinished",
@@ -120,14 +255,17 @@ def read_run(path: Path) -> Run:
         or _target_name(config.get("dataset._target_")).removesuffix("_loaders")
         or "?",
         quant=quant or "none",
-        bits=config.get("bits", choices.get("bits", "?")),
+        bits=normalize(config.get("bits", choices.get("bits", "?"))),
         optimizer=choices.get("optimizer") or _target_name(config.get("optimizer._target_")) or "?",
         method=meta or "?",
-        seed=config.get("seed", choices.get("seed", "?")),
+        seed=normalize(config.get("seed", choices.get("seed", "?"))),
         config=config,
         test_acc=test_acc,
         train_loss=train_loss,
         epochs=config.get("epochs"),
+        task=config.get("task.name") or choices.get("task") or "?",
+        measured=measured,
+        updated=max(times, default=None),
     )
 
 
@@ -141,3 +279,86 @@ def collect_runs(sweep_dir: str | Path) -> list[Run]:
             runs.append(read_run(Path(root)))
             dirs[:] = []  # a run's own subfolders hold no other runs
     return runs
+
+
+def _age(then: float | None, now: float) -> str:
+    if then is None:
+        return "-"
+    seconds = max(now - then, 0)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return f"{seconds:.0f} s ago"
+
+
+def _acc(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def listing(root: Path, now: float | None = None) -> list[list[str]]:
+    """One row of text per run under ``root``: the columns of ``python -m mq.runs``."""
+    now = time.time() if now is None else now
+    rows = []
+    for run in collect_runs(root):
+        accs = run.test_acc
+        if run.task == "eval":
+            epochs = "eval"
+        else:
+            epochs = f"{len(accs)}/{'?' if run.epochs is None else run.epochs}"
+        rows.append(
+            [
+                run.status,
+                epochs,
+                _acc(accs[-1] if accs else None),
+                _acc(max(accs) if accs else None),
+                run.limited_brief or "-",
+                _age(run.updated, now),
+                str(run.path.relative_to(root)) if run.path != root else ".",
+            ]
+        )
+    return rows
+
+
+HEADER = ["status", "epochs", "final", "best", "limited", "updated", "path"]
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [HEADER, *rows]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mq.runs",
+        description="List the runs under a folder: status, epochs completed of configured, "
+        "final and best test accuracy (%), what a limited run left out, when it last wrote, "
+        "and its folder.",
+    )
+    parser.add_argument(
+        "dirs", nargs="*", type=Path, default=[Path("outputs")], help="folders (outputs/)"
+    )
+    parser.add_argument("--status", help="only runs with this status (e.g. failed, running)")
+    args = parser.parse_args(argv)
+    for root in args.dirs:
+        if not root.is_dir():
+            print(f"error: {root} is not a folder; give one holding run folders", file=sys.stderr)
+            return 2
+    for root in args.dirs:
+        rows = [r for r in listing(root) if args.status in (None, r[0])]
+        counts: dict[str, int] = {}
+        for row in rows:
+            counts[row[0]] = counts.get(row[0], 0) + 1
+        if len(args.dirs) > 1:
+            print(f"{root}:")
+        if rows:
+            print(_table(rows))
+        tally = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        print(f"{len(rows)} runs under {root}" + (f": {tally}" if tally else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

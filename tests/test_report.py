@@ -290,3 +290,109 @@ def test_report_on_a_real_sweep(tmp_path):
     ]
     assert "Nothing: every cell is complete." in cli.stdout
     assert list((tmp_path / "sweep" / "report" / "wandb").glob("offline-run-*/files/media/table"))
+
+
+def edit_config(run_dir: Path, **changes: Any) -> None:
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    for key, value in changes.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml")
+
+
+def test_differently_configured_seed_zero_runs_are_not_one_cell(tmp_path):
+    sweep = tmp_path / "s"
+    a = make_run(sweep / "a", "ste", 0, [50.0])
+    b = make_run(sweep / "b", "ste", 0, [50.0])
+    c = make_run(sweep / "c", "ste", 0, [50.0])
+    edit_config(b, limit_train_batches=100)
+    edit_config(c, **{"model.pretrained": "/ckpt/x.pth"})
+    table = make_table(collect_runs(sweep))
+    assert len(table.rows) == 3 and {table.cell(r, table.cols[0]).n for r in table.rows} == {1}
+    assert set(table.row_keys) == {"limit_train_batches", "model.pretrained"}
+    # The same config three times over (other folders) is one seed, not n=3 with std 0.
+    for d in (a, b, c):
+        edit_config(d, limit_train_batches=None, **{"model.pretrained": None})
+    table = make_table(collect_runs(sweep))
+    (row,) = table.rows
+    cell = table.cell(row, table.cols[0])
+    assert (cell.n, cell.std, len(cell.runs)) == (1, None, 3)
+    assert "repeated seed: resnet20 cifar10 dorefa w1 sgd | ste: seed 0 has 3 completed runs" in (
+        "\n".join(table.missing())
+    )
+
+
+def test_runs_without_a_config_are_averaged_with_nothing(tmp_path):
+    sweep = tmp_path / "s"
+    for name, acc in (("x", 40.0), ("y", 60.0)):
+        run = make_run(sweep / name, "ste", 0, [acc])
+        (run / "config.yaml").unlink()
+    table = make_table(collect_runs(sweep), root=sweep)
+    assert len(table.rows) == 2 and table.row_keys == ["config"]
+    assert all(v.startswith("unknown: ") for r in table.rows for k, v in r.extra)
+
+
+def test_eval_runs_are_grouped_by_their_hydra_config(tmp_path):
+    """task=eval writes no config.yaml: its .hydra/config.yaml says which checkpoint it tested."""
+    sweep = tmp_path / "s"
+    for name, pretrained, acc in (("p", "/a.pth", 80.0), ("q", "/b.pth", 30.0)):
+        run = make_run(sweep / name, "ste", 0, [acc])
+        (run / ".hydra").mkdir()
+        (run / "config.yaml").rename(run / ".hydra" / "config.yaml")
+        edit_config(run / ".hydra", run_name="${hydra:runtime.choices.model}", device="cpu")
+        edit_config(run / ".hydra", **{"model.pretrained": pretrained, "task.name": "eval"})
+    table = make_table(collect_runs(sweep))
+    assert table.row_keys == ["model.pretrained"]  # not run_name or device: they change nothing
+    assert sorted(table.cell(r, table.cols[0]).mean for r in table.rows) == [30.0, 80.0]
+    assert table.averaged_label() == "each run's test accuracy (task=eval)"
+
+
+def test_int_and_str_spellings_of_a_value_are_one_group(tmp_path):
+    sweep = tmp_path / "s"
+    make_run(sweep, "ste", 0, [50.0])
+    other = make_run(sweep, "ste", 1, [52.0], lr=0.0010001)
+    edit_config(other, bits="1", **{"optimizer.lr": "1e-3", "epochs": 1.0})
+    summary = json.loads((other / "summary.json").read_text())
+    summary["choices"]["seed"] = 1
+    (other / "summary.json").write_text(json.dumps(summary))
+    table = make_table(collect_runs(sweep))
+    (row,) = table.rows
+    assert table.row_keys == [] and table.cell(row, table.cols[0]).n == 2
+
+
+def test_the_label_says_what_was_averaged(sweep, tmp_path):
+    text = write_report(sweep, tmp_path / "out", last=10, plots=False).read_text()
+    assert "over its last 4 of 4 epochs (fewer than --last 10)" in text
+    assert "last 10 epochs" not in text
+    make_run(sweep, "ste", 9, [1.0] * 12, lr=0.5)  # a 12-epoch run: 10 of them averaged
+    text = write_report(sweep, tmp_path / "out", last=10, plots=False).read_text()
+    assert "its last 10 epochs, or all it has when fewer (4 to 10 here; †: cells" in text
+    rows = read_csv(tmp_path / "out" / "table.csv")
+    assert sorted(r["epochs_averaged"] for r in rows) == ["10", "4", "4"]
+    assert "n=3 † |" in text and "1.00 (-) n=1 |" in text
+
+
+def test_limited_runs_are_marked_with_what_they_measured(sweep, tmp_path):
+    for run_dir in sorted((sweep / "nested").glob("*meta=multifc*")):
+        path = run_dir / "summary.json"
+        measured = {"test_images": 1000, "test_images_total": 10000, "limit_test_batches": 2}
+        path.write_text(json.dumps(json.loads(path.read_text()) | measured))
+    text = write_report(sweep, tmp_path / "out", last=2, plots=False).read_text()
+    assert "| 65.67 (0.76) n=3 | " in text and " n=3 * |" in text
+    assert "* limited run: tested on 1,000 of 10,000 images; not comparable" in text
+    rows = {r["method"]: r for r in read_csv(tmp_path / "out" / "table.csv")}
+    assert rows["multifc"]["limited"] == "tested on 1,000 of 10,000 images"
+    assert rows["ste"]["limited"] == ""
+
+
+def test_plot_curves_have_distinct_markers(tmp_path):
+    from mq.plots import draw_row
+
+    for method in ("ste", "multifc", "fcgrad", "lstmfc"):
+        make_run(tmp_path / "s", method, 0, [50.0, 60.0, 70.0])  # four identical curves
+    table = make_table(collect_runs(tmp_path / "s"))
+    fig = draw_row(table, table.rows[0])
+    for ax in fig.axes:
+        styles = {(line.get_marker(), line.get_linestyle()) for line in ax.get_lines()}
+        assert len(styles) == 4 and all(m not in (None, "None", "", ".") for m, _ in styles)
+        handles = ax.get_legend().legend_handles
+        assert len({h.get_marker() for h in handles}) == 4  # the legend shows them too
