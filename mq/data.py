@@ -90,8 +90,8 @@ class _Batches:
 
 def balanced_sample(labels: Tensor, n: int, seed: int = SAMPLE_SEED) -> Tensor:
     """Sorted indices of ``n`` of ``labels``, stratified by class: each class gets its share of
-    ``n`` in proportion to its share of ``labels`` (equal shares on a balanced set; largest
-    remainders round), its images drawn at random by a generator seeded with ``seed`` alone."""
+    ``n`` in proportion to its share of ``labels`` (equal shares on a balanced set; the largest
+    remainders round up), its images drawn at random by a generator seeded with ``seed`` alone."""
     labels = torch.as_tensor(labels, dtype=torch.int64).cpu()
     total = len(labels)
     if not 0 <= n <= total:
@@ -100,10 +100,13 @@ def balanced_sample(labels: Tensor, n: int, seed: int = SAMPLE_SEED) -> Tensor:
     # Integer arithmetic, so the quotas add up to exactly n and never exceed a class's size.
     quota, rest = counts * n // total, counts * n % total
     short = n - int(quota.sum())
-    ranked = sorted(range(len(counts)), key=lambda c: (-int(rest[c]), c))
+    g = torch.Generator().manual_seed(seed)
+    # Ties (all classes, on a balanced set with more classes than images to spare: ImageNet
+    # at 512 of 50,000) go to randomly chosen classes, not to the lowest class numbers.
+    tiebreak = torch.randperm(len(counts), generator=g).tolist()
+    ranked = sorted(range(len(counts)), key=lambda c: (-int(rest[c]), tiebreak[c]))
     for c in ranked[:short]:
         quota[c] += 1
-    g = torch.Generator().manual_seed(seed)
     order = torch.randperm(total, generator=g)
     # Grouped by class, random within each class: the first quota[c] of class c are taken.
     order = order[torch.argsort(labels[order], stable=True)]

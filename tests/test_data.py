@@ -359,6 +359,10 @@ def test_balanced_sample_is_proportional_and_exact():
         share = torch.bincount(labels, minlength=classes).double() * n / len(labels)
         assert ((got - share).abs() < 1).all(), (got, share)
         assert torch.equal(idx, balanced_sample(labels, n))
+    # More classes than images: one image each from classes drawn at random, not the first.
+    labels = torch.arange(1000).repeat_interleave(50)
+    picked = labels[balanced_sample(labels, 512)]
+    assert len(picked.unique()) == 512 and picked.max() > 900
 
 
 def test_fake_and_stream_loaders_sample_by_class(tmp_path):
