@@ -11,11 +11,9 @@ import copy
 import logging
 import math
 import os
-import sys
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -23,10 +21,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor
 from torchvision import transforms as T
-from torchvision.io import ImageReadMode, decode_image, read_file
-from tqdm import tqdm
 
 from mq.errors import ConfigError, first_line
+from mq.imagefolder import decode_all as _decode_all  # tests replace it here
+from mq.imagefolder import read_cache, scan, write_cache
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +36,6 @@ CIFAR100_STD = (0.5, 0.5, 0.5)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PAD = 4
-_FOLDER_EXTENSIONS = (".png", ".jpg", ".jpeg")
 # Seeds the choice of a limited evaluation's images: a constant, so every epoch and every run
 # (whatever its seed) of one dataset is tested on the very same images.
 SAMPLE_SEED = 0
@@ -281,84 +278,6 @@ def _check_classes(expected: int | None, found: int, where: str) -> None:
         )
 
 
-def _decode_chunk(paths: list[str]) -> Tensor:
-    out = []
-    for p in paths:
-        try:
-            img = decode_image(read_file(p), mode=ImageReadMode.RGB)
-        except RuntimeError as e:
-            raise ConfigError(f"cannot decode image {p}: {first_line(e)}") from e
-        if img.shape[1:] != (32, 32):
-            raise ConfigError(f"image {p} is {img.shape[2]}x{img.shape[1]}; expected 32x32 RGB")
-        out.append(img)
-    return torch.stack(out)
-
-
-def _decode_all(paths: list[str], progress: bool = False) -> Tensor:
-    # torchvision's decoders release the GIL, so threads scale; chunks keep per-task overhead low.
-    chunks = [paths[i : i + 1000] for i in range(0, len(paths), 1000)]
-    bar = tqdm(
-        total=len(paths),
-        desc="decoding",
-        unit="img",
-        disable=not progress,
-        file=sys.stderr,
-        leave=False,
-        mininterval=1.0,
-    )
-    out = []
-    with bar, ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-        for chunk in pool.map(_decode_chunk, chunks):
-            out.append(chunk)
-            bar.update(len(chunk))
-    return torch.cat(out)
-
-
-def _read_cache(cache: str, files: list[str], classes: list[str]) -> dict[str, Any] | None:
-    """The decoded images in ``cache`` when it holds exactly these files; None otherwise."""
-    if not os.path.isfile(cache):
-        return None
-    try:
-        data = torch.load(cache, weights_only=True)
-    except Exception as e:  # truncated, not a torch file, foreign pickle: all just a miss
-        log.warning("dataset.cache=%s is unreadable (%s); decoding again", cache, first_line(e))
-        return None
-    if not isinstance(data, dict) or data.get("files") != files or data.get("classes") != classes:
-        log.info("dataset.cache=%s lists other files; decoding again", cache)
-        return None
-    images = [data.get(k) for k in ("train", "test")]
-    if not all(isinstance(t, Tensor) for t in images) or sum(len(t) for t in images) != len(files):
-        log.warning("dataset.cache=%s is incomplete; decoding again", cache)
-        return None
-    return data
-
-
-def _write_cache(cache: str, data: dict[str, Any]) -> None:
-    """Through a temporary file and a rename: a kill mid-write leaves no torn cache behind.
-    A cache that cannot be written costs the next run a decode, not this run its result."""
-    tmp = f"{cache}.tmp{os.getpid()}"
-    try:
-        Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, cache)
-    except OSError as e:
-        log.warning("dataset.cache=%s not written: %s", cache, first_line(e))
-        Path(tmp).unlink(missing_ok=True)
-
-
-def _scan(folder: Path) -> tuple[list[str], list[str], list[int]]:
-    try:
-        ds = torchvision.datasets.ImageFolder(
-            str(folder), is_valid_file=lambda p: p.lower().endswith(_FOLDER_EXTENSIONS)
-        )
-    except FileNotFoundError as e:
-        raise ConfigError(f"{folder}: {first_line(e)}") from e
-    return ds.classes, [p for p, _ in ds.samples], [c for _, c in ds.samples]
-
-
 def folder_loaders(
     root: str,
     batch_size: int,
@@ -383,14 +302,14 @@ def folder_loaders(
                 f"dataset.root={root} has no {split}/ folder; point dataset.root at a folder "
                 "with train/<class>/ and test/<class>/ images"
             )
-    classes, train_paths, train_y = _scan(Path(root) / "train")
-    test_classes, test_paths, test_y = _scan(Path(root) / "test")
+    classes, train_paths, train_y = scan(Path(root) / "train")
+    test_classes, test_paths, test_y = scan(Path(root) / "test")
     if test_classes != classes:
         raise ConfigError(f"dataset.root={root}: train/ and test/ have different class folders")
     _check_classes(num_classes, len(classes), root)
     # The key is relative so a moved tree still hits its cache.
     key = [os.path.relpath(p, root) for p in train_paths + test_paths]
-    data = None if cache is None else _read_cache(cache, key, classes)
+    data = None if cache is None else read_cache(cache, key, classes)
     if data is None:
         # The one slow step of a folder dataset (about a minute for CIFAR-10 on 2 cores).
         log.info(
@@ -403,7 +322,7 @@ def folder_loaders(
         n = len(train_paths)
         data = {"files": key, "classes": classes, "train": images[:n], "test": images[n:]}
         if cache is not None:
-            _write_cache(cache, data)
+            write_cache(cache, data)
     # ImageFolder order is class by class; DeviceLoader takes NHWC, which here is a free view.
     train = (data["train"].permute(0, 2, 3, 1), torch.tensor(train_y))
     test = (data["test"].permute(0, 2, 3, 1), torch.tensor(test_y))

@@ -387,7 +387,7 @@ def test_corrupt_cache_is_a_miss_and_is_rewritten(folder_tree, tmp_path, caplog)
     whole = cache.read_bytes()
     for broken in (b"not a torch file", whole[: len(whole) // 2]):
         cache.write_bytes(broken)
-        with caplog.at_level(logging.WARNING, logger="mq.data"):
+        with caplog.at_level(logging.WARNING, logger="mq"):
             caplog.clear()
             again = folder_loaders(str(folder_tree), 32, "cpu", cache=str(cache))
         (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -398,7 +398,7 @@ def test_corrupt_cache_is_a_miss_and_is_rewritten(folder_tree, tmp_path, caplog)
 
 
 def test_decoding_and_evaluation_show_progress(folder_tree, capsys, caplog):
-    with caplog.at_level(logging.INFO, logger="mq.data"):
+    with caplog.at_level(logging.INFO, logger="mq"):
         loaders = folder_loaders(str(folder_tree), 32, "cpu", test_batch_size=10)
     assert f"decoding 270 images under {folder_tree}" in caplog.text
     assert "decoding" in capsys.readouterr().err
