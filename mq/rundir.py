@@ -232,7 +232,7 @@ class Guard(Callback):
         except Exception as exc:
             error = find_config_error(exc)
             if error is None:
-                return  # not bad input: the job meets it again and reports it as before
+                raise
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
 
@@ -243,7 +243,13 @@ class Guard(Callback):
         check_location(run_dir)
         from mq.run import FINISHED, check, check_run_dir, finished_message  # imports torch
 
-        check(task_cfg)  # plain values (run_name included), constructors, model.pretrained
+        try:
+            check(task_cfg)  # plain values (run_name included), constructors, model.pretrained
+        except Exception as exc:
+            if find_config_error(exc) is not None:
+                raise
+            # Not bad input as such: the job meets it again and reports it as before; the
+            # folder is still recorded and locked below, so that a failed start is undone.
         previous = check_run_dir(task_cfg, run_dir)
         if previous and previous.get("status") in FINISHED:
             # Before Hydra rewrites .hydra/ and appends to launch.log: a repeat of a finished

@@ -174,7 +174,8 @@ def test_second_launch_of_a_locked_run_folder_refuses_in_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_two_simultaneous_launches_one_completes_one_refuses(tmp_path):
-    args = [*SMOKE, "limit_train_batches=8", "log_every=1"]
+    # long enough (5 x 16 steps) for the second launch to start while the first still runs
+    args = [*SMOKE, "epochs=5", "limit_train_batches=16", "log_every=1"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(
         [sys.executable, str(ROOT / "launch.py"), *args],
@@ -194,7 +195,7 @@ def test_two_simultaneous_launches_one_completes_one_refuses(tmp_path):
     assert first.returncode == 0, err[-3000:]
     one_line_error(second, "is in use by pid")
     steps = [r["step"] for r in rows(tmp_path / RUN) if r["kind"] == "step"]
-    assert steps == list(range(8))  # no duplicated rows
+    assert steps == list(range(80))  # no duplicated rows
     assert not list((tmp_path / RUN).glob("*.tmp"))
 
 
