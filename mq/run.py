@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from mq.allocator import keep_freed_memory
 from mq.checkpoint import load_checkpoint, read_json, write_json
 from mq.errors import ConfigError, first_line
 from mq.ledger import FINAL
-from mq.models import check_model
+from mq.models import check_model, checkpoint_file
 from mq.preempt import GracefulStop
 from mq.quant.layers import quantize_model
 from mq.rundir import FolderRefused, check_location, check_name, remove_created, started, take_lock
@@ -122,7 +123,19 @@ def result_config(cfg: DictConfig) -> dict[str, Any]:
         data.pop(key, None)
     for key in VOLATILE_DATASET:
         data.get("dataset", {}).pop(key, None)
+    if cfg.task.name == "eval" and cfg.model.pretrained:
+        # The folder names the checkpoint's path; its content is part of the result too: a
+        # repeat after that file changed is refused rather than answered with the old number.
+        data["pretrained_sha256"] = _file_sha256(checkpoint_file(str(cfg.model.pretrained)))
     return data
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -383,6 +383,10 @@ def test_eval_folders_name_the_checkpoint_and_never_overwrite(tmp_path):
     again = launch(*args, f"model.pretrained={tmp_path}/a.pth", cwd=tmp_path)
     assert again.returncode == 0 and "already completed" in again.stdout + again.stderr
     assert snapshot(first) == before
+    (tmp_path / "b.pth").replace(tmp_path / "a.pth")  # another checkpoint at the same path
+    changed = launch(*args, f"model.pretrained={tmp_path}/a.pth", cwd=tmp_path)
+    one_line_error(changed, "holds a run with another config (pretrained_sha256: ")
+    assert snapshot(first) == before
 
 
 # ------------------------------------------------------------- 8. repeats touch nothing ----
