@@ -17,6 +17,7 @@ import copy
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import socket
@@ -29,6 +30,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from mq.errors import ConfigError, find_config_error
+
+log = logging.getLogger(__name__)
 
 # The code's own folder (the clone): a run folder must never be it or hold it.
 CODE_ROOT = Path(__file__).resolve().parents[1]
@@ -148,6 +151,10 @@ class RunLock:
             file.seek(0)
             holder = file.read().strip() or "another process"
             file.close()
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                # a filesystem without locks must not stop every run on it
+                log.warning("%s: no file locks on this filesystem (%s); not locked", self.path, exc)
+                return self
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
             raise FolderRefused(

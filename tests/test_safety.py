@@ -23,7 +23,6 @@ from conftest import ROOT, SMOKE, compose_config, launch
 
 from mq.checkpoint import load_checkpoint, save_checkpoint
 from mq.loggers import MetricsFile
-from mq.rundir import LOCK_FILE, RunLock, checkpoint_tag
 
 RUN = "outputs/quantize/fake/resnet20-dorefa-w1-multifc-sgd-s0"
 TINY = [*SMOKE, "limit_train_batches=2", "limit_test_batches=1"]
@@ -132,16 +131,20 @@ def test_data_error_removes_only_the_folders_it_created(tmp_path):
 
 
 def test_data_error_in_an_existing_unfinished_run_folder_removes_nothing(tmp_path):
-    run_dir = fake_run(tmp_path / "outputs/quantize/cifar10/mine", status="running")
-    (run_dir / "checkpoint.pt").unlink()
-    (run_dir / "metrics.jsonl").unlink()
+    # An earlier attempt that failed before training (Hydra's files), and the user's notes.
+    run_dir = tmp_path / "outputs/quantize/cifar10/mine"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (run_dir / "launch.log").write_text("an earlier attempt\n")
+    (run_dir / "notes.txt").write_text("mine\n")
     before = snapshot(run_dir)
     bad = ["dataset=cifar10", "dataset.root=nowhere", "run_name=mine"]
     result = launch(*[a for a in TINY if a != "dataset=fake"], *bad, cwd=tmp_path)
     one_line_error(result, "dataset.root=nowhere")
-    after = snapshot(run_dir)
-    for name in before:  # Hydra added .hydra/ and launch.log; everything that was there stays
-        assert after.get(name, (None,))[0] == before[name][0], name
+    # Nothing removed: Hydra rewrote .hydra/ and appended to launch.log, as for any attempt.
+    assert snapshot(run_dir)["notes.txt"] == before["notes.txt"]
+    assert (run_dir / "launch.log").read_text().startswith("an earlier attempt\n")
+    assert (run_dir / ".hydra" / "config.yaml").exists()
 
 
 def test_sweep_whose_overrides_are_all_left_out_of_folder_names_is_refused(tmp_path):
@@ -158,6 +161,8 @@ def test_sweep_whose_overrides_are_all_left_out_of_folder_names_is_refused(tmp_p
 
 # ------------------------------------------------------------------------------- 3. lock ----
 def test_second_launch_of_a_locked_run_folder_refuses_in_one_line(tmp_path):
+    from mq.rundir import LOCK_FILE, RunLock
+
     run_dir = tmp_path / RUN
     run_dir.mkdir(parents=True)
     lock = RunLock(run_dir).acquire()  # as a running launch holds it
@@ -355,6 +360,8 @@ def test_full_disk_during_a_checkpoint_leaves_no_tmp_and_says_failed(tmp_path):
 
 # ------------------------------------------------------------------------------ 7. eval ----
 def test_checkpoint_tag_is_short_stable_and_path_safe(tmp_path):
+    from mq.rundir import checkpoint_tag
+
     run = tmp_path / "outputs/pretrain/fake/resnet20-fp-sgdm-s0"
     run.mkdir(parents=True)
     (run / "checkpoint.pt").write_bytes(b"x")
