@@ -72,12 +72,16 @@ def check_location(run_dir: Path, sweep_dir: Path | None = None) -> None:
     """Refuse a run folder that is (or holds) the code, the current directory or a git
     checkout, that is the sweep's own folder, or that exists and holds someone else's files."""
     where = Path(os.path.abspath(run_dir)).resolve()
-    for label, other in (("the code folder", CODE_ROOT), ("the current directory", Path.cwd())):
-        if _is_within(other.resolve(), where):
-            raise FolderRefused(
-                f"run folder {run_dir} is or contains {label} ({other}); "
-                "choose another run_name or hydra.run.dir"
-            )
+    folders = [("run folder", run_dir, where, "run_name or hydra.run.dir")]
+    if sweep_dir is not None:  # sweep.json and multirun.yaml go there
+        sweep = Path(os.path.abspath(sweep_dir)).resolve()
+        folders.append(("sweep folder", sweep_dir, sweep, "sweep_name or hydra.sweep.dir"))
+    for kind, given, folder, keys in folders:
+        for label, other in (("the code folder", CODE_ROOT), ("the current directory", Path.cwd())):
+            if _is_within(other.resolve(), folder):
+                raise FolderRefused(
+                    f"{kind} {given} is or contains {label} ({other}); choose another {keys}"
+                )
     if sweep_dir is not None and where == Path(os.path.abspath(sweep_dir)).resolve():
         raise FolderRefused(
             f"this sweep job's folder would be the sweep folder {sweep_dir} itself (all its "

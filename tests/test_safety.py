@@ -126,6 +126,18 @@ def test_bad_run_name_is_refused_and_other_runs_survive(tmp_path, name):
     assert snapshot(tmp_path) == before and (done / "notes.txt").exists()
 
 
+def test_sweep_folder_that_is_the_current_directory_is_refused(tmp_path):
+    clone = victim(tmp_path / "clone", git=True)
+    before = snapshot(clone)
+    result = launch("-m", *TINY, "bits=1,2", "hydra.sweep.dir=.", cwd=clone)
+    assert (
+        result.returncode == 2
+        and "sweep folder . is or contains the current directory"
+        in (result.stderr.splitlines()[-1])
+    )
+    assert snapshot(clone) == before
+
+
 def test_bad_sweep_name_is_refused(tmp_path):
     result = launch("-m", *TINY, "sweep_name=../x", "bits=1,2", cwd=tmp_path)
     assert result.returncode == 2 and "sweep_name='../x' is not allowed" in result.stderr
@@ -313,7 +325,9 @@ def test_planted_pretrained_file_cannot_run_code(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("meta, optimizer", [("multifc", "adam"), ("fcgrad", "sgdm")])
+@pytest.mark.parametrize(
+    "meta, optimizer", [("ste", "sgd"), ("multifc", "adam"), ("fcgrad", "sgdm"), ("lstmfc", "adam")]
+)
 def test_checkpoints_of_every_step_kind_load_with_weights_only(tmp_path, meta, optimizer):
     from hydra.utils import instantiate
 
@@ -321,7 +335,8 @@ def test_checkpoints_of_every_step_kind_load_with_weights_only(tmp_path, meta, o
     from mq.quant.layers import plain_state_dict, quantize_model
     from mq.train import rng_state
 
-    cfg = compose_config([f"meta={meta}", f"optimizer={optimizer}", "meta.hidden_size=8"])
+    extra = {"ste": [], "lstmfc": ["meta.hidden_size=8", "meta.compile=false"]}
+    cfg = compose_config([f"meta={meta}", f"optimizer={optimizer}", *extra.get(meta, [])])
     model = quantize_model(build_model("resnet20", 10), instantiate(cfg.quant))
     step = instantiate(cfg.meta, model=model, optimizer=instantiate(cfg.optimizer))
     step.train_step(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
