@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+import mq.rundir  # noqa: F401 - registers ${mq_checkpoint_tag:...} (conf/task/eval.yaml)
 from mq.errors import ConfigError, find_config_error, first_line
 
 CONF = Path(__file__).resolve().parent / "conf"
@@ -63,6 +64,10 @@ def main(cfg: DictConfig) -> dict:
         error = find_config_error(exc)
         if sweep:  # the ledger says failed; raising (not exiting) lets the other jobs run
             from mq.ledger import record_failure
+            from mq.rundir import FolderRefused
+
+            if isinstance(error, FolderRefused):  # not its folder (or another job's): no write
+                raise
 
             extra = {"name": cfg.run_name, "choices": choices}
             record_failure(run_dir, first_line(error or exc), extra)
@@ -79,4 +84,8 @@ if __name__ == "__main__":
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: summary.json says failed and keeps the epochs done
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
+
+from mq.errors import ConfigError, first_line
+
+
+def _tmp_name(path: Path) -> Path:
+    # Unique per process and call: two writers never share (and clobber) one temporary file.
+    return path.with_name(f"{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
 
 
 def _replace(tmp: Path, path: Path) -> None:
@@ -16,22 +25,84 @@ def _replace(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _write(path: Path, write: Any) -> None:
+    """``write(tmp)``, then rename tmp over ``path``; on any failure (a full disk) the
+    temporary file is removed and ``path`` keeps its previous version."""
+    tmp = _tmp_name(path)
+    try:
+        write(tmp)
+        _replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class _KeepError:
+    """A file for torch.save that remembers the OSError of a failed write: torch reports a
+    full disk as "RuntimeError: [enforce fail at inline_container.cc] unexpected pos"."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.file.flush()
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+
+def _torch_save(state: dict[str, Any], tmp: Path) -> None:
+    with open(tmp, "wb") as f:
+        writer = _KeepError(f)
+        try:
+            torch.save(state, writer)  # type: ignore[arg-type]  # any object with write()
+        except RuntimeError as exc:
+            if writer.error is not None:
+                raise writer.error from exc  # "No space left on device", not torch's words
+            raise
+
+
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` to ``path`` through a temporary file and an atomic rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    _replace(tmp, path)
+    _write(path, lambda tmp: _torch_save(state, tmp))
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    # Our own file: it holds optimizer states and Python scalars besides tensors.
-    return torch.load(path, map_location=device, weights_only=False)
+    """A checkpoint written by save_checkpoint. Tensors and plain Python values only
+    (``weights_only``): a planted or copied run folder cannot run code through it. An
+    unreadable file is a ConfigError saying what to do."""
+    try:
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4": the error says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = first_line(exc)
+        if "Weights only load failed" in reason:
+            reason = "it holds objects other than tensors and plain values, which are not loaded"
+        raise ConfigError(
+            f"{path} is unreadable ({reason}); move it away to start the run over"
+        ) from exc
+    except Exception as exc:  # torch raises many types for a torn or foreign file
+        raise ConfigError(
+            f"{path} is unreadable ({first_line(exc)}); move it away to start the run over"
+        ) from exc
+    if not isinstance(state, dict) or "progress" not in state:
+        raise ConfigError(f"{path} is not an mq checkpoint; move it away to start the run over")
+    return state
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    _replace(tmp, path)
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    _write(path, lambda tmp: tmp.write_text(text))
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -20,6 +20,19 @@ class MetricsFile:
         self.path = path
         if offset is not None and path.exists():
             with open(path, "r+b") as f:
+                size = f.seek(0, 2)
+                if size < offset:
+                    # Torn by a crash (the checkpoint is newer than the rows on disk): extending
+                    # to the offset would pad with NUL bytes; keep the complete lines instead.
+                    f.seek(0)
+                    offset = f.read().rfind(b"\n") + 1
+                    log.warning(
+                        "%s is shorter than the checkpoint says (%d bytes): keeping its %d "
+                        "bytes of complete rows; the rows of the lost end are not replayed",
+                        path,
+                        size,
+                        offset,
+                    )
                 f.truncate(offset)
         self.file = open(path, "a", buffering=1)
 

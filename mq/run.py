@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from mq.allocator import keep_freed_memory
 from mq.checkpoint import load_checkpoint, read_json, write_json
-from mq.errors import ConfigError, find_config_error
-from mq.models import check_model
+from mq.errors import ConfigError, first_line
+from mq.ledger import FINAL
+from mq.models import check_model, checkpoint_file
 from mq.preempt import GracefulStop
 from mq.quant.layers import quantize_model
-from mq.train import Interrupted, evaluate_only, train
+from mq.rundir import FolderRefused, check_location, check_name, remove_created, started, take_lock
+from mq.train import Interrupted, Progress, evaluate_only, summarize, train
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,8 @@ VOLATILE = (
 )
 VOLATILE_DATASET = ("root", "download", "cache", "workers")
 ARTIFACTS = ("checkpoint.pt", "metrics.jsonl", "summary.json")
+# A run that ended with one of these is a result: running the command again changes nothing.
+FINISHED = FINAL
 
 
 def resolve_device(name: str) -> torch.device:
@@ -52,6 +57,8 @@ def resolve_device(name: str) -> torch.device:
 
 def validate(cfg: DictConfig) -> None:
     """Checks of plain values; group options and constructor arguments check themselves."""
+    check_name("run_name", cfg.get("run_name"))
+    check_name("sweep_name", cfg.get("sweep_name"))
     if cfg.task.name not in TASKS:
         raise ConfigError(f"task.name={cfg.task.name} is not known; allowed: {', '.join(TASKS)}")
     for key in ("epochs", "batch_size", "lr_step", "log_every"):
@@ -92,7 +99,21 @@ def check(cfg: DictConfig, run_dir: Path | None = None) -> None:
         stand_in = quantize_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), quantizer)
         instantiate(cfg.meta, model=stand_in, optimizer=instantiate(cfg.optimizer))
     if run_dir is not None:
+        check_location(run_dir, sweep_dir())
         check_run_dir(cfg, run_dir)
+
+
+def sweep_dir() -> Path | None:
+    """The sweep's folder when Hydra runs (or composes) a multirun job, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return Path(str(hydra_cfg.sweep.dir))
 
 
 def result_config(cfg: DictConfig) -> dict[str, Any]:
@@ -103,7 +124,19 @@ def result_config(cfg: DictConfig) -> dict[str, Any]:
         data.pop(key, None)
     for key in VOLATILE_DATASET:
         data.get("dataset", {}).pop(key, None)
+    if cfg.task.name == "eval" and cfg.model.pretrained:
+        # The folder names the checkpoint's path; its content is part of the result too: a
+        # repeat after that file changed is refused rather than answered with the old number.
+        data["pretrained_sha256"] = _file_sha256(checkpoint_file(str(cfg.model.pretrained)))
     return data
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -131,6 +164,17 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     return read_json(run_dir / "summary.json") or {}
 
 
+def finished_message(run_dir: Path, summary: dict[str, Any]) -> str:
+    status = summary.get("status")
+    if status == "diverged":  # deterministic: the same config diverges again
+        return (
+            f"{run_dir} already ended as diverged after {summary.get('epochs_completed')} "
+            "epochs; nothing to do (move that folder away to run it again)"
+        )
+    acc = summary.get("final_test_acc")
+    return f"{run_dir} is already completed (test acc {acc}); nothing to do"
+
+
 def run(
     cfg: DictConfig,
     run_dir: Path,
@@ -139,15 +183,24 @@ def run(
 ) -> dict[str, Any]:
     """Run the job described by ``cfg`` in ``run_dir``; returns its summary. ``logger_args``
     (a sweep's wandb group and run name) fill logger keys that the config leaves null."""
+    # A single run was checked and locked by mq.rundir.Guard before Hydra made its folder; a
+    # sweep job is checked here, after Hydra made its folder (the sweep checked it before).
+    before = started(run_dir)
+    lock = None
     try:
+        check_location(run_dir, sweep_dir())
+        lock = take_lock(run_dir)  # one process per run folder
         return _run(cfg, run_dir, choices, logger_args or {})
-    except Exception as exc:
-        if find_config_error(exc) is None:
-            raise
-        # Bad input: leave nothing behind but what was there (Hydra made the directory).
-        if run_dir.exists() and not any((run_dir / name).exists() for name in ARTIFACTS):
-            shutil.rmtree(run_dir, ignore_errors=True)
+    except BaseException as exc:
+        # Failed before training started: remove what this invocation created, and only that
+        # (Guard knows which folders are new; a sweep job's summary.json says it failed).
+        started_training = any((run_dir / name).exists() for name in ARTIFACTS)
+        if before is not None and not started_training and not isinstance(exc, FolderRefused):
+            remove_created(run_dir, before.created, extra=("config.yaml",))
         raise
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _run(
@@ -158,12 +211,8 @@ def _run(
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # fixed shapes: time once, then reuse
     keep_freed_memory()  # a CPU step otherwise page-faults its memory back in every step
     previous = check_run_dir(cfg, run_dir)
-    if previous and previous.get("status") == "completed":
-        log.info(
-            "%s is already completed (test acc %s); nothing to do",
-            run_dir,
-            previous.get("final_test_acc"),
-        )
+    if previous and previous.get("status") in FINISHED:
+        log.info("%s", finished_message(run_dir, previous))
         return previous
 
     torch.manual_seed(cfg.seed)
@@ -181,6 +230,8 @@ def _run(
     )
     if cfg.task.name == "eval":
         summary = evaluate_only(model, data.test, cfg.limit_test_batches, cfg.progress)
+        # config.yaml makes a repeat find this result (reported, never overwritten)
+        OmegaConf.save(OmegaConf.create(result_config(cfg)), run_dir / "config.yaml")
         write_json(
             {**summary, "choices": choices, "pretrained": cfg.model.pretrained},
             run_dir / "summary.json",
@@ -194,8 +245,10 @@ def _run(
         resume = load_checkpoint(checkpoint_path, device)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
+        set_aside_metrics(run_dir)
         OmegaConf.save(OmegaConf.create(result_config(cfg)), run_dir / "config.yaml")
-    run_id = (previous or {}).get("wandb_id")
+    # A fresh start is a new wandb run too: the old one holds the steps of the lost attempt.
+    run_id = (previous or {}).get("wandb_id") if resume is not None else None
     logger = None
     if cfg.logger.get("_target_"):
         extra = {k: v for k, v in logger_args.items() if cfg.logger.get(k) is None}
@@ -210,15 +263,18 @@ def _run(
             run_id=run_id,
         )
         run_id = logger.run_id or run_id
-    started = (previous or {}).get("started") or time.time()  # the first launch's, kept
-    head = {"name": cfg.run_name, "choices": choices, "wandb_id": run_id, "started": started}
+    first_launch = (previous or {}).get("started") or time.time()  # kept across resumes
+    head = {"name": cfg.run_name, "choices": choices, "wandb_id": run_id, "started": first_launch}
     if os.environ.get("SLURM_JOB_ID"):  # a relaunch leaves a job SLURM still runs alone
         head["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
     summary_path = run_dir / "summary.json"
-    write_json({**head, "status": "running"}, summary_path)
+    write_json({**head, "status": "running", "updated": time.time()}, summary_path)
 
-    def mark_failed(error: str) -> None:
-        write_json({**head, "status": "failed", "error": error}, summary_path)
+    track: list[Progress] = []  # train() puts its Progress here: a failure keeps the epochs
+
+    def mark_failed(error: str, status: str = "failed") -> None:
+        done = summarize(track[0], status, error) if track else {"status": status, "error": error}
+        write_summary({**head, **done}, summary_path)
 
     # SIGTERM / preemption: checkpoint between steps, mark the ledger (see mq.preempt).
     with GracefulStop(on_terminate=mark_failed) as stop:
@@ -240,18 +296,24 @@ def _run(
                 resume=resume,
                 logger=logger,
                 interrupt=stop.poll,
+                track=track,
             )
         except Interrupted as exc:
             signame = stop.received.name if stop.received else "a signal"
             requeue = stop.received is not None and stop.received.name != "SIGTERM"
             error = f"{'preempted' if requeue else 'interrupted'} by {signame}; {exc}"
-            status = "preempted" if requeue else "failed"
-            write_json({**head, "status": status, "error": error}, summary_path)
+            mark_failed(error, "preempted" if requeue else "failed")
             log.warning("%s; run again to resume", error)
             if logger is not None:
                 logger.finish(exit_code=1, preempting=requeue)
             stop.hand_over()  # under submitit: requeue this job and exit
             raise Interrupted(f"{error}; run the same command again to resume") from None
+        except KeyboardInterrupt:  # Ctrl-C: no checkpoint here (the step may be half done)
+            mark_failed("interrupted by SIGINT (Ctrl-C); resumes from the last checkpoint")
+            log.warning("interrupted; run the same command again to resume")
+            if logger is not None:
+                logger.finish(exit_code=1)
+            raise
         except BaseException as exc:
             text = str(exc).strip()
             mark_failed(f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}")
@@ -265,3 +327,30 @@ def _run(
         logger.summary(summary)
         logger.finish()
     return summary
+
+
+def set_aside_metrics(run_dir: Path) -> None:
+    """A start without a checkpoint must not append to the rows of an earlier attempt (killed
+    before its first checkpoint, say): move that metrics.jsonl to metrics.jsonl.attempt-N."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        return
+    n = 1
+    while (run_dir / f"metrics.jsonl.attempt-{n}").exists():
+        n += 1
+    aside = run_dir / f"metrics.jsonl.attempt-{n}"
+    os.replace(metrics, aside)
+    log.warning("no checkpoint: starting over; the earlier attempt's rows are in %s", aside.name)
+
+
+def write_summary(data: dict[str, Any], path: Path) -> None:
+    """write_json, and when that fails (a full disk has no room for the temporary file)
+    rewrite the small summary in place, so that it never keeps saying "running"."""
+    try:
+        write_json(data, path)
+    except OSError as exc:
+        log.warning("could not write %s atomically (%s); writing in place", path, first_line(exc))
+        with open(path, "r+" if path.exists() else "w") as f:
+            text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+            f.write(text)
+            f.truncate()

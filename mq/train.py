@@ -214,12 +214,14 @@ def train(
     logger: Any = None,
     extra_state: dict[str, Any] | None = None,
     interrupt: Callable[[], str | None] | None = None,
+    track: list[Progress] | None = None,
 ) -> dict[str, Any]:
     """Train for ``epochs`` epochs (resuming from ``resume``, a checkpoint dict); returns the
     summary that is also written to ``run_dir/summary.json``.
 
     ``interrupt`` is polled after every step (mq.preempt.GracefulStop.poll): "checkpoint" saves
-    one now, "stop" saves one and raises Interrupted; None goes on."""
+    one now, "stop" saves one and raises Interrupted; None goes on. ``track`` receives the run's
+    Progress, so that a caller can report the epochs done when training fails."""
     metrics = MetricsFile(run_dir / "metrics.jsonl", resume["metrics_offset"] if resume else None)
     progress = Progress()
     if resume:
@@ -239,6 +241,8 @@ def train(
     def elapsed() -> float:
         return elapsed_before + time.monotonic() - segment_start
 
+    if track is not None:
+        track.append(progress)
     batches = (
         len(train_data)
         if limit_train_batches is None

@@ -176,7 +176,9 @@ def test_pretrain_then_quantize_then_eval(tmp_path):
     assert "randomly initialised" not in quant.stderr
     ev = launch(*SMOKE, "task=eval", f"model.pretrained={pre_dir}", "quant=none", cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr[-3000:]
-    s = summary(tmp_path / "outputs/eval/fake/resnet20-none-w1-s0")
+    # the eval's folder names the checkpoint: its run folder's name and a hash of its path
+    (eval_dir,) = (tmp_path / "outputs/eval/fake").glob("resnet20-none-w1-s0-resnet20-fp-sgdm-s0-*")
+    s = summary(eval_dir)
     assert s["status"] == "completed" and 0 <= s["final_test_acc"] <= 100
 
 

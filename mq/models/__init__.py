@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -61,9 +62,14 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A plain state dict from an original checkpoint, one of ours, or a run directory."""
     file = checkpoint_file(path)
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4": the error says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file; the cause is one line
-        message = f"model.pretrained={path} is not a readable checkpoint: {first_line(exc)}"
+        reason = first_line(exc)
+        if "Weights only load failed" in reason:  # a pickle that could run code: not loaded
+            reason = "it holds objects other than tensors and plain values, which are not loaded"
+        message = f"model.pretrained={path} is not a readable checkpoint: {reason}"
         raise ConfigError(message) from exc
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a checkpoint written by mq
