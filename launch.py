@@ -52,7 +52,8 @@ def main(cfg: DictConfig) -> dict:
         from mq.ledger import wandb_group
 
         group = wandb_group(Path(hydra_cfg.sweep.dir), fallback=str(cfg.get("sweep_name")))
-        logger_args = {"group": group, "name": hydra_cfg.job.override_dirname or cfg.run_name}
+        # The job's folder name (path values shortened, mq/dirname.py), not Hydra's raw one.
+        logger_args = {"group": group, "name": str(hydra_cfg.sweep.subdir) or cfg.run_name}
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         return run(cfg, run_dir, choices, logger_args)
