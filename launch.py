@@ -8,6 +8,7 @@ python launch.py -m +sweep=table1 hydra/launcher=slurm      # a preset sweep (do
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from mq.errors import ConfigError, find_config_error, first_line
+from mq.errors import ConfigError, find_config_error, first_line, hydra_error_line
 
 CONF = Path(__file__).resolve().parent / "conf"
 
@@ -80,4 +81,15 @@ if __name__ == "__main__":
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    main()
+    # Hydra reports its own composition errors in several lines and exits 1; with
+    # HYDRA_FULL_ERROR they reach us and become one line (unless the user asked for them).
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except Exception as exc:
+        line = None if full_error else hydra_error_line(exc)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)

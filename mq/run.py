@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -70,12 +71,31 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and (not isinstance(value, (int, float)) or value < 0):
             raise ConfigError(f"{key}={value} is not allowed; allowed: a number >= 0")
+    for key, value in _leaves(OmegaConf.to_container(cfg, resolve=False)):
+        if isinstance(value, float) and not math.isfinite(value):  # nan/inf: ends diverged
+            raise ConfigError(f"{key}={value} is not allowed; allowed: a finite number")
+    seed = cfg.seed
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError(f"seed={seed} is not allowed; allowed: an integer >= 0")
+    every = cfg.checkpoint_every_min
+    if not isinstance(every, (int, float)) or isinstance(every, bool) or every <= 0:
+        raise ConfigError(f"checkpoint_every_min={every} is not allowed; allowed: a number > 0")
+    for key in ("meta.hidden_size", "meta.num_layers"):  # lstmfc has no num_layers
+        value = OmegaConf.select(cfg, key, default=1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{key}={value} is not allowed; allowed: an integer >= 1")
     for key in ("limit_train_batches", "limit_test_batches"):
         value = OmegaConf.select(cfg, key)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ConfigError(f"{key}={value} is not allowed; allowed: null or an integer >= 1")
     if cfg.task.name == "eval" and not cfg.model.pretrained:
         raise ConfigError("task=eval needs model.pretrained=PATH (a checkpoint or run directory)")
+
+
+def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(node, dict):
+        return [kv for k, v in node.items() for kv in _leaves(v, f"{prefix}{k}.")]
+    return [(prefix[:-1], node)]
 
 
 def check(cfg: DictConfig, run_dir: Path | None = None) -> None:
@@ -152,7 +172,7 @@ def run(
 def _run(
     cfg: DictConfig, run_dir: Path, choices: dict[str, str], logger_args: dict[str, Any]
 ) -> dict[str, Any]:
-    validate(cfg)
+    check(cfg)  # values and constructors, before the model and the data are built
     device = resolve_device(cfg.device)
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # fixed shapes: time once, then reuse
     keep_freed_memory()  # a CPU step otherwise page-faults its memory back in every step
