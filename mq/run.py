@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 from pathlib import Path
@@ -38,6 +37,7 @@ VOLATILE = (
 )
 VOLATILE_DATASET = ("root", "download", "cache", "workers")
 ARTIFACTS = ("checkpoint.pt", "metrics.jsonl", "summary.json")
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,7 +72,8 @@ def validate(cfg: DictConfig) -> None:
         if value is not None and (not isinstance(value, (int, float)) or value < 0):
             raise ConfigError(f"{key}={value} is not allowed; allowed: a number >= 0")
     for key, value in _leaves(OmegaConf.to_container(cfg, resolve=False)):
-        if isinstance(value, float) and not math.isfinite(value):  # nan/inf: ends diverged
+        # nan/inf end diverged; beyond float32's range a step fails with "overflow"
+        if isinstance(value, float) and not abs(value) <= FLOAT32_MAX:
             raise ConfigError(f"{key}={value} is not allowed; allowed: a finite number")
     seed = cfg.seed
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:

@@ -46,6 +46,7 @@ def test_hydra_composition_errors_become_one_line(overrides, line):
     [
         ("optimizer.lr=nan", "optimizer.lr=nan is not allowed; allowed: a finite number"),
         ("meta.lr=inf", "meta.lr=inf is not allowed; allowed: a finite number"),
+        ("optimizer.lr=1e300", "optimizer.lr=1e+300 is not allowed"),  # inf in float32
         ("seed=abc", "seed=abc is not allowed; allowed: an integer >= 0"),
         ("seed=-1", "seed=-1 is not allowed"),
         ("seed=1.5", "seed=1.5 is not allowed"),
