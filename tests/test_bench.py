@@ -10,6 +10,7 @@ import torch
 from conftest import ROOT
 
 
+@pytest.mark.slow  # runs every benchmark once (about 20 s)
 def test_bench_writes_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
     args = "--nets ste,multifc --quants dorefa --warmup 1 --steps 2 --rounds 2 --batch 32"

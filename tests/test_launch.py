@@ -190,19 +190,33 @@ def bad_checkpoints(tmp_path_factory):
     return folder
 
 
+# A launch per case (4-13 s each): the cases that validate() or the checkpoint loader also see
+# in-process (test_config, test_cli_errors) run in the slow suite; one of each path stays here.
 @pytest.mark.parametrize(
     "args, message",
     [
         (["quant=foo"], "quant=foo is not known; allowed: bwn, bwn_f, dorefa, none"),
         (["meta=ste,bogus"], "meta=bogus is not known"),
-        (["bits=9"], "bits=9 is not allowed"),
-        (["cudnn_benchmark=maybe"], "cudnn_benchmark=maybe is not allowed; allowed: true, false"),
+        pytest.param(["bits=9"], "bits=9 is not allowed", marks=pytest.mark.slow),
+        pytest.param(
+            ["cudnn_benchmark=maybe"],
+            "cudnn_benchmark=maybe is not allowed; allowed: true, false",
+            marks=pytest.mark.slow,
+        ),
         (["quant=bwn", "bits=2"], "bits=2 is not allowed for bwn; allowed: 1"),
-        (["optimizer.lr=-0.1"], "optimizer.lr=-0.1 is not allowed"),
+        pytest.param(
+            ["optimizer.lr=-0.1"], "optimizer.lr=-0.1 is not allowed", marks=pytest.mark.slow
+        ),
         (["dataset=cifar10", "dataset.root=nowhere"], "dataset.root=nowhere"),
         (["model.pretrained=CKPT/garbage.pth"], "garbage.pth is not a readable checkpoint"),
-        (["model=resnet32", "model.pretrained=CKPT/resnet20.pth"], "missing keys: layer1.3"),
-        (["model.pretrained=CKPT/none.pth"], "none.pth does not exist"),
+        pytest.param(
+            ["model=resnet32", "model.pretrained=CKPT/resnet20.pth"],
+            "missing keys: layer1.3",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["model.pretrained=CKPT/none.pth"], "none.pth does not exist", marks=pytest.mark.slow
+        ),
     ],
 )
 def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, bad_checkpoints, args, message):
