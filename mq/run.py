@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mq.allocator import keep_freed_memory
-from mq.checkpoint import load_checkpoint, read_json, write_json
+from mq.checkpoint import load_checkpoint, read_json, save_checkpoint, write_json
 from mq.errors import ConfigError, find_config_error
 from mq.models import check_model
 from mq.preempt import GracefulStop
@@ -34,6 +34,7 @@ VOLATILE = (
     "checkpoint_every_min",
     "run_name",
     "sweep_name",
+    "keep_training_state",
 )
 VOLATILE_DATASET = ("root", "download", "cache", "workers")
 ARTIFACTS = ("checkpoint.pt", "metrics.jsonl", "summary.json")
@@ -279,8 +280,20 @@ def _run(
                 logger.finish(exit_code=1)
             raise
     summary = {**head, **summary}
+    if summary.get("status") == "completed" and not cfg.get("keep_training_state", False):
+        drop_training_state(run_dir / "checkpoint.pt", device)
     write_json(summary, summary_path)
     if logger is not None:
         logger.summary(summary)
         logger.finish()
     return summary
+
+
+def drop_training_state(path: Path, device: torch.device) -> None:
+    """A completed run's checkpoint keeps the weights (model.pretrained reads them) and its
+    progress, not the optimizers, meta net and per-weight LSTM state (LSTMFC: ~220 MB)."""
+    if not path.exists():
+        return
+    state = load_checkpoint(path, device)  # saved back where training kept it
+    kept = {k: state[k] for k in ("version", "model", "progress", "metrics_offset") if k in state}
+    save_checkpoint({**kept, "training_state": "dropped at completion"}, path)

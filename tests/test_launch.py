@@ -233,3 +233,19 @@ def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, bad_checkpoi
     assert "Traceback" not in result.stderr
     outputs = tmp_path / "outputs"
     assert not [p for p in outputs.rglob("*") if p.is_file()] if outputs.exists() else True
+
+
+def test_a_completed_run_keeps_its_weights_and_drops_the_training_state(tmp_path):
+    for keep in ("false", "true"):
+        args = [*SMOKE, "meta=multifc", f"keep_training_state={keep}", f"run_name=keep-{keep}"]
+        result = launch(*args, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "outputs/quantize/fake"
+    dropped = torch.load(run / "keep-false/checkpoint.pt", weights_only=False)
+    kept = torch.load(run / "keep-true/checkpoint.pt", weights_only=False)
+    assert "step_state" in kept and "step_state" not in dropped and "rng" not in dropped
+    assert dropped["model"].keys() == kept["model"].keys()
+    assert all(torch.equal(dropped["model"][k], kept["model"][k]) for k in kept["model"])
+    assert summary(run / "keep-false")["status"] == "completed"
+    again = launch(*SMOKE, "meta=multifc", "run_name=keep-false", cwd=tmp_path)  # default: false
+    assert again.returncode == 0 and "already completed" in again.stderr + again.stdout
