@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     runs = find_segments(args.folders)
     if not runs:
-        print(f"error: no wandb/offline-run-* folders below {' '.join(map(str, args.folders))}")
+        where = " ".join(map(str, args.folders))
+        print(f"error: no wandb/offline-run-* folders below {where}", file=sys.stderr)
         return 2
     extra = [f"--{k}={v}" for k in ("project", "entity") if (v := getattr(args, k))]
     segments = sum(len(s) for s in runs.values())

@@ -81,4 +81,4 @@ def test_nothing_to_sync_is_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "mq.sync", str(tmp_path)], capture_output=True, text=True, env=env
     )
-    assert result.returncode == 2 and result.stdout.startswith("error: no wandb/offline-run-*")
+    assert result.returncode == 2 and result.stderr.startswith("error: no wandb/offline-run-*")
