@@ -104,7 +104,7 @@ def test_failed_and_diverged_jobs_do_not_stop_the_sweep_and_relaunch_reruns_only
         "-m",
         *FAST,
         "sweep_name=s",
-        "model.pretrained=null,garbage.pth",
+        "model.pretrained=null,./garbage.pth",  # a path: one folder garbage-HASH, not nested
         "optimizer.lr=1e-3,1e38",  # finite (validate() rejects inf): the weights overflow
     ]
     first = launch(*args, cwd=tmp_path)
@@ -140,6 +140,7 @@ def test_failed_and_diverged_jobs_do_not_stop_the_sweep_and_relaunch_reruns_only
     (run_file,) = rerun.glob("wandb/offline-run-*/run-*.wandb")
     (run,) = [r.run for r in read_records(run_file) if r.WhichOneof("record_type") == "run"]
     assert (run.run_group, run.display_name, run.job_type) == (group, rerun.name, "ste")
+    assert "model.pretrained=garbage-" in rerun.name and "/" not in run.display_name
     assert {"resnet20", "fake", "dorefa", "w1", "ste", "sgd"} <= set(run.tags)
 
 
