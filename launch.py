@@ -8,6 +8,7 @@ python launch.py -m +sweep=table1 hydra/launcher=slurm      # a preset sweep (do
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import mq.rundir  # noqa: F401 - registers ${mq_checkpoint_tag:...} (conf/task/eval.yaml)
-from mq.errors import ConfigError, find_config_error, first_line
+from mq.errors import ConfigError, find_config_error, first_line, hydra_error_line
 
 CONF = Path(__file__).resolve().parent / "conf"
 
@@ -53,7 +54,8 @@ def main(cfg: DictConfig) -> dict:
         from mq.ledger import wandb_group
 
         group = wandb_group(Path(hydra_cfg.sweep.dir), fallback=str(cfg.get("sweep_name")))
-        logger_args = {"group": group, "name": hydra_cfg.job.override_dirname or cfg.run_name}
+        # The job's folder name (path values shortened, mq/dirname.py), not Hydra's raw one.
+        logger_args = {"group": group, "name": str(hydra_cfg.sweep.subdir) or cfg.run_name}
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         return run(cfg, run_dir, choices, logger_args)
@@ -84,8 +86,18 @@ if __name__ == "__main__":
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    # Hydra reports its own composition errors in several lines and exits 1; with
+    # HYDRA_FULL_ERROR they reach us and become one line (unless the user asked for them).
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C: summary.json says failed and keeps the epochs done
         print("interrupted; run the same command again to resume", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
+    except Exception as exc:
+        line = None if full_error else hydra_error_line(exc)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)

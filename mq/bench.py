@@ -256,16 +256,26 @@ def table(results: dict, variants: list[Variant]) -> str:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mq.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--model", default="resnet20")
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where to run (auto: CUDA when present)",
+    )
+    p.add_argument("--model", default="resnet20", help="model config name (conf/model/)")
+    p.add_argument("--batch", type=int, default=128, help="training batch size")
     p.add_argument("--bits", type=int, default=1, help="dorefa bit width")
-    p.add_argument("--quants", default="dorefa,bwn")
+    p.add_argument("--quants", default="dorefa,bwn", help="subset of dorefa,bwn")
     p.add_argument("--nets", default=",".join(NETS), help="subset of ste,multifc,fcgrad,lstmfc")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant and round")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
-    p.add_argument("--epoch-batches", type=int, default=None, help="default: a whole epoch")
+    p.add_argument(
+        "--epoch-batches",
+        type=int,
+        default=None,
+        help="batches timed for throughput (default: an epoch)",
+    )
     p.add_argument("--images", type=int, default=50_000, help="synthetic training images")
     p.add_argument("--data-root", default=None, help="cifar10 image folder (train/, test/)")
     p.add_argument("--state-dtype", default="float32", help="LSTMFC state: float32 | bfloat16")
@@ -289,7 +299,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="leave glibc's malloc thresholds alone (mq raises them: mq/allocator.py)",
     )
     p.add_argument("--no-epoch", action="store_true", help="skip throughput and memory")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="torch intra-op threads (default: torch's, one per core)",
+    )
     p.add_argument("--quick", action="store_true", help="2 warm-up, 2x3 steps, 20-batch epoch")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)

@@ -7,15 +7,79 @@ class ConfigError(ValueError):
 
 def find_config_error(exc: BaseException) -> ConfigError | None:
     """The ConfigError behind ``exc``: Hydra's ``instantiate`` wraps constructor errors."""
+    chain: list[BaseException] = []
     seen: BaseException | None = exc
-    while seen is not None:
+    while seen is not None and seen not in chain:
         if isinstance(seen, ConfigError):
             return seen
+        chain.append(seen)
         seen = seen.__cause__ or seen.__context__
-    return None
+    # No ConfigError of ours: a constructor (torch's optimizers, nn.Linear) refusing a value.
+    return next(filter(None, map(_constructor_error, chain)), None)
 
 
 def first_line(exc: BaseException) -> str:
     """The first line of ``exc``'s message for one-line reports (its type name when empty)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _constructor_error(exc: BaseException) -> ConfigError | None:
+    """A constructor's refusal of its arguments (``ValueError``/``TypeError`` under Hydra's
+    InstantiationException), as one line naming the config node and the constructor's reason."""
+    from hydra.errors import InstantiationException
+
+    if not isinstance(exc, InstantiationException):
+        return None
+    cause = exc.__cause__
+    while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    if not isinstance(cause, (ValueError, TypeError)):
+        return None  # not bad arguments: keep the traceback
+    node = next(
+        (ln.split(":", 1)[1].strip() for ln in str(exc).splitlines() if "full_key:" in ln), ""
+    )
+    target = next((ln for ln in str(exc).splitlines() if "target '" in ln), "")
+    target = target.split("'")[1] if target.count("'") >= 2 else "its constructor"
+    return ConfigError(f"{node or 'config'} could not be built ({target}): {first_line(cause)}")
+
+
+def hydra_error_line(exc: BaseException) -> str | None:
+    """One line for an error Hydra raises while composing the config from the command line (a
+    key typo, a group without ``+``, bad override syntax); None for anything else."""
+    import difflib
+
+    from hydra.errors import (
+        ConfigCompositionException,
+        HydraException,
+        MissingConfigException,
+        OverrideParseException,
+    )
+
+    cause = exc.__cause__
+    if isinstance(exc, ConfigCompositionException) and "not in struct" in str(cause):
+        key, full_key = getattr(cause, "key", None), getattr(cause, "full_key", None)
+        parent = getattr(cause, "parent_node", None)
+        keys = [str(k) for k in (parent.keys() if parent is not None else [])]
+        keys = [k for k in keys if k != "hydra" and not k.startswith("_")]
+        prefix = full_key[: -len(str(key))] if full_key and key else ""
+        close = difflib.get_close_matches(str(key), keys, n=1, cutoff=0.6)
+        hint = f"did you mean {prefix}{close[0]}?" if close else f"allowed: {', '.join(keys)}"
+        return f"{full_key} is not a config key; {hint}"
+    text = str(exc).strip()
+    if "No match in the defaults list" in text:
+        key = text.split("'")[1] if text.count("'") >= 2 else "?"
+        plus = next((w for w in text.split() if w.startswith("+")), f"+{key}=NAME")
+        what = "a preset" if key == "sweep" else "a group that is not in the defaults list"
+        return f"{key} is {what}: use {plus}"
+    if isinstance(exc, MissingConfigException) and "Available options in" in text:
+        missing = text.split("'")[3] if text.count("'") >= 4 else "?"  # 'group/option'
+        group, _, option = missing.rpartition("/")
+        block = text.split("Available options in", 1)[1].split("Config search path")[0]
+        options = [ln.strip() for ln in block.splitlines()[1:] if ln.strip()]
+        return f"{group}={option} is not known; allowed: {', '.join(options)}"
+    if isinstance(exc, OverrideParseException):
+        return f"cannot parse the command line: {first_line(exc)} (Hydra's override grammar)"
+    if isinstance(exc, HydraException):
+        return "; ".join(line.strip().rstrip(".") for line in text.splitlines() if line.strip())
+    return None

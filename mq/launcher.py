@@ -12,8 +12,11 @@ Checking and skipping happen before, in mq.sweeper; checkpoint-and-requeue is th
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,10 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
 )
 from omegaconf import OmegaConf
 
+from mq import dirname as _dirname  # noqa: F401  (a job resolves its folder with ${mq.subdir:})
+from mq import slurm
+from mq.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -35,13 +42,13 @@ class SubmititJob(BaseSubmititLauncher):
 
 
 class TolerantLauncher(BaseSubmititLauncher):
-    def launch(
-        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
-    ) -> Sequence[JobReturn]:
-        # The plugin's launch(), except for the last lines (results collected one by one).
+    POLL_S = 1.0  # result files are checked this often (a stat per job)
+    SQUEUE_S = 15.0  # squeue (pending/running counts, reasons) at most this often
+
+    def _executor(self) -> Any:
+        """The plugin's executor set-up (hydra_submitit_launcher's launch(), first lines)."""
         import submitit
 
-        assert self.config is not None
         init_keys = {"submitit_folder", "max_num_timeout"}
         init = {
             f"{self._EXECUTOR}_{k}": v for k, v in self.params.items() if k == "max_num_timeout"
@@ -57,6 +64,25 @@ class TolerantLauncher(BaseSubmititLauncher):
                 if k not in init_keys
             }
         )
+        return executor
+
+    def preflight(self, n_jobs: int) -> None:
+        """Raise ConfigError when SLURM would refuse the jobs or never start them (called by
+        mq.sweeper before anything is written or submitted)."""
+        if self._EXECUTOR != "slurm" or n_jobs == 0:
+            return
+        executor = self._executor()
+        reason = slurm.refusal(dict(executor.parameters), executor.folder, n_jobs)
+        if reason:
+            raise ConfigError(f"{reason}; {FIX}")
+
+    def launch(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> Sequence[JobReturn]:
+        # The plugin's launch(), except for submission errors (one line) and the wait
+        # (progress as jobs end; a job without a result is a failed job).
+        assert self.config is not None
+        executor = self._executor()
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if "mode" in self.config.hydra.sweep:
@@ -80,9 +106,81 @@ class TolerantLauncher(BaseSubmititLauncher):
         runner.setup(
             hydra_context=self.hydra_context, task_function=self.task_function, config=self.config
         )
-        jobs = executor.map_array(runner, *zip(*args, strict=True))
-        log.info("submitted job array %s; waiting for its jobs", jobs[0].job_id.split("_")[0])
-        return [_result(j, overrides) for j, overrides in zip(jobs, job_overrides, strict=True)]
+        jobs = self._submit(executor, runner, args)
+        array = jobs[0].job_id.split("_")[0]
+        log.info("submitted job array %s; waiting for its jobs", array)
+        return self._wait(jobs, job_overrides, array, dict(executor.parameters))
+
+    def _submit(self, executor: Any, runner: SubmititJob, args: list[tuple]) -> list[Any]:
+        from submitit.core.utils import FailedJobError
+
+        quiet = io.StringIO()  # submitit prints sbatch's stderr before raising: say it once
+        try:
+            with contextlib.redirect_stderr(quiet):
+                return executor.map_array(runner, *zip(*args, strict=True))
+        except FailedJobError as exc:
+            message = slurm.sbatch_message(str(exc) or quiet.getvalue())
+            raise ConfigError(f"sbatch refused the jobs: {message}") from None
+
+    def _wait(
+        self,
+        jobs: list[Any],
+        job_overrides: Sequence[Sequence[str]],
+        array: str,
+        params: dict[str, Any],
+    ) -> list[JobReturn]:
+        """Collect each job's result as it ends; log the counts whenever they change and, once,
+        a pending reason that waiting will not cure."""
+        results: dict[int, JobReturn] = {}
+        states: dict[str, tuple[str, str]] = {}
+        last_squeue, last_line, warned, seen = 0.0, "", set(), -1
+        while True:
+            for i, job in enumerate(jobs):
+                if i not in results and job.done():
+                    results[i] = _result(job, job_overrides[i])
+            if len(results) == len(jobs):
+                break
+            now = time.monotonic()
+            fresh = len(results) != seen  # a job ended: the others' states moved too
+            if self._EXECUTOR == "slurm" and (fresh or now - last_squeue >= self.SQUEUE_S):
+                states, last_squeue, seen = slurm.queue(array), now, len(results)
+                for reason, n in slurm.stuck(states).items():
+                    if reason not in warned:
+                        warned.add(reason)
+                        log.warning(
+                            "%d jobs cannot start (SLURM: %s): %s; %s; scancel %s to stop them",
+                            n,
+                            reason,
+                            slurm.request(params),
+                            slurm.partition_offer(params.get("partition")) or "?",
+                            array,
+                        )
+            line = _progress(jobs, results, states)
+            if line != last_line:
+                log.info(line)
+                last_line = line
+            time.sleep(self.POLL_S)
+        log.info(_progress(jobs, results, {}))
+        return [results[i] for i in range(len(jobs))]
+
+
+FIX = (
+    "lower hydra.launcher.cpus_per_task / gpus_per_node / mem_gb or pick another "
+    "hydra.launcher.partition (scripts/slurm-cluster.sh: hydra/launcher=slurm_local)"
+)
+
+
+def _progress(jobs: list[Any], results: dict[int, JobReturn], states: dict) -> str:
+    failed = sum(r.status != JobStatus.COMPLETED for r in results.values())
+    waiting = [j.job_id for i, j in enumerate(jobs) if i not in results]
+    running = sum(states.get(j, ("",))[0] in ("RUNNING", "COMPLETING") for j in waiting)
+    pending = sum(states.get(j, ("",))[0] == "PENDING" for j in waiting)
+    if not states:  # local executor, or squeue not asked yet: whatever is not done runs
+        running, pending = len(waiting), 0
+    return (
+        f"jobs: {len(results) - failed} done, {failed} failed, {running} running, "
+        f"{pending} pending, of {len(jobs)}"
+    )
 
 
 def _result(job: Any, overrides: Sequence[str]) -> JobReturn:

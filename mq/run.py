@@ -15,8 +15,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mq.allocator import keep_freed_memory
-from mq.checkpoint import load_checkpoint, read_json, write_json
+from mq.checkpoint import load_checkpoint, read_json, save_checkpoint, write_json
 from mq.errors import ConfigError, first_line
+from mq.keys import VOLATILE, VOLATILE_DATASET
 from mq.ledger import FINAL
 from mq.models import check_model, checkpoint_file
 from mq.preempt import GracefulStop
@@ -28,21 +29,10 @@ log = logging.getLogger(__name__)
 
 TASKS = ("quantize", "pretrain", "eval")
 DEVICES = ("auto", "cpu", "cuda")
-# Keys that do not change a run's result: a resumed run may differ from the original in these.
-VOLATILE = (
-    "logger",
-    "device",
-    "cudnn_benchmark",
-    "progress",
-    "log_every",
-    "checkpoint_every_min",
-    "run_name",
-    "sweep_name",
-)
-VOLATILE_DATASET = ("root", "download", "cache", "workers")
 ARTIFACTS = ("checkpoint.pt", "metrics.jsonl", "summary.json")
 # A run that ended with one of these is a result: running the command again changes nothing.
 FINISHED = FINAL
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,12 +68,32 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and (not isinstance(value, (int, float)) or value < 0):
             raise ConfigError(f"{key}={value} is not allowed; allowed: a number >= 0")
+    for key, value in _leaves(OmegaConf.to_container(cfg, resolve=False)):
+        # nan/inf end diverged; beyond float32's range a step fails with "overflow"
+        if isinstance(value, float) and not abs(value) <= FLOAT32_MAX:
+            raise ConfigError(f"{key}={value} is not allowed; allowed: a finite number")
+    seed = cfg.seed
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError(f"seed={seed} is not allowed; allowed: an integer >= 0")
+    every = cfg.checkpoint_every_min
+    if not isinstance(every, (int, float)) or isinstance(every, bool) or every <= 0:
+        raise ConfigError(f"checkpoint_every_min={every} is not allowed; allowed: a number > 0")
+    for key in ("meta.hidden_size", "meta.num_layers"):  # lstmfc has no num_layers
+        value = OmegaConf.select(cfg, key, default=1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{key}={value} is not allowed; allowed: an integer >= 1")
     for key in ("limit_train_batches", "limit_test_batches"):
         value = OmegaConf.select(cfg, key)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ConfigError(f"{key}={value} is not allowed; allowed: null or an integer >= 1")
     if cfg.task.name == "eval" and not cfg.model.pretrained:
         raise ConfigError("task=eval needs model.pretrained=PATH (a checkpoint or run directory)")
+
+
+def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(node, dict):
+        return [kv for k, v in node.items() for kv in _leaves(v, f"{prefix}{k}.")]
+    return [(prefix[:-1], node)]
 
 
 def check(cfg: DictConfig, run_dir: Path | None = None) -> None:
@@ -206,7 +216,7 @@ def run(
 def _run(
     cfg: DictConfig, run_dir: Path, choices: dict[str, str], logger_args: dict[str, Any]
 ) -> dict[str, Any]:
-    validate(cfg)
+    check(cfg)  # values and constructors, before the model and the data are built
     device = resolve_device(cfg.device)
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # fixed shapes: time once, then reuse
     keep_freed_memory()  # a CPU step otherwise page-faults its memory back in every step
@@ -323,6 +333,10 @@ def _run(
             raise
     summary = {**head, **summary}
     write_json(summary, summary_path)
+    # After the summary says completed: a kill in between leaves a large checkpoint, never a
+    # "running" run whose checkpoint cannot resume.
+    if summary.get("status") == "completed" and not cfg.get("keep_training_state", False):
+        drop_training_state(run_dir / "checkpoint.pt", device)
     if logger is not None:
         logger.summary(summary)
         logger.finish()
@@ -354,3 +368,13 @@ def write_summary(data: dict[str, Any], path: Path) -> None:
             text = json.dumps(data, indent=2, sort_keys=True) + "\n"
             f.write(text)
             f.truncate()
+
+
+def drop_training_state(path: Path, device: torch.device) -> None:
+    """A completed run's checkpoint keeps the weights (model.pretrained reads them) and its
+    progress, not the optimizers, meta net and per-weight LSTM state (LSTMFC: ~220 MB)."""
+    if not path.exists():
+        return
+    state = load_checkpoint(path, device)  # saved back where training kept it
+    kept = {k: state[k] for k in ("version", "model", "progress", "metrics_offset") if k in state}
+    save_checkpoint({**kept, "training_state": "dropped at completion"}, path)

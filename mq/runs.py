@@ -17,21 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mq.keys import VOLATILE, VOLATILE_DATASET
+
 RUN_MARKERS = ("summary.json", "metrics.jsonl")
-# mq.run's keys that do not change results (its config.yaml leaves them out; Hydra's record
-# in .hydra/ has them). A copy, so that listing runs does not import torch; a test keeps the
-# two equal.
-VOLATILE = (
-    "logger",
-    "device",
-    "cudnn_benchmark",
-    "progress",
-    "log_every",
-    "checkpoint_every_min",
-    "run_name",
-    "sweep_name",
-)
-VOLATILE_DATASET = ("root", "download", "cache", "workers")
 # summary.json keys that say what a run's numbers were measured on (written since 0.6.0).
 MEASURED = (
     "limit_train_batches",

@@ -26,7 +26,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from mq import dirname as _dirname  # noqa: F401  (registers ${mq.subdir:...})
 from mq import ledger
+from mq.errors import ConfigError
 
 log = logging.getLogger(__name__)
 IN_SLURM = "in SLURM"  # running or pending (requeued) under an earlier launch: not again
@@ -72,6 +74,13 @@ class Sweeper(BasicSweeper):
             skipped,
         )
         launcher = OmegaConf.select(self.config, "hydra.launcher._target_", default="?")
+        preflight = getattr(self.launcher, "preflight", None)  # SLURM: can the jobs ever run?
+        try:
+            if preflight is not None:
+                preflight(len(todo))
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         record = ledger.record_launch(
@@ -87,7 +96,11 @@ class Sweeper(BasicSweeper):
         returns: list[list[JobReturn]] = []
         for start in range(0, len(todo), size):
             chunk = [p.overrides for p in todo[start : start + size]]
-            returns.append(list(self.launcher.launch(chunk, initial_job_idx=start)))
+            try:
+                returns.append(list(self.launcher.launch(chunk, initial_job_idx=start)))
+            except ConfigError as exc:  # sbatch refused: its message, one line
+                print(f"error: {exc}", file=sys.stderr)
+                sys.exit(2)
         self._report([r for batch in returns for r in batch], sweep_dir)
         return returns
 

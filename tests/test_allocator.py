@@ -39,6 +39,7 @@ def step_faults(mode: str) -> list[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+@pytest.mark.slow  # times many training steps in two fresh processes
 def test_keep_freed_memory_stops_page_faults_between_steps():
     default, kept = step_faults("default")[3:], step_faults("keep")[3:]  # after warm-up
     # measured per step: medians of 17,000-22,000 faults with glibc's defaults (it gives freed

@@ -1,5 +1,6 @@
 """python -m mq.bench end to end, at a tiny size: the table, the JSON and what they promise."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import torch
 from conftest import ROOT
 
 
+@pytest.mark.slow  # runs every benchmark once (about 20 s)
 def test_bench_writes_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
     args = "--nets ste,multifc --quants dorefa --warmup 1 --steps 2 --rounds 2 --batch 32"
@@ -65,3 +67,19 @@ def test_bench_cuda_without_a_gpu_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         parse(["--device", "cuda"])
     assert "no CUDA device is available here" in capsys.readouterr().err
+
+
+def test_every_bench_option_has_a_help_text(monkeypatch):
+    from mq.bench import parse
+
+    parsers = []
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def spy(self, *args, **kwargs):
+        parsers.append(self)
+        return parse_args(self, *args, **kwargs)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", spy)
+    parse(["--quick"])
+    (parser,) = parsers
+    assert [a.option_strings for a in parser._actions if not a.help] == []

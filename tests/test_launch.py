@@ -17,7 +17,6 @@ from conftest import ROOT, SMOKE, launch
 from wandb_records import history_keys, read_records
 
 METAS = ["ste", "multifc", "fcgrad", "lstmfc"]
-QUANTS = ["dorefa", "bwn", "bwn_f"]
 
 
 def rows(run_dir: Path) -> list[dict]:
@@ -28,11 +27,16 @@ def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def test_every_meta_and_quant_pair_trains(tmp_path):
+# Every meta net under dorefa (and the full-precision run) in the fast suite; the other
+# quantizers with every meta net in the slow one (one launch of 4 or 8 jobs each).
+@pytest.mark.parametrize(
+    "quants", [["dorefa"], pytest.param(["bwn", "bwn_f"], marks=pytest.mark.slow)], ids=str
+)
+def test_every_meta_and_quant_pair_trains(tmp_path, quants):
     result = launch(
         "-m",
         f"meta={','.join(METAS)}",
-        f"quant={','.join(QUANTS)}",
+        f"quant={','.join(quants)}",
         *SMOKE,
         "hydra.sweep.dir=sweep",
         cwd=tmp_path,
@@ -43,7 +47,7 @@ def test_every_meta_and_quant_pair_trains(tmp_path):
     assert fp.returncode == 0, fp.stderr[-3000:]
     dirs = sorted((tmp_path / "sweep").iterdir())
     dirs = [d for d in dirs if d.is_dir()] + [tmp_path / "outputs/quantize/fake/fp"]
-    assert len(dirs) == len(METAS) * len(QUANTS) + 1
+    assert len(dirs) == len(METAS) * len(quants) + 1
     for run_dir in dirs:
         s = summary(run_dir)
         assert s["status"] == "completed", run_dir
@@ -148,11 +152,14 @@ def test_completed_run_is_not_overwritten_and_other_config_is_refused(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "outputs/quantize/fake/resnet20-dorefa-w1-multifc-sgd-s0"
     before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.is_file()}
+    # keep_training_state=false (default): the weights stay, the training state goes
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert "model" in state and "step_state" not in state and "rng" not in state
     again = launch(*SMOKE, cwd=tmp_path)
     assert again.returncode == 0
     assert "already completed" in again.stderr + again.stdout
     # a key that does not change results (cuDNN's algorithm search) finds the same run
-    volatile = launch(*SMOKE, "cudnn_benchmark=false", cwd=tmp_path)
+    volatile = launch(*SMOKE, "cudnn_benchmark=false", "keep_training_state=true", cwd=tmp_path)
     assert volatile.returncode == 0 and "already completed" in volatile.stderr + volatile.stdout
     changed = launch(*SMOKE, "optimizer.lr=0.5", cwd=tmp_path)
     assert changed.returncode != 0
@@ -192,19 +199,33 @@ def bad_checkpoints(tmp_path_factory):
     return folder
 
 
+# A launch per case (4-13 s each): the cases that validate() or the checkpoint loader also see
+# in-process (test_config, test_cli_errors) run in the slow suite; one of each path stays here.
 @pytest.mark.parametrize(
     "args, message",
     [
         (["quant=foo"], "quant=foo is not known; allowed: bwn, bwn_f, dorefa, none"),
         (["meta=ste,bogus"], "meta=bogus is not known"),
-        (["bits=9"], "bits=9 is not allowed"),
-        (["cudnn_benchmark=maybe"], "cudnn_benchmark=maybe is not allowed; allowed: true, false"),
+        pytest.param(["bits=9"], "bits=9 is not allowed", marks=pytest.mark.slow),
+        pytest.param(
+            ["cudnn_benchmark=maybe"],
+            "cudnn_benchmark=maybe is not allowed; allowed: true, false",
+            marks=pytest.mark.slow,
+        ),
         (["quant=bwn", "bits=2"], "bits=2 is not allowed for bwn; allowed: 1"),
-        (["optimizer.lr=-0.1"], "optimizer.lr=-0.1 is not allowed"),
+        pytest.param(
+            ["optimizer.lr=-0.1"], "optimizer.lr=-0.1 is not allowed", marks=pytest.mark.slow
+        ),
         (["dataset=cifar10", "dataset.root=nowhere"], "dataset.root=nowhere"),
         (["model.pretrained=CKPT/garbage.pth"], "garbage.pth is not a readable checkpoint"),
-        (["model=resnet32", "model.pretrained=CKPT/resnet20.pth"], "missing keys: layer1.3"),
-        (["model.pretrained=CKPT/none.pth"], "none.pth does not exist"),
+        pytest.param(
+            ["model=resnet32", "model.pretrained=CKPT/resnet20.pth"],
+            "missing keys: layer1.3",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["model.pretrained=CKPT/none.pth"], "none.pth does not exist", marks=pytest.mark.slow
+        ),
     ],
 )
 def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, bad_checkpoints, args, message):
@@ -221,3 +242,20 @@ def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, bad_checkpoi
     assert "Traceback" not in result.stderr
     outputs = tmp_path / "outputs"
     assert not [p for p in outputs.rglob("*") if p.is_file()] if outputs.exists() else True
+
+
+@pytest.mark.slow  # the default (dropped) is checked by the completed-run test above
+def test_a_completed_run_keeps_its_weights_and_drops_the_training_state(tmp_path):
+    for keep in ("false", "true"):
+        args = [*SMOKE, "meta=multifc", f"keep_training_state={keep}", f"run_name=keep-{keep}"]
+        result = launch(*args, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "outputs/quantize/fake"
+    dropped = torch.load(run / "keep-false/checkpoint.pt", weights_only=False)
+    kept = torch.load(run / "keep-true/checkpoint.pt", weights_only=False)
+    assert "step_state" in kept and "step_state" not in dropped and "rng" not in dropped
+    assert dropped["model"].keys() == kept["model"].keys()
+    assert all(torch.equal(dropped["model"][k], kept["model"][k]) for k in kept["model"])
+    assert summary(run / "keep-false")["status"] == "completed"
+    again = launch(*SMOKE, "meta=multifc", "run_name=keep-false", cwd=tmp_path)  # default: false
+    assert again.returncode == 0 and "already completed" in again.stderr + again.stdout

@@ -46,7 +46,7 @@ def base():
     return build_model("resnet20", 10)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "sgdm", "adam"])
+@pytest.mark.parametrize("optimizer", ["sgd", pytest.param("sgdm", marks=pytest.mark.slow), "adam"])
 def test_identity_meta_net_is_ste_in_disguise(base, optimizer):
     ste_model = quantize_model(copy.deepcopy(base), BWNWeight())
     meta_model = quantize_model(copy.deepcopy(base), BWNWeight())
@@ -138,8 +138,15 @@ def test_lstm_state_is_per_coordinate_and_carried(base):
     assert not h.requires_grad and h.abs().sum() > 0 and c.abs().sum() > 0
 
 
-@pytest.mark.parametrize("net", ["multifc", "lstmfc"])
-@pytest.mark.parametrize("update", ["paper", "original"])
+@pytest.mark.parametrize(
+    ("net", "update"),
+    [
+        ("multifc", "paper"),
+        ("lstmfc", "paper"),
+        pytest.param("multifc", "original", marks=pytest.mark.slow),
+        pytest.param("lstmfc", "original", marks=pytest.mark.slow),
+    ],
+)
 def test_step_state_round_trip_gives_identical_continuation(base, net, update):
     data = batches(4)
 

@@ -156,9 +156,15 @@ def test_metrics_rows_count_epochs_from_one_and_carry_times(tmp_path):
     )
 
 
-def test_volatile_keys_match_mq_run():
-    import mq.run
-    import mq.runs
+def test_volatile_keys_are_config_keys():
+    """A misspelt entry in mq.keys would leave a result-changing key in the resume check."""
+    from conftest import CONF, compose_config
 
-    assert mq.runs.VOLATILE == mq.run.VOLATILE
-    assert mq.runs.VOLATILE_DATASET == mq.run.VOLATILE_DATASET
+    from mq.keys import VOLATILE, VOLATILE_DATASET
+
+    cfg = compose_config([])
+    assert [key for key in VOLATILE if key not in cfg] == []
+    dataset_keys = set()
+    for path in (CONF / "dataset").glob("*.yaml"):
+        dataset_keys |= set(compose_config([f"dataset={path.stem}"]).dataset)
+    assert [key for key in VOLATILE_DATASET if key not in dataset_keys] == []

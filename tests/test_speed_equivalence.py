@@ -44,8 +44,9 @@ def assert_same(a, b) -> None:
 @pytest.mark.parametrize(
     ("hidden", "nonlinearity", "state_dtype", "compile", "block"),
     [
-        (100, "none", "float32", False, 50_000),
-        (100, "none", "float32", True, 50_000),  # the config's default: meta.compile=true
+        # Full width (about 40 s each on 2 cores): the slow suite; width 16 covers the paths.
+        pytest.param(100, "none", "float32", False, 50_000, marks=pytest.mark.slow),
+        pytest.param(100, "none", "float32", True, 50_000, marks=pytest.mark.slow),
         (16, "tanh", "float32", False, 50_000),
         (16, "relu", "bfloat16", False, 50_000),
         (16, "none", "float32", True, None),  # one block of all rows, as on a GPU (compiled)
@@ -78,7 +79,12 @@ def test_fused_lstmfc_matches_lstm_cell(hidden, nonlinearity, state_dtype, compi
 
 
 @pytest.mark.parametrize(
-    ("quant", "net"), [("bwn", "ste"), ("dorefa", "ste"), ("dorefa", "multifc")]
+    ("quant", "net"),
+    [
+        ("bwn", "ste"),
+        pytest.param("dorefa", "ste", marks=pytest.mark.slow),
+        pytest.param("dorefa", "multifc", marks=pytest.mark.slow),
+    ],
 )
 def test_channels_last_matches_nchw(quant, net):
     results = []
@@ -94,6 +100,7 @@ def test_channels_last_matches_nchw(quant, net):
     assert_same(*results)
 
 
+@pytest.mark.slow  # ResNet-20 twice, full precision; bwn-ste above covers channels-last
 def test_full_precision_channels_last_matches_nchw():
     results = []
     for channels_last in (False, True):

@@ -104,14 +104,14 @@ def test_failed_and_diverged_jobs_do_not_stop_the_sweep_and_relaunch_reruns_only
         "-m",
         *FAST,
         "sweep_name=s",
-        "model.pretrained=null,garbage.pth",
-        "optimizer.lr=1e-3,inf",
+        "model.pretrained=null,./garbage.pth",  # a path: one folder garbage-HASH, not nested
+        "optimizer.lr=1e-3,1e38",  # finite (validate() rejects inf): the weights overflow
     ]
     first = launch(*args, cwd=tmp_path)
     assert first.returncode == 1, first.stderr[-3000:]
     sweep = tmp_path / "outputs/sweeps/s"
     runs = {d.name: summary(d) for d in sweep.iterdir() if (d / "summary.json").exists()}
-    statuses = sorted((s["status"], "garbage" in name, "inf" in name) for name, s in runs.items())
+    statuses = sorted((s["status"], "garbage" in name, "e+38" in name) for name, s in runs.items())
     assert statuses == [
         ("completed", False, False),
         ("diverged", False, True),
@@ -136,13 +136,15 @@ def test_failed_and_diverged_jobs_do_not_stop_the_sweep_and_relaunch_reruns_only
     assert json.loads((sweep / "sweep.json").read_text())["group"] == group
 
     # The wandb run of a sweep job: the sweep's group, named by its overrides.
-    rerun = next(sweep / n for n in after if "garbage" in n and "inf" not in n)
+    rerun = next(sweep / n for n in after if "garbage" in n and "e+38" not in n)
     (run_file,) = rerun.glob("wandb/offline-run-*/run-*.wandb")
     (run,) = [r.run for r in read_records(run_file) if r.WhichOneof("record_type") == "run"]
     assert (run.run_group, run.display_name, run.job_type) == (group, rerun.name, "ste")
+    assert "model.pretrained=garbage-" in rerun.name and "/" not in run.display_name
     assert {"resnet20", "fake", "dorefa", "w1", "ste", "sgd"} <= set(run.tags)
 
 
+@pytest.mark.slow  # three launches; test_launch's kill-and-resume covers resume in the fast suite
 def test_sigterm_checkpoints_marks_failed_and_the_rerun_matches(tmp_path):
     args = [*FAST, "limit_train_batches=8", "log_every=1"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

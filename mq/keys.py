@@ -1,0 +1,18 @@
+"""Config keys that do not change a run's result. One definition, read by the resume check
+(mq.run), the run listing and report (mq.runs); a resumed run may differ from the original in
+these. Kept free of torch so that listing runs stays quick."""
+
+from __future__ import annotations
+
+VOLATILE = (
+    "logger",
+    "device",
+    "cudnn_benchmark",
+    "progress",
+    "log_every",
+    "checkpoint_every_min",
+    "keep_training_state",
+    "run_name",
+    "sweep_name",
+)
+VOLATILE_DATASET = ("root", "download", "cache", "workers")

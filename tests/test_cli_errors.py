@@ -1,0 +1,86 @@
+"""Bad command lines end in one line `error: ...`, exit code 2, nothing written: Hydra's own
+composition errors (key typos, a preset without +, bad syntax), non-finite numbers, bad seeds,
+and constructors refusing a value (with the constructor's reason, also in the sweep pre-check)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import CONF, SMOKE, compose_config, launch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from mq.errors import ConfigError, find_config_error, hydra_error_line
+from mq.run import check, validate
+
+
+def composition_error(overrides: list[str]) -> str | None:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        with pytest.raises(Exception) as info:
+            compose("config", overrides=overrides)
+    return hydra_error_line(info.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, line",
+    [
+        (["bitz=1"], "bitz is not a config key; did you mean bits?"),
+        (
+            ["meta.hidden_sise=3"],
+            "meta.hidden_sise is not a config key; did you mean meta.hidden_size?",
+        ),
+        (["optimizer.momentum=0.9"], "optimizer.momentum is not a config key; allowed: lr"),
+        (["sweep=table1"], "sweep is a preset: use +sweep=table1"),
+        (["hydra/launcher=foo"], "hydra/launcher=foo is not known; allowed: basic, local, slurm"),
+        (["bits=[1"], "cannot parse the command line: no viable alternative at input '[1'"),
+    ],
+)
+def test_hydra_composition_errors_become_one_line(overrides, line):
+    got = composition_error(overrides)
+    assert got is not None and got.startswith(line) and "\n" not in got
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimizer.lr=nan", "optimizer.lr=nan is not allowed; allowed: a finite number"),
+        ("meta.lr=inf", "meta.lr=inf is not allowed; allowed: a finite number"),
+        ("optimizer.lr=1e300", "optimizer.lr=1e+300 is not allowed"),  # inf in float32
+        ("seed=abc", "seed=abc is not allowed; allowed: an integer >= 0"),
+        ("seed=-1", "seed=-1 is not allowed"),
+        ("seed=1.5", "seed=1.5 is not allowed"),
+        (
+            "checkpoint_every_min=abc",
+            "checkpoint_every_min=abc is not allowed; allowed: a number > 0",
+        ),
+        ("meta.hidden_size=abc", "meta.hidden_size=abc is not allowed; allowed: an integer >= 1"),
+    ],
+)
+def test_validate_rejects_non_finite_numbers_bad_seeds_and_sizes(override, message):
+    with pytest.raises(ConfigError) as info:
+        validate(compose_config([override]))
+    assert str(info.value) == message or str(info.value).startswith(message)
+
+
+def test_a_constructors_refusal_keeps_its_reason():
+    cfg = compose_config(["optimizer=sgdm", "optimizer.momentum=-1"])
+    task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    with pytest.raises(Exception) as info:
+        check(task)
+    error = find_config_error(info.value)  # what the sweep pre-check and launch.py print
+    assert error is not None and "Invalid momentum value: -1" in str(error)
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["bitz=1"], "error: bitz is not a config key; did you mean bits?"),
+        (["seed=abc"], "error: seed=abc is not allowed; allowed: an integer >= 0"),
+    ],
+)
+def test_launch_prints_one_line_exits_2_and_writes_nothing(tmp_path, args, line):
+    result = launch(*SMOKE, *args, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == line, result.stderr
+    outputs = tmp_path / "outputs"
+    assert not [p for p in outputs.rglob("*") if p.is_file()] if outputs.exists() else True

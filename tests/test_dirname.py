@@ -1,0 +1,53 @@
+"""Sweep folder names: Hydra's override_dirname for plain values (existing sweeps keep their
+folders), a short stable `stem-hash` for path values (no nested folders, no 190-char names)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import compose_config
+from omegaconf import OmegaConf
+
+from mq.dirname import override_dirname, short_value
+
+PLAIN = [
+    ["quant=dorefa", "bits=1", "meta=ste", "seed=0"],
+    ["+sweep=table1", "model=resnet32", "dataset=cifar10", "optimizer=adam", "seed=3"],
+    ["meta.hidden_size=50", "meta.nonlinearity=relu", "optimizer.lr=0.001", "bits=2"],
+    ["dataset.root=/data/cifar", "device=cpu", "logger=none", "limit_train_batches=100"],
+    ["model.pretrained=null", "run_name=abc", "epochs=2"],
+]
+
+
+def subdir(overrides: list[str]) -> tuple[str, str]:
+    """(our sweep subdir, Hydra's own override_dirname) for a job with these overrides."""
+    cfg = compose_config(overrides)
+    return str(cfg.hydra.sweep.subdir), str(cfg.hydra.job.override_dirname)
+
+
+@pytest.mark.parametrize("overrides", PLAIN, ids=lambda o: " ".join(o))
+def test_plain_overrides_keep_hydras_folder_name(overrides):
+    ours, hydras = subdir(overrides)
+    assert ours == hydras  # a relaunch of an existing sweep finds its completed jobs
+
+
+def test_a_path_value_becomes_one_short_stable_unique_folder(tmp_path):
+    ckpt = "/work/shared/data/original-checkpoints/ResNet20-CIFAR10-pretrain.pth"
+    ours, hydras = subdir(["bits=1", f"model.pretrained={ckpt}", "seed=0"])
+    assert "/" in hydras  # Hydra's own name nests folders (hydra#1832)
+    assert "/" not in ours and len(ours) < 80
+    assert ours.startswith("bits=1,model.pretrained=ResNet20-CIFAR10-pretrain-")
+    assert ours.endswith(",seed=0")
+    assert subdir(["bits=1", f"model.pretrained={ckpt}", "seed=0"])[0] == ours  # stable
+    other = ckpt.replace("/work/", "/scratch/")  # same file name, another file
+    assert subdir(["bits=1", f"model.pretrained={other}", "seed=0"])[0] != ours
+    run_dir = "outputs/pretrain/cifar10/resnet20-fp-sgdm-s0/"
+    assert short_value(run_dir).startswith("resnet20-fp-sgdm-s0-")
+
+
+def test_excluded_keys_and_separators_follow_hydras_options():
+    options = OmegaConf.create({"kv_sep": "_", "item_sep": "__", "exclude_keys": ["seed"]})
+    name = override_dirname(["b=/x/y.pt", "seed=1", "a=2"], options.exclude_keys, "__", "_")
+    assert name == f"a_2__b_y-{short_value('/x/y.pt').split('-')[-1]}"
+    assert Path(name).name == name
