@@ -59,35 +59,14 @@ class Run:
         return statistics.fmean(tail) if tail else None
 
     def _limits(self, brief: bool) -> str | None:
-        m, parts = self.measured, []
-        images, total = m.get("test_images"), m.get("test_images_total")
-        if images is not None and total is not None:
-            if images < total:
-                parts.append(
-                    f"test {images:,}/{total:,}"
-                    if brief
-                    else f"tested on {images:,} of {total:,} images"
-                )
-        elif m.get("limit_test_batches") is not None:
-            # Before 0.6.0 a limit took the first batches: one or two classes of a sorted set.
-            n = m["limit_test_batches"]
-            parts.append(
-                f"test first {n} batches" if brief else f"tested on the first {n} batches only"
-            )
-        done, total = m.get("train_batches"), m.get("train_batches_total")
-        if done is not None and total is not None:
-            if done < total:
-                parts.append(
-                    f"train {done:,}/{total:,} batches"
-                    if brief
-                    else f"trained on {done:,} of {total:,} batches per epoch"
-                )
-        elif m.get("limit_train_batches") is not None:
-            n = m["limit_train_batches"]
-            parts.append(
-                f"train <={n} batches" if brief else f"trained on at most {n} batches per epoch"
-            )
-        return "; ".join(parts) or None
+        m = self.measured
+        parts = [
+            _limit(m, "test_images", "test_images_total", "limit_test_batches", brief, "test"),
+            _limit(
+                m, "train_batches", "train_batches_total", "limit_train_batches", brief, "train"
+            ),
+        ]
+        return "; ".join(p for p in parts if p) or None
 
     @property
     def limited(self) -> str | None:
@@ -346,6 +325,29 @@ def main(argv: list[str] | None = None) -> int:
         tally = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
         print(f"{len(rows)} runs under {root}" + (f": {tally}" if tally else ""))
     return 0
+
+
+def _limit(
+    measured: dict[str, Any], done_key: str, total_key: str, limit_key: str, brief: bool, kind: str
+) -> str | None:
+    """What a limited run measured on one side (test images or train batches per epoch)."""
+    done, total, limit = measured.get(done_key), measured.get(total_key), measured.get(limit_key)
+    unit = "images" if kind == "test" else "batches"
+    if done is not None and total is not None:
+        if done >= total:
+            return None
+        if brief:
+            return f"{kind} {done:,}/{total:,}" + ("" if kind == "test" else " batches")
+        if kind == "test":
+            return f"tested on {done:,} of {total:,} images"
+        return f"trained on {done:,} of {total:,} {unit} per epoch"
+    if limit is None:
+        return None
+    if kind == "test":  # before 0.6.0 a limit took the first batches: one or two classes
+        return (
+            f"test first {limit} batches" if brief else f"tested on the first {limit} batches only"
+        )
+    return f"train <={limit} batches" if brief else f"trained on at most {limit} batches per epoch"
 
 
 if __name__ == "__main__":

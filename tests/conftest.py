@@ -37,17 +37,39 @@ def compose_config(overrides: list[str]) -> DictConfig:
     return cfg
 
 
+def launch_env() -> dict[str, str]:
+    # One thread per job: on a busy 2-core machine two torch threads per process thrash.
+    # PYTHONPATH: jobs (SLURM ones too) import this checkout's mq, not another installed copy.
+    return {
+        **os.environ,
+        "WANDB_SILENT": "true",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+
+
 def launch(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``python launch.py ARGS`` in ``cwd`` (outputs/ goes there)."""
-    # One thread per job: on a busy 2-core machine two torch threads per process thrash.
-    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, str(ROOT / "launch.py"), *args],
         cwd=cwd,
-        env=env,
+        env=launch_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
+    )
+
+
+def start_launch(*args: str, cwd: Path) -> subprocess.Popen:
+    """``python launch.py ARGS`` in ``cwd``, left running (stdout and stderr piped)."""
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "launch.py"), *args],
+        cwd=cwd,
+        env=launch_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 

@@ -5,12 +5,10 @@ progress while it waits; a pending reason that waiting will not cure is recognis
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import pytest
-from conftest import ROOT, SMOKE
+from conftest import SMOKE, launch
 from slurm_util import require_slurm_cluster
 
 from mq import slurm
@@ -21,19 +19,6 @@ pytestmark = pytest.mark.slurm
 @pytest.fixture(scope="module", autouse=True)
 def _slurm_cluster() -> None:
     require_slurm_cluster()
-
-
-def launch(*args: str, cwd, timeout: float = 300) -> subprocess.CompletedProcess:
-    # PYTHONPATH: the jobs on the node import this checkout's mq, not another installed copy.
-    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "launch.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def queued(name: str) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SMOKE, compose_config, launch
+from conftest import ROOT, SMOKE, compose_config, launch, start_launch
 
 from mq.checkpoint import load_checkpoint, save_checkpoint
 from mq.loggers import MetricsFile
@@ -201,15 +201,7 @@ def test_second_launch_of_a_locked_run_folder_refuses_in_one_line(tmp_path):
 def test_two_simultaneous_launches_one_completes_one_refuses(tmp_path):
     # long enough (5 x 16 steps) for the second launch to start while the first still runs
     args = [*SMOKE, "epochs=5", "limit_train_batches=16", "log_every=1"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen(
-        [sys.executable, str(ROOT / "launch.py"), *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    first = start_launch(*args, cwd=tmp_path)
     metrics = tmp_path / RUN / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and metrics.read_text()) and time.monotonic() < deadline:
@@ -440,21 +432,15 @@ def test_repeated_and_refused_commands_leave_a_completed_run_untouched(tmp_path)
 @pytest.mark.slow
 def test_ctrl_c_is_one_line_and_keeps_the_progress(tmp_path):
     args = [*SMOKE, "epochs=3", "limit_train_batches=4", "log_every=1"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "launch.py"), *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_launch(*args, cwd=tmp_path)
     metrics = tmp_path / RUN / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         text = metrics.read_text() if metrics.exists() else ""
-        if any(json.loads(line).get("epoch") == 1 for line in text.splitlines() if line):
+        complete = text[: text.rfind("\n") + 1]  # a line being written is not JSON yet
+        rows = [json.loads(line) for line in complete.splitlines() if line]
+        if any(row["kind"] == "epoch" for row in rows):  # the first epoch is complete
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
