@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mq.meta import IdentitySTE, MetaQuantStep, STEStep
+from mq.meta.step import released_adam_eps
 from mq.models import build_model
 from mq.quant import BWNWeight, DorefaWeight, quantize_model
 from mq.quant.functions import bwn_scale
@@ -131,16 +132,62 @@ def test_bwn_metaquant_steps_one_over_alpha_further_than_ste(base, quant):
     assert alpha.max() < 0.5  # so MetaQuant's step is the larger one, by 1/alpha
 
 
-def test_step_zero_leaves_quantized_weights_alone(base):
+@pytest.mark.parametrize("update", ["paper", "original"])
+def test_step_zero_leaves_quantized_weights_alone(base, update):
+    """Step 0 has no meta gradient yet: the quantized weights wait. BatchNorm and the fc bias
+    take their step in paper mode; the released code (original) updates nothing at all."""
     model = quantize_model(copy.deepcopy(base), DorefaWeight(1))
     before = {n: w.detach().clone() for n, w in model.quantized_weights().items()}
     bn_before = model.net.bn1.weight.detach().clone()
-    step = MetaQuantStep(model, OPTIMIZERS["sgd"], net="multifc")
+    bias_before = model.net.fc.bias.detach().clone()
+    step = MetaQuantStep(model, OPTIMIZERS["sgd"], net="multifc", update=update)
     step.train_step(*batches(1)[0])
     for n, w in model.quantized_weights().items():
         assert torch.equal(w, before[n])
-    assert not torch.equal(model.net.bn1.weight, bn_before)
+    moved = update == "paper"
+    assert torch.equal(model.net.bn1.weight, bn_before) != moved
+    assert torch.equal(model.net.fc.bias, bias_before) != moved
     assert step.grad_hat is not None and step.grad_hat.abs().sum() > 0
+
+
+def test_released_adam_eps_is_the_released_formula():
+    """The released Adam: p <- p - lr * sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps), eps before
+    the bias correction (torch adds it after). Written out here and compared over 3 steps."""
+    torch.manual_seed(0)
+    p = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    ref = p.detach().clone()
+    lr, (b1, b2), eps, wd = 0.1, (0.9, 0.999), 1e-3, 5e-4  # a big eps makes the gap visible
+    opt = torch.optim.Adam([p], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    q = p.detach().clone().requires_grad_()
+    plain = torch.optim.Adam([q], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)  # torch alone
+    m, v = torch.zeros_like(ref), torch.zeros_like(ref)
+    for t in range(1, 4):
+        g = torch.randn(50, dtype=torch.float64)
+        p.grad, q.grad = g.clone(), g.clone()
+        released_adam_eps(opt)
+        opt.step()
+        plain.step()
+        g = g + wd * ref
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        ref -= lr * (1 - b2**t) ** 0.5 / (1 - b1**t) * m / (v.sqrt() + eps)
+        torch.testing.assert_close(p.detach(), ref, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(q.detach(), p.detach(), rtol=1e-6, atol=0)
+
+
+def test_original_look_ahead_follows_the_current_lr(base):
+    """The released look-ahead is the current lr times the previous refined gradient: when the
+    lr drops, the stored previous update (weights and biases) drops with it."""
+    model = quantize_model(copy.deepcopy(base), DorefaWeight(1))
+    step = MetaQuantStep(model, OPTIMIZERS["sgd"], net="multifc", update="original")
+    for x, y in batches(2):
+        step.train_step(x, y)
+    weights, biases = step.previous_update.clone(), [u.clone() for u in step.previous_bias_update]
+    assert weights.abs().sum() > 0 and len(biases) == 1 and biases[0].abs().sum() > 0
+    step.set_lr(0.005)  # from 0.05
+    torch.testing.assert_close(step.previous_update, weights * 0.1)
+    torch.testing.assert_close(step.previous_bias_update[0], biases[0] * 0.1)
+    step.set_lr(0.005)
+    torch.testing.assert_close(step.previous_update, weights * 0.1)
 
 
 @pytest.mark.parametrize("net", ["multifc", "fcgrad", "lstmfc"])

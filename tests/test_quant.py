@@ -124,3 +124,28 @@ def test_bad_bit_widths_are_config_errors():
         DorefaWeight(0)
     with pytest.raises(ConfigError, match="bits=2 is not allowed for bwn"):
         BWNWeight(2)
+
+
+@pytest.mark.parametrize("quant", ["dorefa", "bwn", "bwn_f"])
+def test_a_run_from_before_the_slope_change_is_not_resumed(quant, tmp_path):
+    """Runs saved before 0.6.0 (no quant.ste_slope in their config.yaml) trained with slope 1:
+    resuming them with today's default would mix two baselines, so the run is refused, with
+    a one-line error naming the key."""
+    from conftest import compose_config
+    from omegaconf import OmegaConf, open_dict
+
+    from mq.run import check_run_dir, result_config
+
+    cfg = compose_config([f"quant={quant}", "meta=ste", "logger=none"])
+    with open_dict(cfg):
+        del cfg["hydra"]  # a job's config, as mq.run sees it
+    assert cfg.quant.ste_slope == "forward"
+    old = result_config(cfg)
+    del old["quant"]["ste_slope"]
+    OmegaConf.save(OmegaConf.create(old), tmp_path / "config.yaml")
+    with pytest.raises(ConfigError, match="quant.ste_slope: None -> forward") as info:
+        check_run_dir(cfg, tmp_path)
+    assert "\n" not in str(info.value)
+    # the same run with the key resumes (check_run_dir returns the summary, here empty)
+    OmegaConf.save(OmegaConf.create(result_config(cfg)), tmp_path / "config.yaml")
+    assert check_run_dir(cfg, tmp_path) == {}
