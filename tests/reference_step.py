@@ -4,6 +4,10 @@ The step in mq.meta.step runs the quantizer and the update over all layers' weig
 (mq.quant.flat); this one loops over the layers with the per-tensor quantizer API and keeps its
 flat tensors in plain row-major order per layer, with ``previous_update`` as a list, as mq's
 checkpoints did before the flat layout. Tests compare the two and resume one from the other.
+
+``update="original"`` follows the released code layer by layer as its MetaQuantConv/Linear do:
+nothing moves at step 0, each layer's bias enters the forward as b - lr * (its previous
+gradient), and a BWN-F conv takes alpha from its weight before the meta update.
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ class PerLayerMetaQuantStep(MetaQuantStep):
             g = g.view_as(w)
             grads.append(g if calibration is None else g * calibration)
         before = [w.detach().clone() for w in self.weights]
+        self.before = before
         for w, g in zip(self.weights, grads, strict=True):
             w.grad = g.detach()
-        self.weight_optimizer.step()
+        self._optimizer_step(self.weight_optimizer)
         w_meta = []
         for i, (w, g) in enumerate(zip(self.weights, grads, strict=True)):
             derivative = -lr * (g - g.detach())
@@ -48,26 +53,47 @@ class PerLayerMetaQuantStep(MetaQuantStep):
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         first = self.grad_hat is None
+        original = self.update == "original"
         weights = list(self.weights) if first else self._per_layer_meta_weights()
         w_tilde = [self.quantizer.transform(w) for w in weights]
-        w_hat = [self.quantizer.quantize(t) for t in w_tilde]
+        if original and not first and getattr(self.quantizer, "per_filter", False):
+            w_hat = [
+                self.quantizer.quantize(t, scale_of=b if t.dim() > 2 else None)
+                for t, b in zip(w_tilde, self.before, strict=True)
+            ]
+        else:
+            w_hat = [self.quantizer.quantize(t) for t in w_tilde]
         leaves = [w.detach().requires_grad_() for w in w_hat]
         for opt in (self.other_optimizer, self.meta_optimizer):
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
-        logits = self.model(x, self.model.named(leaves))
+        tensors = self.model.named(leaves)
+        if original and not first:
+            lr = self.weight_optimizer.param_groups[0]["lr"]
+            for name, b in self.biases.items():
+                tensors[name] = b - lr * self.bias_grads[name]
+        logits = self.model(x, tensors)
         loss = F.cross_entropy(logits, y)
         loss.backward()
         grad_hat = [leaf.grad for leaf in leaves]
         if first:
-            if self.update == "original":
+            if original:
                 grads = torch.autograd.grad(w_hat, self.weights, grad_hat)
                 lr = self.weight_optimizer.param_groups[0]["lr"]
                 self.previous_update = [lr * g for g in grads]
         elif self.meta_optimizer is not None:
             torch.autograd.backward(w_hat, grad_hat)
             self.meta_optimizer.step()
-        self.other_optimizer.step()
+        if original:
+            if first:
+                self.bias_grads = {n: b.grad.clone() for n, b in self.biases.items()}
+            else:  # the refined gradient, as the released optimizer leaves it in b.grad
+                old = {n: b.detach().clone() for n, b in self.biases.items()}
+                self._optimizer_step(self.other_optimizer)
+                lr = self.weight_optimizer.param_groups[0]["lr"]
+                self.bias_grads = {n: (old[n] - b.detach()) / lr for n, b in self.biases.items()}
+        else:
+            self.other_optimizer.step()
         self.grad_hat = self._flat(grad_hat)
         self.w_tilde = self._flat([t.detach() for t in w_tilde])
         return loss.detach(), logits.detach()
@@ -75,4 +101,7 @@ class PerLayerMetaQuantStep(MetaQuantStep):
     def state_dict(self) -> dict:
         state = super().state_dict()
         del state["flat_orders"]  # the layout of checkpoints written before the flat layout
+        if self.update == "original" and self.grad_hat is not None:
+            lr = self.weight_optimizer.param_groups[0]["lr"]
+            state["previous_bias_update"] = [lr * g for g in self.bias_grads.values()]
         return state

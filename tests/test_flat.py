@@ -157,7 +157,7 @@ def _assert_same_training(a, b):
         ("dorefa1", "multifc", "paper"),
         ("dorefa2", "fcgrad", "paper"),
         ("dorefa1", "lstmfc", "original"),
-        ("bwn", "multifc", "original"),
+        ("bwn_f", "multifc", "original"),
         ("bwn_f", "lstmfc", "paper"),
     ],
 )

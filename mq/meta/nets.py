@@ -104,6 +104,10 @@ class LSTMFC(MetaNet):
     """g_W~ = g_W^ * Linear(h, 1)(LSTM(1, h)(W~)): one LSTM step per iteration, with hidden and
     cell state kept per coordinate across iterations (the caller detaches them).
 
+    The head is a fully-connected layer with a bias: the paper calls it "a fully-connected
+    layer" (MultiFC and FCGrad are the ones it and the released code make bias-free), and the
+    released MetaLSTMFC's ``nn.Linear(h, 1)`` has one. Both update modes use it.
+
     ``fused`` (default) computes the same function with ``FusedLSTMFC``; ``fused=False`` is the
     plain ``nn.LSTMCell`` formulation, kept as the reference the equivalence tests compare to.
     ``block``: rows per block of the fused path (None: 2048 on CPU, all rows on a GPU).
@@ -125,7 +129,7 @@ class LSTMFC(MetaNet):
         self.cell = nn.LSTMCell(1, hidden_size)
         self.nonlinearity = nonlinearity
         self.act = _activation(nonlinearity)
-        self.out = nn.Linear(hidden_size, 1, bias=False)
+        self.out = nn.Linear(hidden_size, 1)
         dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
         if state_dtype not in dtypes:
             raise ConfigError(
@@ -164,7 +168,7 @@ class LSTMFC(MetaNet):
                 self._linear[key],
                 self._cache,
             )
-            return grad_hat * scale, (h, c)
+            return grad_hat * (scale + self.out.bias), (h, c)
         dtype = self.cell.weight_ih.dtype
         h, c = self.cell(w_tilde.unsqueeze(1), (state[0].to(dtype), state[1].to(dtype)))
         scale = self.out(self.act(h)).squeeze(1)

@@ -8,6 +8,7 @@ fc bias) by a second one, so the quantized weights can wait for their meta gradi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -18,6 +19,7 @@ from mq.errors import ConfigError
 from mq.meta.nets import MetaNet, build_meta_net
 from mq.quant.flat import FlatLayout
 from mq.quant.layers import QuantizedModel, quantized_weights
+from mq.quant.quantizers import BWNWeight
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 UPDATES = ("paper", "original")
@@ -76,6 +78,22 @@ class STEStep:
         self.other_optimizer.load_state_dict(state["other_optimizer"])
 
 
+def released_adam_eps(optimizer: torch.optim.Optimizer) -> None:
+    """Make torch's Adam take its next step as the released ``meta_utils/adam.py`` does.
+
+    That Adam adds eps to sqrt(v) before the bias correction: its step is
+    lr * m_hat / (sqrt(v_hat) + eps / sqrt(1 - beta2^t)), i.e. torch's with eps scaled by
+    1 / sqrt(1 - beta2^t) at step t. Setting that eps before each step gives the same numbers
+    and keeps torch's optimizer (and its state) doing the work. Other optimizers: no change."""
+    if type(optimizer) is not torch.optim.Adam:
+        return
+    for group in optimizer.param_groups:
+        base = group.setdefault("released_eps", group["eps"])  # saved with the state dict
+        state = next((optimizer.state[p] for p in group["params"] if p in optimizer.state), {})
+        t = int(state.get("step", 0)) + 1
+        group["eps"] = base / math.sqrt(1 - group["betas"][1] ** t)
+
+
 class MetaQuantStep(STEStep):
     """MetaQuant: the quantized weights' gradient comes from a meta net M.
 
@@ -88,8 +106,12 @@ class MetaQuantStep(STEStep):
     afterwards W already equals W - lr * u, so W_meta's value is W and only its derivative term
     -lr * (g_W - g_W.detach()) is added. Same numbers, and the optimizer keeps its own state.
 
-    ``update="original"`` reproduces the released code instead: W_meta's value uses the previous
-    step's refined update (the STE gradient at t = 1), its derivative the current meta output.
+    ``update="original"`` reproduces the released code (csyhhu/MetaQuant) step for step:
+    W_meta's value uses the previous step's refined update (the STE gradient at t = 1), scaled
+    to the current lr, its derivative the current meta output; step 0 updates nothing; the
+    quantized layers' biases enter the forward with the same look-ahead b - lr * u_b(t-1);
+    Adam adds eps before its bias correction (``released_adam_eps``); BWN-F takes each conv
+    filter's alpha from the weights before the meta update.
     """
 
     def __init__(
@@ -119,6 +141,7 @@ class MetaQuantStep(STEStep):
         self.update = update
         self.base_meta_lr = lr
         self.lr_decay = lr_decay
+        self.biases = model.quantized_biases()
         device = self.weights[0].device
         self.meta_net = meta_net or build_meta_net(
             net, hidden_size, num_layers, nonlinearity, state_dtype, compile
@@ -131,13 +154,27 @@ class MetaQuantStep(STEStep):
         self.grad_hat: Tensor | None = None  # g_W^ of the previous step
         self.w_tilde: Tensor | None = None  # W~ of the previous step
         self.previous_update: Tensor | None = None  # lr * u of the previous step (original)
+        # original: lr * u_b of the previous step for each quantized layer's bias
+        self.previous_bias_update: list[Tensor] | None = None
 
     def set_lr(self, lr: float, meta_lr_factor: float = 1.0) -> None:
+        old = self.weight_optimizer.param_groups[0]["lr"] if self.weight_optimizer else lr
+        if self.update == "original" and old != lr and old > 0:
+            # the released look-ahead is the *current* lr times the previous refined gradient
+            if self.previous_update is not None:
+                self.previous_update = self.previous_update * (lr / old)
+            if self.previous_bias_update is not None:
+                self.previous_bias_update = [u * (lr / old) for u in self.previous_bias_update]
         super().set_lr(lr)
         _set_lr(self.meta_optimizer, self.base_meta_lr * (meta_lr_factor if self.lr_decay else 1))
 
-    def _meta_weights(self, layout: FlatLayout) -> Tensor:
-        """Run M, take the late update, and return W_meta, flat over all quantized layers."""
+    def _optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.update == "original":
+            released_adam_eps(optimizer)
+        optimizer.step()
+
+    def _meta_weights(self, layout: FlatLayout) -> tuple[Tensor, Tensor]:
+        """Run M, take the late update, and return (W_meta, W before the update), flat."""
         assert self.grad_hat is not None and self.w_tilde is not None
         assert self.weight_optimizer is not None
         lr = self.weight_optimizer.param_groups[0]["lr"]
@@ -149,44 +186,72 @@ class MetaQuantStep(STEStep):
         grad = g_tilde if calibration is None else g_tilde * calibration
         for w, g in zip(self.weights, layout.unflatten(grad.detach()), strict=True):
             w.grad = g
-        self.weight_optimizer.step()
+        self._optimizer_step(self.weight_optimizer)
         derivative = -lr * (grad - grad.detach())  # zero in value, d/dphi in gradient
         with torch.no_grad():
             after = layout.flatten(self.weights)
         if self.update == "paper":
-            return after + derivative
+            return after + derivative, before
         assert self.previous_update is not None
         w_meta = before - self.previous_update + derivative
         self.previous_update = before - after
-        return w_meta
+        return w_meta, before
+
+    def _quantize(
+        self, weights: Tensor, before: Tensor | None, layout: FlatLayout
+    ) -> tuple[Tensor, Tensor]:
+        """(W^, W~) of the flat ``weights``; ``before``: W before the meta update, if any."""
+        w_tilde = self.quantizer.transform(weights, layout)
+        if self.update == "original" and before is not None and _bwn_f(self.quantizer):
+            # released BWN-F: conv alpha from W before the meta update, fc alpha from W_meta
+            conv = layout.broadcast(
+                torch.tensor([float(len(s) > 2) for s in layout.shapes], device=before.device)
+            )
+            scale_of = torch.where(conv > 0, before, weights.detach())
+            return self.quantizer.quantize(w_tilde, layout, scale_of=scale_of), w_tilde
+        return self.quantizer.quantize(w_tilde, layout), w_tilde
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         layout = self.model.layout(self.weights)
         first = self.grad_hat is None
-        weights = layout.flatten(self.weights) if first else self._meta_weights(layout)
-        w_tilde = self.quantizer.transform(weights, layout)
-        w_hat = self.quantizer.quantize(w_tilde, layout)
+        if first:
+            weights, before = layout.flatten(self.weights), None
+        else:
+            weights, before = self._meta_weights(layout)
+        w_hat, w_tilde = self._quantize(weights, before, layout)
         # Cut the graph at W^: the model's backward stops there and yields g_W^ on this leaf;
         # a second, small backward carries g_W^ on through Q, A and M.
         leaf = w_hat.detach().requires_grad_()
         for opt in (self.other_optimizer, self.meta_optimizer):
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
-        logits = self.model(x, self.model.named(layout.unflatten(leaf)))
+        tensors = self.model.named(layout.unflatten(leaf))
+        if self.previous_bias_update is not None:
+            for (name, b), u in zip(self.biases.items(), self.previous_bias_update, strict=True):
+                tensors[name] = b - u  # the released look-ahead; b takes the gradient
+        logits = self.model(x, tensors)
         loss = F.cross_entropy(logits, y)
         loss.backward()
         grad_hat = leaf.grad
         assert grad_hat is not None
+        original = self.update == "original"
         if first:
-            if self.update == "original":
+            if original:
                 # The released code's second step moves by the STE gradient of step 0.
                 (grad,) = torch.autograd.grad(w_hat, weights, grad_hat)
                 assert self.weight_optimizer is not None
-                self.previous_update = self.weight_optimizer.param_groups[0]["lr"] * grad
+                lr = self.weight_optimizer.param_groups[0]["lr"]
+                self.previous_update = lr * grad
+                self.previous_bias_update = [lr * b.grad for b in self.biases.values()]
         elif self.meta_optimizer is not None:
             torch.autograd.backward(w_hat, grad_hat)
             self.meta_optimizer.step()
-        self.other_optimizer.step()
+        if not (first and original):  # the released step 0 updates nothing at all
+            biases = [b.detach().clone() for b in self.biases.values()] if original else []
+            self._optimizer_step(self.other_optimizer)
+            if original:
+                pairs = zip(biases, self.biases.values(), strict=True)
+                self.previous_bias_update = [old - b.detach() for old, b in pairs]
         self.grad_hat = grad_hat
         self.w_tilde = w_tilde.detach()
         return loss.detach(), logits.detach()
@@ -200,6 +265,7 @@ class MetaQuantStep(STEStep):
             grad_hat=self.grad_hat,
             w_tilde=self.w_tilde,
             previous_update=self.previous_update,
+            previous_bias_update=self.previous_bias_update,
             flat_orders=self.model.layout().orders,  # how the flat tensors above are laid out
         )
         return state
@@ -224,3 +290,8 @@ class MetaQuantStep(STEStep):
                 meta_state = tuple(layout.reorder(t, orders) for t in meta_state)
         self.meta_state, self.grad_hat, self.w_tilde = meta_state, grad_hat, w_tilde
         self.previous_update = previous_update
+        self.previous_bias_update = state.get("previous_bias_update")
+
+
+def _bwn_f(quantizer: nn.Module) -> bool:
+    return isinstance(quantizer, BWNWeight) and quantizer.per_filter

@@ -42,10 +42,12 @@ class FlatLayout:
         ]
         self._inverse = [_inverse(order) for order in self.orders]
         self.filters = [shape[0] if len(shape) > 1 else 1 for shape in self.shapes]
+        # conv weights only (dim > 2): a linear weight counts as one filter
+        self.conv_filters = [shape[0] if len(shape) > 2 else 1 for shape in self.shapes]
         # per-filter segments need each filter contiguous: dim 0 outermost (true for contiguous
         # and channels-last weights; a transposed view would not be)
         self.filters_contiguous = all(not order or order[0] == 0 for order in self.orders)
-        self._lengths: dict[tuple[torch.device, bool], Tensor] = {}
+        self._lengths: dict[tuple[torch.device, bool, bool], Tensor] = {}
 
     @staticmethod
     def key_of(tensors: Sequence[Tensor]) -> tuple:
@@ -84,20 +86,26 @@ class FlatLayout:
             parts.append(plain.permute(*order, *trailing).reshape(-1, *rest))
         return torch.cat(parts)
 
-    def _segment_lengths(self, device: torch.device, per_filter: bool) -> Tensor:
-        key = (device, per_filter)
+    def _segment_lengths(
+        self, device: torch.device, per_filter: bool, conv_only: bool = False
+    ) -> Tensor:
+        key = (device, per_filter, conv_only)
         if key not in self._lengths:
             if per_filter:
-                pairs = zip(self.sizes, self.filters, strict=True)
+                filters = self.conv_filters if conv_only else self.filters
+                pairs = zip(self.sizes, filters, strict=True)
                 lengths = [size // f for size, f in pairs for _ in range(f)]
             else:
                 lengths = self.sizes
             self._lengths[key] = torch.tensor(lengths, device=device)
         return self._lengths[key]
 
-    def broadcast(self, values: Tensor, per_filter: bool = False) -> Tensor:
-        """Per-segment ``values`` (one per tensor, or per filter) repeated over their elements."""
-        lengths = self._segment_lengths(values.device, per_filter)
+    def broadcast(
+        self, values: Tensor, per_filter: bool = False, conv_only: bool = False
+    ) -> Tensor:
+        """Per-segment ``values`` (one per tensor, or per filter; ``conv_only``: per filter of
+        conv weights, one per linear weight) repeated over their elements."""
+        lengths = self._segment_lengths(values.device, per_filter, conv_only)
         return torch.repeat_interleave(values, lengths, output_size=self.numel)
 
     def amax(self, flat: Tensor, foreach: bool | None = None) -> Tensor:
@@ -111,15 +119,20 @@ class FlatLayout:
         return torch.stack([p.abs().amax() for p in parts])
 
     def mean_abs(
-        self, flat: Tensor, per_filter: bool = False, foreach: bool | None = None
+        self,
+        flat: Tensor,
+        per_filter: bool = False,
+        foreach: bool | None = None,
+        conv_only: bool = False,
     ) -> Tensor:
-        """mean |x| of each tensor's (or each filter's) segment of ``flat``; ``foreach`` as in
-        ``amax`` (its sums run in another order: equal to float32 rounding, not bitwise)."""
+        """mean |x| of each tensor's (or each filter's; ``conv_only``: each conv filter's and
+        each linear weight's) segment of ``flat``; ``foreach`` as in ``amax`` (its sums run in
+        another order: equal to float32 rounding, not bitwise)."""
         parts = flat.detach().split(self.sizes)
         if per_filter:
             if not self.filters_contiguous:
                 raise ValueError("per-filter scales need dim 0 outermost in every weight")
-            pairs = zip(parts, self.filters, strict=True)
+            pairs = zip(parts, self.conv_filters if conv_only else self.filters, strict=True)
             return torch.cat([p.view(f, -1).abs().mean(1) for p, f in pairs])
         if flat.is_cuda if foreach is None else foreach:
             sums = torch.stack(torch._foreach_norm(parts, 1))

@@ -2,7 +2,9 @@
 
 A quantizer is split in two, as in the paper: a differentiable transform A (W -> W~) and a
 non-differentiable quantizer Q (W~ -> W^). Q's backward is the clipped straight-through
-estimator g_W~ = g_W^ * 1{|W~| <= 1}; the meta network replaces exactly this piece.
+estimator g_W~ = slope * g_W^ * 1{|W~| <= 1}, where slope is the derivative of Q's forward with
+round/sign replaced by the identity and the scale held constant (DoReFa: 2; BWN: mean|W~|), as
+autograd gives it in the released code; the meta network replaces exactly this piece.
 
 Each function takes one weight tensor, or (with ``layout``) the flat vector of all quantized
 weights of a model (mq.quant.flat), whose per-layer constants are then taken per segment.
@@ -13,27 +15,41 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mq.errors import ConfigError
 from mq.quant.flat import FlatLayout
+
+STE_SLOPES = ("forward", "unit")
+
+
+def check_ste_slope(ste_slope: str) -> None:
+    if ste_slope not in STE_SLOPES:
+        raise ConfigError(
+            f"quant.ste_slope={ste_slope} is not known; allowed: {', '.join(STE_SLOPES)}"
+        )
 
 
 class ClippedSTE(torch.autograd.Function):
-    """Forward returns the already-quantized value; backward passes g * 1{|W~| <= 1} to W~."""
+    """Forward returns the already-quantized value; backward passes slope * g * 1{|W~| <= 1}
+    to W~ (``slope``: a number, a tensor broadcastable to W~, or None for 1)."""
 
     @staticmethod
-    def forward(ctx, w_tilde: Tensor, w_hat: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, w_tilde: Tensor, w_hat: Tensor, slope: Tensor | float | None) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(w_tilde)
+        ctx.slope = slope
         # A Function must not return an input unchanged as its output (autograd would alias it).
         return w_hat.clone()
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         (w_tilde,) = ctx.saved_tensors
-        return grad_output * (w_tilde.abs() <= 1).to(grad_output.dtype), None
+        grad = grad_output if ctx.slope is None else grad_output * ctx.slope
+        return grad * (w_tilde.abs() <= 1).to(grad_output.dtype), None, None
 
 
-def clipped_ste(w_tilde: Tensor, w_hat: Tensor) -> Tensor:
-    """Value of ``w_hat`` with the clipped straight-through gradient to ``w_tilde``."""
-    return ClippedSTE.apply(w_tilde, w_hat)
+def clipped_ste(w_tilde: Tensor, w_hat: Tensor, slope: Tensor | float | None = None) -> Tensor:
+    """Value of ``w_hat`` with the clipped straight-through gradient to ``w_tilde``, times
+    ``slope`` (the forward's slope with round/sign as the identity; None: 1)."""
+    return ClippedSTE.apply(w_tilde, w_hat, slope)
 
 
 def dorefa_transform(weight: Tensor, layout: FlatLayout | None = None) -> Tensor:
@@ -60,15 +76,20 @@ def dorefa_calibration(weight: Tensor, layout: FlatLayout | None = None) -> Tens
     return (1 - t * t) / (t.abs().max() if layout is None else layout.broadcast(layout.amax(t)))
 
 
+def bwn_scale(w: Tensor, per_filter: bool = False, layout: FlatLayout | None = None) -> Tensor:
+    """BWN's alpha = mean|w|, broadcastable to ``w``: one per tensor, or (``per_filter``) one
+    per output filter (dim 0) of each conv weight. A linear weight keeps one scale for the
+    whole tensor even then, as the released code's BWN-F does."""
+    w = w.detach()
+    if layout is not None:
+        return layout.broadcast(layout.mean_abs(w, per_filter, conv_only=True), per_filter, True)
+    if per_filter and w.dim() > 2:
+        return w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
+    return w.abs().mean()
+
+
 def bwn_levels(
     w_tilde: Tensor, per_filter: bool = False, layout: FlatLayout | None = None
 ) -> Tensor:
-    """W^ = mean|W~| * sign(W~); one scale per tensor, or per output filter (dim 0)."""
-    w = w_tilde.detach()
-    if layout is not None:
-        scale = layout.broadcast(layout.mean_abs(w, per_filter), per_filter)
-    elif per_filter and w.dim() > 1:
-        scale = w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
-    else:
-        scale = w.abs().mean()
-    return scale * torch.sign(w)
+    """W^ = mean|W~| * sign(W~), the scale as in ``bwn_scale``."""
+    return bwn_scale(w_tilde, per_filter, layout) * torch.sign(w_tilde.detach())

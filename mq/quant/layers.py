@@ -38,6 +38,15 @@ class QuantizedModel(nn.Module):
         """``{"<layer>.weight": full-precision parameter}`` in forward order."""
         return OrderedDict(zip(self.weight_names, self._weights(), strict=True))
 
+    def quantized_biases(self) -> OrderedDict[str, nn.Parameter]:
+        """``{"<layer>.bias": parameter}`` of the quantized layers that have one (not quantized;
+        the released MetaQuant gives them a look-ahead in the forward)."""
+        return OrderedDict(
+            (f"{name[: -len('.weight')]}.bias", module.bias)
+            for name, module in zip(self.weight_names, self._layers, strict=True)
+            if module.bias is not None
+        )
+
     def _weights(self) -> list[nn.Parameter]:
         return [module.weight for module in self._layers]
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from mq.errors import ConfigError
 from mq.quant.flat import FlatLayout
 from mq.quant.functions import (
-    bwn_levels,
+    bwn_scale,
+    check_ste_slope,
     clipped_ste,
     dorefa_calibration,
     dorefa_levels,
@@ -22,9 +24,14 @@ class WeightQuantizer(nn.Module):
     ``quantize`` (Q, whose backward is the clipped STE) and ``calibration`` (the dW~/dW factor
     that turns the meta network's g_W~ into g_W). Each takes one weight tensor, or the flat
     vector of all of a model's quantized weights with its ``layout`` (mq.quant.flat).
+
+    ``ste_slope``: "forward" (default) multiplies the STE by the slope of Q's forward (DoReFa 2,
+    BWN alpha), as the paper's code and the standard STE do; "unit" drops it (mq before 0.6.0;
+    kept for the ablation of the slope, issue 10).
     """
 
     bit_width: int
+    ste_slope: str = "forward"
 
     def transform(self, weight: Tensor, layout: FlatLayout | None = None) -> Tensor:
         raise NotImplementedError
@@ -43,41 +50,58 @@ class WeightQuantizer(nn.Module):
 class DorefaWeight(WeightQuantizer):
     """DoReFa-Net weight quantization with ``bit_width`` bits (1..8)."""
 
-    def __init__(self, bit_width: int = 1) -> None:
+    def __init__(self, bit_width: int = 1, ste_slope: str = "forward") -> None:
         super().__init__()
         if not isinstance(bit_width, int) or not 1 <= bit_width <= 8:
             raise ConfigError(f"bits={bit_width} is not allowed for dorefa; allowed: 1..8")
+        check_ste_slope(ste_slope)
         self.bit_width = bit_width
+        self.ste_slope = ste_slope
 
     def transform(self, weight: Tensor, layout: FlatLayout | None = None) -> Tensor:
         return dorefa_transform(weight, layout)
 
     def quantize(self, w_tilde: Tensor, layout: FlatLayout | None = None) -> Tensor:
-        return clipped_ste(w_tilde, dorefa_levels(w_tilde, self.bit_width))
+        # W^ = 2 Q'(W~) - 1: slope 2 (Q' = round((2^k-1) W~)/(2^k-1) passes g unchanged)
+        slope = 2.0 if self.ste_slope == "forward" else None
+        return clipped_ste(w_tilde, dorefa_levels(w_tilde, self.bit_width), slope)
 
     def calibration(self, weight: Tensor, layout: FlatLayout | None = None) -> Tensor:
         return dorefa_calibration(weight, layout)
 
     def extra_repr(self) -> str:
-        return f"bit_width={self.bit_width}"
+        return f"bit_width={self.bit_width}, ste_slope={self.ste_slope}"
 
 
 class BWNWeight(WeightQuantizer):
-    """Binary weight networks: W^ = mean|W| sign(W), per tensor or per output filter."""
+    """Binary weight networks: W^ = alpha sign(W), alpha = mean|W| per tensor, or per output
+    filter of each conv weight (``per_filter``; a linear weight keeps one, as in the released
+    code)."""
 
-    def __init__(self, bit_width: int = 1, per_filter: bool = False) -> None:
+    def __init__(
+        self, bit_width: int = 1, per_filter: bool = False, ste_slope: str = "forward"
+    ) -> None:
         super().__init__()
         if bit_width != 1:
             name = "bwn_f" if per_filter else "bwn"
             raise ConfigError(f"bits={bit_width} is not allowed for {name}; allowed: 1")
+        check_ste_slope(ste_slope)
         self.bit_width = 1
         self.per_filter = per_filter
+        self.ste_slope = ste_slope
 
     def transform(self, weight: Tensor, layout: FlatLayout | None = None) -> Tensor:
         return weight
 
-    def quantize(self, w_tilde: Tensor, layout: FlatLayout | None = None) -> Tensor:
-        return clipped_ste(w_tilde, bwn_levels(w_tilde, self.per_filter, layout))
+    def quantize(
+        self, w_tilde: Tensor, layout: FlatLayout | None = None, scale_of: Tensor | None = None
+    ) -> Tensor:
+        """``scale_of``: the weights alpha is taken from (default ``w_tilde``; the released
+        MetaQuant's BWN-F takes it from the weights before the meta update)."""
+        alpha = bwn_scale(w_tilde if scale_of is None else scale_of, self.per_filter, layout)
+        w_hat = alpha * torch.sign(w_tilde.detach())
+        # W^ = alpha sign(W~), alpha a constant: slope alpha
+        return clipped_ste(w_tilde, w_hat, alpha if self.ste_slope == "forward" else None)
 
     def extra_repr(self) -> str:
-        return f"per_filter={self.per_filter}"
+        return f"per_filter={self.per_filter}, ste_slope={self.ste_slope}"
