@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -25,13 +29,31 @@ def _replace(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
+@contextmanager
+def _ctrl_c_after_write() -> Iterator[None]:
+    """Hold a Ctrl-C back until the file is written: raised inside torch.save it surfaces as
+    torch's "unexpected pos" RuntimeError and loses the checkpoint the run just paid for."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be changed in the main thread (which runs training)
+        return
+    received: list[Any] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received and callable(previous):
+        previous(signal.SIGINT, received[0])  # Python's default raises KeyboardInterrupt here
+
+
 def _write(path: Path, write: Any) -> None:
     """``write(tmp)``, then rename tmp over ``path``; on any failure (a full disk) the
     temporary file is removed and ``path`` keeps its previous version."""
     tmp = _tmp_name(path)
     try:
-        write(tmp)
-        _replace(tmp, path)
+        with _ctrl_c_after_write():
+            write(tmp)
+            _replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

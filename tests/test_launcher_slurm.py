@@ -41,7 +41,9 @@ def test_the_readme_request_fails_in_one_line_before_anything_is_written(tmp_pat
     assert f"partition {offer.partition} offers at most {offer.cpus} CPUs" in line
     assert "hydra/launcher=slurm_local" in line
     assert not (tmp_path / "outputs").exists() and queued("mq-big") == ""
-    bad = launch("-m", "hydra/launcher=slurm_local", "hydra.launcher.partition=nope", cwd=tmp_path)
+    bad = launch(
+        "-m", "hydra/launcher=slurm_local", "hydra.launcher.partition=nope", "seed=0", cwd=tmp_path
+    )
     assert bad.returncode == 2 and "invalid partition" in bad.stderr.lower()
     assert len(bad.stderr.strip().splitlines()) == 1
 

@@ -454,3 +454,21 @@ def test_ctrl_c_is_one_line_and_keeps_the_progress(tmp_path):
     resumed = launch(*args, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert summary(tmp_path / RUN)["status"] == "completed"
+
+
+def test_ctrl_c_during_a_save_comes_after_the_file_is_complete(tmp_path):
+    """A Ctrl-C that lands inside torch.save broke the zip writer ("unexpected pos") and lost
+    the checkpoint; now the save completes and the KeyboardInterrupt follows it."""
+    path = tmp_path / "checkpoint.pt"
+    state = {"w": torch.arange(100_000, dtype=torch.float64)}
+
+    class InterruptingDict(dict):
+        def __reduce_ex__(self, protocol):  # pickled by torch.save, mid-write
+            os.kill(os.getpid(), signal.SIGINT)
+            return dict, (dict(self),)  # saved as a plain dict
+
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"state": InterruptingDict(state), "step": 7}, path)
+    loaded = torch.load(path, weights_only=False)
+    assert loaded["step"] == 7 and torch.equal(loaded["state"]["w"], state["w"])
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
