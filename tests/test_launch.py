@@ -90,7 +90,8 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
     raise AssertionError("timed out")
 
 
-@pytest.mark.parametrize("meta", ["lstmfc"])
+# LSTMFC (its per-weight state too) in the slow suite: 3x the time of MultiFC here.
+@pytest.mark.parametrize("meta", ["multifc", pytest.param("lstmfc", marks=pytest.mark.slow)])
 def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, meta):
     args = [
         "dataset=fake",
@@ -212,7 +213,11 @@ def bad_checkpoints(tmp_path_factory):
             "cudnn_benchmark=maybe is not allowed; allowed: true, false",
             marks=pytest.mark.slow,
         ),
-        (["quant=bwn", "bits=2"], "bits=2 is not allowed for bwn; allowed: 1"),
+        pytest.param(
+            ["quant=bwn", "bits=2"],
+            "bits=2 is not allowed for bwn; allowed: 1",
+            marks=pytest.mark.slow,
+        ),
         pytest.param(
             ["optimizer.lr=-0.1"], "optimizer.lr=-0.1 is not allowed", marks=pytest.mark.slow
         ),

@@ -98,6 +98,7 @@ def test_run_dir_that_is_a_git_checkout_elsewhere_is_refused(tmp_path):
     assert snapshot(clone) == before
 
 
+@pytest.mark.slow  # launches a run: in the slow suite, which CI runs too
 def test_run_dir_with_foreign_files_is_refused(tmp_path):
     folder = victim(tmp_path / "docs")
     before = snapshot(folder)
@@ -117,7 +118,7 @@ def test_run_and_sweep_names_are_one_plain_folder_name(name):
         check_name("run_name", good)
 
 
-@pytest.mark.parametrize("name", [".", "../escape"])
+@pytest.mark.parametrize("name", [".", pytest.param("../escape", marks=pytest.mark.slow)])
 def test_bad_run_name_is_refused_and_other_runs_survive(tmp_path, name):
     done = fake_run(tmp_path / "outputs/quantize/fake/done")
     before = snapshot(tmp_path)
@@ -126,6 +127,7 @@ def test_bad_run_name_is_refused_and_other_runs_survive(tmp_path, name):
     assert snapshot(tmp_path) == before and (done / "notes.txt").exists()
 
 
+@pytest.mark.slow  # launches a run: in the slow suite, which CI runs too
 def test_sweep_folder_that_is_the_current_directory_is_refused(tmp_path):
     clone = victim(tmp_path / "clone", git=True)
     before = snapshot(clone)
@@ -138,6 +140,7 @@ def test_sweep_folder_that_is_the_current_directory_is_refused(tmp_path):
     assert snapshot(clone) == before
 
 
+@pytest.mark.slow  # launches a run: in the slow suite, which CI runs too
 def test_bad_sweep_name_is_refused(tmp_path):
     result = launch("-m", *TINY, "sweep_name=../x", "bits=1,2", cwd=tmp_path)
     assert result.returncode == 2 and "sweep_name='../x' is not allowed" in result.stderr
@@ -153,6 +156,7 @@ def test_data_error_removes_only_the_folders_it_created(tmp_path):
     assert snapshot(outputs) == before  # quantize/cifar10/<run> made and removed; outputs kept
 
 
+@pytest.mark.slow  # launches a run: in the slow suite, which CI runs too
 def test_data_error_in_an_existing_unfinished_run_folder_removes_nothing(tmp_path):
     # An earlier attempt that failed before training (Hydra's files), and the user's notes.
     run_dir = tmp_path / "outputs/quantize/cifar10/mine"
@@ -307,6 +311,7 @@ def test_corrupt_checkpoint_is_one_line_with_what_to_do(tmp_path):
     assert snapshot(run_dir)["checkpoint.pt"] == before["checkpoint.pt"]
 
 
+@pytest.mark.slow  # launches a run: in the slow suite, which CI runs too
 def test_planted_pretrained_file_cannot_run_code(tmp_path):
     marker = tmp_path / "pwned"
     payload = _Payload()
