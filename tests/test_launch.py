@@ -60,6 +60,7 @@ def test_every_meta_and_quant_pair_trains(tmp_path, quants):
         assert (run_dir / "checkpoint.pt").exists() and (run_dir / "config.yaml").exists()
 
 
+@pytest.mark.slow  # launches runs: in the slow suite, which CI runs too
 def test_wandb_offline_run_has_the_choices_name_and_metric_names(tmp_path):
     args = [a for a in SMOKE if a != "logger=none"] + ["logger.mode=offline"]
     result = launch(*args, cwd=tmp_path)

@@ -301,6 +301,7 @@ def test_planted_checkpoint_cannot_run_code(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow  # launches runs: in the slow suite, which CI runs too
 def test_corrupt_checkpoint_is_one_line_with_what_to_do(tmp_path):
     run_dir = tmp_path / RUN
     run_dir.mkdir(parents=True)
@@ -359,6 +360,7 @@ def _file_size_limit(limit: int):
     return apply
 
 
+@pytest.mark.slow  # launches runs: in the slow suite, which CI runs too
 def test_full_disk_during_a_checkpoint_leaves_no_tmp_and_says_failed(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env["PYTHONDONTWRITEBYTECODE"] = "1"

@@ -87,6 +87,7 @@ def test_launcher_configs_extend_the_submitit_plugin(launcher):
     assert default.sweep.dir == "outputs/sweeps/adhoc"  # no timestamp: relaunches find it
 
 
+@pytest.mark.slow  # launches runs: in the slow suite, which CI runs too
 def test_one_bad_point_fails_the_launch_with_one_line_and_runs_nothing(tmp_path):
     result = launch("-m", *FAST, "quant=dorefa,bwn", "bits=1,2", cwd=tmp_path)
     assert result.returncode == 2

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 from wandb_records import read_records
 
@@ -36,6 +37,7 @@ def segment(run_dir: Path, run_id: str | None = None) -> str:
     return out.stdout.split()[-1]
 
 
+@pytest.mark.slow  # launches runs: in the slow suite, which CI runs too
 def test_a_sweeps_runs_are_found_grouped_and_ordered_and_wandb_accepts_them(tmp_path):
     sweep = tmp_path / "outputs/sweeps/s"
     a, b = sweep / "bits=1,seed=0", sweep / "bits=2,seed=0"
