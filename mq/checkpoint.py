@@ -98,32 +98,43 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     _write(path, lambda tmp: _torch_save(state, tmp))
 
 
+def load_tensors(path: Path | str, device: torch.device | str = "cpu") -> Any:
+    """``torch.load`` with ``weights_only``: tensors and plain Python values only, so a planted
+    or copied file cannot run code. Raises whatever torch raises for a bad file."""
+    with warnings.catch_warnings():  # e.g. "pickle protocol 4": the error says it all
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location=device, weights_only=True)
+
+
+def load_error(exc: BaseException) -> str:
+    """Why ``load_tensors`` failed, in one line (torch raises many types for a bad file)."""
+    reason = first_line(exc)
+    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in reason:
+        return "it holds objects other than tensors and plain values, which are not loaded"
+    return reason
+
+
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """A checkpoint written by save_checkpoint. Tensors and plain Python values only
-    (``weights_only``): a planted or copied run folder cannot run code through it. An
-    unreadable file is a ConfigError saying what to do."""
+    """A checkpoint written by save_checkpoint (see load_tensors). An unreadable file is a
+    ConfigError saying what to do."""
     try:
-        with warnings.catch_warnings():  # e.g. "pickle protocol 4": the error says it all
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        reason = first_line(exc)
-        if "Weights only load failed" in reason:
-            reason = "it holds objects other than tensors and plain values, which are not loaded"
+        state = load_tensors(path, device)
+    except Exception as exc:
         raise ConfigError(
-            f"{path} is unreadable ({reason}); move it away to start the run over"
-        ) from exc
-    except Exception as exc:  # torch raises many types for a torn or foreign file
-        raise ConfigError(
-            f"{path} is unreadable ({first_line(exc)}); move it away to start the run over"
+            f"{path} is unreadable ({load_error(exc)}); move it away to start the run over"
         ) from exc
     if not isinstance(state, dict) or "progress" not in state:
         raise ConfigError(f"{path} is not an mq checkpoint; move it away to start the run over")
     return state
 
 
+def json_text(data: dict[str, Any]) -> str:
+    """How summary.json and the other JSON files are written."""
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
 def write_json(data: dict[str, Any], path: Path) -> None:
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    text = json_text(data)
     _write(path, lambda tmp: tmp.write_text(text))
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -15,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mq.allocator import keep_freed_memory
-from mq.checkpoint import load_checkpoint, read_json, save_checkpoint, write_json
+from mq.checkpoint import json_text, load_checkpoint, read_json, save_checkpoint, write_json
 from mq.errors import ConfigError, first_line
 from mq.keys import VOLATILE, VOLATILE_DATASET
 from mq.ledger import FINAL
@@ -23,6 +22,7 @@ from mq.models import check_model, checkpoint_file
 from mq.preempt import GracefulStop
 from mq.quant.layers import quantize_model
 from mq.rundir import FolderRefused, check_location, check_name, remove_created, started, take_lock
+from mq.runs import flatten
 from mq.train import Interrupted, Progress, evaluate_only, summarize, train
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,6 @@ log = logging.getLogger(__name__)
 TASKS = ("quantize", "pretrain", "eval")
 DEVICES = ("auto", "cpu", "cuda")
 ARTIFACTS = ("checkpoint.pt", "metrics.jsonl", "summary.json")
-# A run that ended with one of these is a result: running the command again changes nothing.
-FINISHED = FINAL
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
@@ -68,7 +66,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and (not isinstance(value, (int, float)) or value < 0):
             raise ConfigError(f"{key}={value} is not allowed; allowed: a number >= 0")
-    for key, value in _leaves(OmegaConf.to_container(cfg, resolve=False)):
+    for key, value in flatten(OmegaConf.to_container(cfg, resolve=False)).items():
         # nan/inf end diverged; beyond float32's range a step fails with "overflow"
         if isinstance(value, float) and not abs(value) <= FLOAT32_MAX:
             raise ConfigError(f"{key}={value} is not allowed; allowed: a finite number")
@@ -88,12 +86,6 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} is not allowed; allowed: null or an integer >= 1")
     if cfg.task.name == "eval" and not cfg.model.pretrained:
         raise ConfigError("task=eval needs model.pretrained=PATH (a checkpoint or run directory)")
-
-
-def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    if isinstance(node, dict):
-        return [kv for k, v in node.items() for kv in _leaves(v, f"{prefix}{k}.")]
-    return [(prefix[:-1], node)]
 
 
 def check(cfg: DictConfig, run_dir: Path | None = None) -> None:
@@ -221,7 +213,7 @@ def _run(
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # fixed shapes: time once, then reuse
     keep_freed_memory()  # a CPU step otherwise page-faults its memory back in every step
     previous = check_run_dir(cfg, run_dir)
-    if previous and previous.get("status") in FINISHED:
+    if previous and previous.get("status") in FINAL:
         log.info("%s", finished_message(run_dir, previous))
         return previous
 
@@ -365,8 +357,7 @@ def write_summary(data: dict[str, Any], path: Path) -> None:
     except OSError as exc:
         log.warning("could not write %s atomically (%s); writing in place", path, first_line(exc))
         with open(path, "r+" if path.exists() else "w") as f:
-            text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-            f.write(text)
+            f.write(json_text(data))
             f.truncate()
 
 

@@ -252,7 +252,8 @@ class Guard(Callback):
         task_cfg = _task_config(config)
         check_name("run_name", task_cfg.get("run_name"))  # before the folder it names
         check_location(run_dir)
-        from mq.run import FINISHED, check, check_run_dir, finished_message  # imports torch
+        from mq.ledger import FINAL
+        from mq.run import check, check_run_dir, finished_message  # imports torch
 
         try:
             check(task_cfg)  # plain values (run_name included), constructors, model.pretrained
@@ -262,7 +263,7 @@ class Guard(Callback):
             # Not bad input as such: the job meets it again and reports it as before; the
             # folder is still recorded and locked below, so that a failed start is undone.
         previous = check_run_dir(task_cfg, run_dir)
-        if previous and previous.get("status") in FINISHED:
+        if previous and previous.get("status") in FINAL:
             # Before Hydra rewrites .hydra/ and appends to launch.log: a repeat of a finished
             # run leaves its folder exactly as it was.
             print(finished_message(run_dir, previous))

@@ -83,11 +83,12 @@ class Run:
         return f"{' '.join(names)} {self.method} seed {self.seed}"
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level of dotted keys: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
     if isinstance(data, dict):
         out: dict[str, Any] = {}
         for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         return out
     return {prefix[:-1]: data}
 
@@ -155,7 +156,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 
     try:
         if (path / "config.yaml").exists():
-            return _flatten(OmegaConf.to_container(OmegaConf.load(path / "config.yaml")))
+            return flatten(OmegaConf.to_container(OmegaConf.load(path / "config.yaml")))
         if not (path / ".hydra" / "config.yaml").exists():
             return {}
         data = OmegaConf.to_container(OmegaConf.load(path / ".hydra" / "config.yaml"))
@@ -165,9 +166,9 @@ def _read_config(path: Path) -> dict[str, Any]:
         for key in VOLATILE_DATASET:
             (data.get("dataset") or {}).pop(key, None)
         try:
-            return _flatten(OmegaConf.to_container(OmegaConf.create(data), resolve=True))
+            return flatten(OmegaConf.to_container(OmegaConf.create(data), resolve=True))
         except Exception:  # an interpolation only Hydra resolves: keep it as written
-            return _flatten(data)
+            return flatten(data)
     except Exception:  # a torn or hand-edited file: fall back on summary.json's choices
         return {}
 

@@ -79,16 +79,14 @@ class Evaluation(NamedTuple):
 def evaluate(
     model: nn.Module,
     loader: BatchSource,
-    limit: int | None = None,
     *,
     progress: bool = False,
     desc: str = "test",
 ) -> Evaluation:
-    """Test loss and accuracy (%) with the current (quantized) weights: on every test image, or
-    with ``limit`` on a fixed class-stratified sample of ``limit`` batches' worth of them
-    (``loader.sample``; the first batches of a test set stored class by class would hold one
-    class). ``progress``: a bar on stderr."""
-    source = loader if limit is None else loader.sample(limit)
+    """Test loss and accuracy (%) with the current (quantized) weights on every image of
+    ``loader`` (a limited evaluation passes ``test.sample(limit)``: a fixed class-stratified
+    sample, since the first batches of a test set stored class by class hold one class).
+    ``progress``: a bar on stderr."""
     model.eval()
     weights = None
     if isinstance(model, QuantizedModel):  # quantize once, not once per batch
@@ -97,7 +95,7 @@ def evaluate(
     correct = torch.zeros((), device=_device(model), dtype=torch.long)
     count = 0
     bar = tqdm(
-        total=len(source),
+        total=len(loader),
         desc=desc,
         unit="batch",
         disable=not progress,
@@ -106,7 +104,7 @@ def evaluate(
         mininterval=1.0,
     )
     with bar:
-        for x, y in source.epoch(0):
+        for x, y in loader.epoch(0):
             logits = model(x, weights) if weights is not None else model(x)
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
             correct += (logits.argmax(1) == y).sum()

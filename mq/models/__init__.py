@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
-from mq.errors import ConfigError, first_line
+from mq.checkpoint import load_error, load_tensors
+from mq.errors import ConfigError
 from mq.models.resnet_cifar import CifarResNet
 
 CIFAR_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
@@ -62,14 +62,9 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A plain state dict from an original checkpoint, one of ours, or a run directory."""
     file = checkpoint_file(path)
     try:
-        with warnings.catch_warnings():  # e.g. "pickle protocol 4": the error says it all
-            warnings.simplefilter("ignore")
-            state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file; the cause is one line
-        reason = first_line(exc)
-        if "Weights only load failed" in reason:  # a pickle that could run code: not loaded
-            reason = "it holds objects other than tensors and plain values, which are not loaded"
-        message = f"model.pretrained={path} is not a readable checkpoint: {reason}"
+        state = load_tensors(file)
+    except Exception as exc:
+        message = f"model.pretrained={path} is not a readable checkpoint: {load_error(exc)}"
         raise ConfigError(message) from exc
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a checkpoint written by mq
