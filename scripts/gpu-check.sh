@@ -10,8 +10,11 @@ set -u
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu-check}}"
 mkdir -p "$out"
+# The checkout's .venv when there is one, else the machine's python3 (GPU images often have
+# torch there and no `python`); run from the checkout, so mq is importable without installing.
 py=.venv/bin/python
-[ -x "$py" ] || py=python
+[ -x "$py" ] || py=$(command -v python3 || command -v python)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 status=0
 run() {  # run NAME COMMAND...: output to OUT/NAME.log and the terminal
     echo "== $1"

@@ -39,13 +39,14 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 def launch_env() -> dict[str, str]:
     # One thread per job: on a busy 2-core machine two torch threads per process thrash.
-    # PYTHONPATH: jobs (SLURM ones too) import this checkout's mq, not another installed copy.
+    # PYTHONPATH: jobs (SLURM ones too) import this checkout's mq, not another installed copy;
+    # what PYTHONPATH held already (packages carried to a GPU machine, say) stays after it.
     return {
         **os.environ,
         "WANDB_SILENT": "true",
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
 
 
