@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from mq import dirname as _dirname  # noqa: F401  (registers ${mq.subdir:...})
 from mq import ledger
+from mq.conf import options
 from mq.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,9 @@ class Point:
 
 
 def _one_line(exc: BaseException) -> str:
-    from mq.errors import find_config_error, first_line
+    from mq.errors import find_config_error, first_line, hydra_error_line
 
-    return first_line(find_config_error(exc) or exc)
+    return hydra_error_line(exc) or first_line(find_config_error(exc) or exc)
 
 
 def grid(overrides: list[Override]) -> list[list[str]]:
@@ -66,6 +67,9 @@ def grid(overrides: list[Override]) -> list[list[str]]:
             values[key] = [f"{key}={override.get_value_element_as_str()}"]
         elif override.is_discrete_sweep():
             values[key] = [f"{key}={v}" for v in override.sweep_string_iterator()]
+            if not values[key]:  # glob(x*) matching nothing: no jobs at all, not "done"
+                allowed = ", ".join(options(key)) or "a pattern that matches"
+                raise HydraException(f"{override.input_line} selects nothing; allowed: {allowed}")
         else:
             raise HydraException(
                 f"{override.input_line} is a continuous sweep; allowed in a grid: a,b, "

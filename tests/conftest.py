@@ -79,3 +79,16 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"no shared data at {SHARED_DATA} (set MQ_SHARED_DATA)")
     return SHARED_DATA
+
+
+def meta_net(name: str, **overrides: object):
+    """The meta net conf/meta/<name>.yaml builds, with ``overrides`` for the keys it has (others
+    are ignored, so one call fits every net); eager unless ``compile=True`` (torch.compile
+    costs seconds per test)."""
+    from hydra.utils import instantiate
+
+    from mq.conf import option_file
+
+    node = option_file("meta", name).net
+    overrides = {"compile": False, **overrides}
+    return instantiate(node, **{k: v for k, v in overrides.items() if k in node})

@@ -27,8 +27,8 @@ def composition_error(overrides: list[str]) -> str | None:
     [
         (["bitz=1"], "bitz is not a config key; did you mean bits?"),
         (
-            ["meta.hidden_sise=3"],
-            "meta.hidden_sise is not a config key; did you mean meta.hidden_size?",
+            ["meta.net.hidden_sise=3"],
+            "meta.net.hidden_sise is not a config key; did you mean meta.net.hidden_size?",
         ),
         (["optimizer.momentum=0.9"], "optimizer.momentum is not a config key; allowed: lr"),
         (["sweep=table1"], "sweep is a preset: use +sweep=table1"),
@@ -54,7 +54,10 @@ def test_hydra_composition_errors_become_one_line(overrides, line):
             "checkpoint_every_min=abc",
             "checkpoint_every_min=abc is not allowed; allowed: a number > 0",
         ),
-        ("meta.hidden_size=abc", "meta.hidden_size=abc is not allowed; allowed: an integer >= 1"),
+        (
+            "meta.net.hidden_size=abc",
+            "meta.net.hidden_size=abc is not allowed; allowed: an integer >= 1",
+        ),
     ],
 )
 def test_validate_rejects_non_finite_numbers_bad_seeds_and_sizes(override, message):

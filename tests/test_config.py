@@ -6,24 +6,22 @@ import functools
 
 import pytest
 import torch
-from conftest import CONF, compose_config
+from conftest import compose_config
 from hydra.utils import instantiate
 
+from mq.conf import options
 from mq.errors import ConfigError, find_config_error
 from mq.meta import MetaQuantStep, STEStep
 from mq.quant import QuantizedModel, quantize_model
 from mq.run import validate
 
 
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
 def test_defaults_follow_the_paper():
     cfg = compose_config([])
     assert cfg.model.name == "resnet20" and cfg.dataset.name == "cifar10"
     assert cfg.quant._target_.endswith("DorefaWeight") and cfg.bits == 1
-    assert cfg.meta.net == "multifc" and cfg.meta.hidden_size == 100 and cfg.meta.num_layers == 3
+    assert cfg.meta.net._target_ == "mq.meta.MultiFC" and cfg.meta.net.num_layers == 3
+    assert cfg.meta.net.hidden_size == 100 and cfg.meta["update"] == "paper"
     assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.lr == 1e-3
     assert cfg.meta.lr == 1e-3 and cfg.epochs == 100 and cfg.lr_step == 30
     assert cfg.batch_size == 128 and cfg.logger.mode == "offline"

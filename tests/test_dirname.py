@@ -14,7 +14,7 @@ from mq.dirname import override_dirname, short_value
 PLAIN = [
     ["quant=dorefa", "bits=1", "meta=ste", "seed=0"],
     ["+sweep=table1", "model=resnet32", "dataset=cifar10", "optimizer=adam", "seed=3"],
-    ["meta.hidden_size=50", "meta.nonlinearity=relu", "optimizer.lr=0.001", "bits=2"],
+    ["meta.net.hidden_size=50", "meta.net.nonlinearity=relu", "optimizer.lr=0.001", "bits=2"],
     ["dataset.root=/data/cifar", "device=cpu", "logger=none", "limit_train_batches=100"],
     ["model.pretrained=null", "run_name=abc", "epochs=2"],
 ]

@@ -6,6 +6,7 @@ import functools
 
 import pytest
 import torch
+from conftest import meta_net
 from reference_step import PerLayerMetaQuantStep
 
 from mq.meta import MetaQuantStep
@@ -129,10 +130,10 @@ def _pair(base, quant, net, update, seed=1):
         torch.manual_seed(seed)
         model = quantize_model(copy.deepcopy(base), QUANTIZERS[quant]())
         if net == "lstmfc":
-            meta = {"meta_net": LSTMFC(8, fused=False)}
+            meta = LSTMFC(8, fused=False)
         else:
-            meta = {"net": net, "hidden_size": 8, "num_layers": 3 if net == "multifc" else 2}
-        steps.append((model, cls(model, SGDM, lr=1e-2, update=update, **meta)))
+            meta = meta_net(net, hidden_size=8)
+        steps.append((model, cls(model, SGDM, meta, lr=1e-2, update=update)))
     return steps
 
 

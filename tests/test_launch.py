@@ -16,7 +16,9 @@ import torch
 from conftest import ROOT, SMOKE, launch
 from wandb_records import history_keys, read_records
 
-METAS = ["ste", "multifc", "fcgrad", "lstmfc"]
+from mq.conf import options
+
+METAS = options("meta")
 
 
 def rows(run_dir: Path) -> list[dict]:
@@ -27,15 +29,18 @@ def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-# Every meta net under dorefa (and the full-precision run) in the fast suite; the other
-# quantizers with every meta net in the slow one (one launch of 4 or 8 jobs each).
+# Every meta net of conf/meta/ (Hydra's glob) under dorefa, and the full-precision run, in the
+# fast suite; the other quantizers of conf/quant/ with every meta net in the slow one.
+OTHER_QUANTS = [q for q in options("quant") if q not in ("dorefa", "none")]
+
+
 @pytest.mark.parametrize(
-    "quants", [["dorefa"], pytest.param(["bwn", "bwn_f"], marks=pytest.mark.slow)], ids=str
+    "quants", [["dorefa"], pytest.param(OTHER_QUANTS, marks=pytest.mark.slow)], ids=str
 )
 def test_every_meta_and_quant_pair_trains(tmp_path, quants):
     result = launch(
         "-m",
-        f"meta={','.join(METAS)}",
+        "meta=glob(*)",
         f"quant={','.join(quants)}",
         *SMOKE,
         "hydra.sweep.dir=sweep",
@@ -103,7 +108,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, meta):
         "limit_test_batches=2",
         "log_every=1",
         f"meta={meta}",
-        "meta.hidden_size=8",
+        "meta.net.hidden_size=8",
         "optimizer=adam",
     ]
     reference = launch(*args, "run_name=reference", cwd=tmp_path)
