@@ -211,8 +211,8 @@ def bad_checkpoints(tmp_path_factory):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["quant=foo"], "quant=foo is not known; allowed: bwn, bwn_f, dorefa, none"),
-        (["meta=ste,bogus"], "meta=bogus is not known"),
+        (["quant=foo"], f"quant=foo is not known; allowed: {', '.join(options('quant'))}"),
+        (["-m", "meta=ste,bogus"], "meta=bogus is not known"),
         pytest.param(["bits=9"], "bits=9 is not allowed", marks=pytest.mark.slow),
         pytest.param(
             ["cudnn_benchmark=maybe"],
