@@ -48,12 +48,14 @@ def compose(overrides: list[str]) -> Any:
 
 
 def exclude_keys() -> list[str]:
-    """Override keys left out of sweep folder names: mq.keys's volatile keys (with the dataset
-    location keys under ``dataset.``), the launcher and the +sweep preset's name. Read by
-    conf/config.yaml through the ``${mq.exclude_keys:}`` resolver."""
+    """Override keys left out of sweep folder names (conf/config.yaml reads them through the
+    ``${mq.exclude_keys:}`` resolver, mq.dirname): mq.keys's volatile keys, with the dataset's
+    location keys under ``dataset.``, plus the launcher and the +sweep preset (the sweep folder
+    says it). Not run_name: the resume check ignores it, but ``-m run_name=a,b`` must give two
+    folders."""
     dataset = [f"dataset.{k}" for k in VOLATILE_DATASET]
-    # logger.mode: a logger's own keys never change results either
-    return [*VOLATILE, "logger.mode", "hydra.launcher", "sweep", *dataset]
+    volatile = [k for k in VOLATILE if k != "run_name"]
+    return [*volatile, "logger.mode", "hydra.launcher", "sweep", *dataset]
 
 
 def upgrade(config: dict[str, Any]) -> dict[str, Any]:
