@@ -246,7 +246,7 @@ def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, bad_checkpoi
         for a in SMOKE
         if not (a.startswith("dataset=") and any(x.startswith("dataset=") for x in args))
     ]
-    result = launch(*smoke, *args, cwd=tmp_path)
+    result = launch(*args, *smoke, cwd=tmp_path)  # -m first
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines and lines[-1].startswith("error: ") and message in lines[-1], result.stderr
