@@ -18,8 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-import mq.rundir  # noqa: F401 - registers ${mq_checkpoint_tag:...} (conf/task/eval.yaml)
-from mq import helptext
+from mq.conf import register_resolvers
 from mq.errors import find_config_error, first_line, hydra_error_line
 
 
@@ -66,7 +65,7 @@ def main(cfg: DictConfig) -> dict:
 if __name__ == "__main__":
     # Hydra reports its own composition errors in several lines and exits 1; with
     # HYDRA_FULL_ERROR they reach us and become one line (unless the user asked for them).
-    helptext.register()  # ${mq.help:} in conf/hydra/help/mq.yaml: --help written from conf/
+    register_resolvers()  # conf/'s ${mq.subdir:}, ${mq.help:}, ... before Hydra composes it
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:

@@ -35,6 +35,26 @@ def option_file(group: str, name: str) -> Any:
     return OmegaConf.load(CONF / group / f"{name}.yaml")
 
 
+def register_resolvers() -> None:
+    """The resolvers conf/ uses: ``${mq.subdir:}`` (sweep folder names), ``${mq.exclude_keys:}``
+    (the keys left out of them), ``${mq_checkpoint_tag:}`` (eval folders) and ``${mq.help:}``
+    (--help). Registered by the programs that compose conf/ (launch.py before Hydra starts,
+    each submitit job, mq.bench, the tests), never as a side effect of an import."""
+    from omegaconf import OmegaConf
+
+    from mq import dirname, helptext, rundir
+
+    resolvers = {
+        dirname.RESOLVER: dirname.resolve,
+        "mq.exclude_keys": exclude_keys,
+        "mq_checkpoint_tag": rundir.checkpoint_tag,
+        helptext.RESOLVER: helptext.text,
+    }
+    for name, function in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, function)
+
+
 def compose(overrides: list[str]) -> Any:
     """The run config ``python launch.py OVERRIDES`` would get, without the ``hydra`` node, for
     programs outside a Hydra app (mq.bench); ``${hydra:...}`` keys are left unresolved."""
@@ -42,6 +62,7 @@ def compose(overrides: list[str]) -> Any:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return hydra_compose("config", overrides=overrides)
@@ -49,10 +70,9 @@ def compose(overrides: list[str]) -> Any:
 
 def exclude_keys() -> list[str]:
     """Override keys left out of sweep folder names (conf/config.yaml reads them through the
-    ``${mq.exclude_keys:}`` resolver, mq.dirname): mq.keys's volatile keys, with the dataset's
-    location keys under ``dataset.``, plus the launcher and the +sweep preset (the sweep folder
-    says it). Not run_name: the resume check ignores it, but ``-m run_name=a,b`` must give two
-    folders."""
+    ``${mq.exclude_keys:}`` resolver): mq.keys's volatile keys, with the dataset's location keys
+    under ``dataset.``, plus the launcher and the +sweep preset (the sweep folder says it).
+    Not run_name: the resume check ignores it, but ``-m run_name=a,b`` must give two folders."""
     dataset = [f"dataset.{k}" for k in VOLATILE_DATASET]
     volatile = [k for k in VOLATILE if k != "run_name"]
     return [*volatile, "logger.mode", "hydra.launcher", "sweep", *dataset]

@@ -8,9 +8,8 @@ wandb run name. ``conf/config.yaml`` builds the sweep subdir with ``${mq.subdir:
 value as written), and every name without a path is byte for byte Hydra's, so sweeps launched
 before keep finding their completed jobs.
 
-The resolvers (``mq.subdir`` and ``mq.exclude_keys``, mq.conf's one list of keys that do not
-change results) are registered when this module is imported: by mq.sweeper (the submitting process)
-and mq.launcher (each job, on its node, before Hydra resolves the job's folder).
+The resolver is registered by ``mq.conf.register_resolvers()``: launch.py calls it before Hydra
+starts, and each submitit job (mq.launcher.SubmititJob) before Hydra resolves its folder.
 """
 
 from __future__ import annotations
@@ -22,10 +21,8 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
 
 RESOLVER = "mq.subdir"
-EXCLUDE_RESOLVER = "mq.exclude_keys"
 HASH_CHARS = 8
 
 
@@ -65,17 +62,6 @@ def _resolve(overrides: Any, options: Any) -> str:
     )
 
 
-def _exclude_keys() -> list[str]:
-    from mq.conf import exclude_keys
-
-    return exclude_keys()
-
-
-def register() -> None:
-    if not OmegaConf.has_resolver(RESOLVER):
-        OmegaConf.register_new_resolver(RESOLVER, _resolve)
-    if not OmegaConf.has_resolver(EXCLUDE_RESOLVER):  # conf/config.yaml's exclude_keys
-        OmegaConf.register_new_resolver(EXCLUDE_RESOLVER, _exclude_keys)
-
-
-register()
+def resolve(overrides: Any, options: Any) -> str:
+    """``${mq.subdir:OVERRIDES,OVERRIDE_DIRNAME_OPTIONS}`` (conf/config.yaml's sweep subdir)."""
+    return _resolve(overrides, options)

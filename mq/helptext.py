@@ -2,8 +2,8 @@
 option's first comment line) and every key with its default and its comment, so the help never
 lists an option or a key that conf/ does not have, nor misses a new one.
 
-conf/hydra/help/mq.yaml's template reads it through the ``${mq.help:}`` resolver; launch.py
-registers the resolver (``register()``) before Hydra starts. Free of torch: --help is quick.
+conf/hydra/help/mq.yaml's template reads it through the ``${mq.help:}`` resolver
+(``mq.conf.register_resolvers``). Free of torch: --help is quick.
 """
 
 from __future__ import annotations
@@ -142,8 +142,3 @@ def text() -> str:
         'groups, options and keys: eval "$(python launch.py -sc install=bash)" (README).',
     ]
     return "\n".join(lines).replace("$", "$$")  # Hydra fills the template with string.Template
-
-
-def register() -> None:
-    if not OmegaConf.has_resolver(RESOLVER):
-        OmegaConf.register_new_resolver(RESOLVER, text)

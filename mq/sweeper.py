@@ -32,7 +32,6 @@ from hydra.plugins.sweeper import Sweeper as HydraSweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from mq import dirname as _dirname  # noqa: F401  (registers ${mq.subdir:...})
 from mq import ledger
 from mq.conf import options
 from mq.errors import ConfigError

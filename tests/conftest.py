@@ -13,6 +13,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from mq.conf import register_resolvers
+
+register_resolvers()  # conf/'s ${mq.subdir:} etc., as launch.py does before Hydra starts
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SHARED_DATA = Path(os.environ.get("MQ_SHARED_DATA", ROOT.parent / "shared" / "data"))
