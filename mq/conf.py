@@ -96,5 +96,5 @@ def upgrade(config: dict[str, Any]) -> dict[str, Any]:
     today = OmegaConf.to_container(option_file("meta", name).net)
     assert isinstance(today, dict)
     meta["net"] = {"_target_": today["_target_"]}
-    meta["net"].update({k: meta.pop(k) for k in list(meta) if k in today})
+    meta["net"].update({k: meta.pop(k) for k in list(meta) if k in today and k != "_target_"})
     return config

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import compose_config
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from mq.conf import options
 from mq.errors import ConfigError, find_config_error
@@ -126,3 +127,22 @@ def test_wandb_logger_config_instantiates_disabled(tmp_path):
 def test_validate_rejects_bad_values(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         validate(compose_config([override]))
+
+
+@pytest.mark.parametrize("meta", ["multifc", "lstmfc"])
+def test_a_run_from_before_meta_net_targets_resumes(tmp_path, meta):
+    """mq <= 0.6.0 wrote meta.net: NAME next to meta.hidden_size ...; such a run folder is the
+    same run as today's meta.net: {_target_: ..., hidden_size: ...} (the resume check agrees)."""
+    from mq.run import check_run_dir, result_config
+
+    cfg = compose_config([f"meta={meta}", "meta.net.hidden_size=7"])
+    task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    old = result_config(task)
+    net = old["meta"].pop("net")
+    old["meta"].update({k: v for k, v in net.items() if k != "_target_"}, net=meta)
+    OmegaConf.save(OmegaConf.create(old), tmp_path / "config.yaml")
+    assert check_run_dir(task, tmp_path) == {}
+    old["meta"]["hidden_size"] = 8  # another run: still refused, naming the key
+    OmegaConf.save(OmegaConf.create(old), tmp_path / "config.yaml")
+    with pytest.raises(ConfigError, match=r"meta.net.hidden_size: 8 -> 7"):
+        check_run_dir(task, tmp_path)
