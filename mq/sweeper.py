@@ -52,7 +52,8 @@ class Point:
 def _one_line(exc: BaseException) -> str:
     from mq.errors import find_config_error, first_line, hydra_error_line
 
-    return hydra_error_line(exc) or first_line(find_config_error(exc) or exc)
+    error = find_config_error(exc)  # ours, or a constructor's refusal: its own words
+    return first_line(error) if error is not None else hydra_error_line(exc) or first_line(exc)
 
 
 def grid(overrides: list[Override]) -> list[list[str]]:

@@ -97,12 +97,19 @@ def test_flat_equals_layer_by_layer_values_gradients_and_calibration(quant, bits
 
 
 def test_launch_trains_with_every_quantizer(tmp_path):
-    # One process, one job per quantizer (Hydra's glob over conf/quant/, none included).
-    result = launch(
-        "-m", "quant=glob(*)", "meta=ste", *SMOKE, "limit_train_batches=1", "limit_test_batches=1",
-        "batch_size=8", "hydra.sweep.dir=sweep", cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    # One sweep (one process) per lowest allowed bit width, usually one: a job per quantizer,
+    # full precision (none) included.
+    by_bits: dict[int, list[str]] = {}
+    for quant in QUANTS:
+        by_bits.setdefault(allowed_bits(quant)[0], []).append(quant)
+    by_bits.setdefault(1, []).append("none")
+    for bits, quants in by_bits.items():
+        result = launch(
+            "-m", f"quant={','.join(quants)}", f"bits={bits}", "meta=ste", *SMOKE,
+            "limit_train_batches=1", "limit_test_batches=1", "batch_size=8",
+            "hydra.sweep.dir=sweep", cwd=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
     names = sorted(d.name for d in (tmp_path / "sweep").iterdir() if d.is_dir())
     assert len(names) == len(options("quant")), names
     for quant in options("quant"):
