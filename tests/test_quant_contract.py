@@ -96,6 +96,7 @@ def test_flat_equals_layer_by_layer_values_gradients_and_calibration(quant, bits
             torch.testing.assert_close(calibrations[name], alone, msg=f"{quant} calib, {name}")
 
 
+@pytest.mark.slow  # 10-20 s on 2 shared cores; test_launch's fast test launches dorefa and none
 def test_launch_trains_with_every_quantizer(tmp_path):
     # One sweep (one process) per lowest allowed bit width, usually one: a job per quantizer,
     # full precision (none) included.
