@@ -95,3 +95,35 @@ def meta_net(name: str, **overrides: object):
     node = option_file("meta", name).net
     overrides = {"compile": False, **overrides}
     return instantiate(node, **{k: v for k, v in overrides.items() if k in node})
+
+
+def build_quantizer(quant: str, bits: int):
+    """The quantizer ``quant=QUANT bits=BITS`` builds (None for quant=none); the ConfigError
+    of its constructor where it refuses (not Hydra's wrapper)."""
+    from hydra.utils import instantiate
+
+    from mq.errors import find_config_error
+
+    cfg = compose_config([f"quant={quant}", f"bits={bits}"])
+    if not cfg.quant.get("_target_"):
+        return None
+    try:
+        return instantiate(cfg.quant)
+    except Exception as exc:
+        error = find_config_error(exc)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def lowest_bits(quant: str) -> int:
+    """The lowest bit width in 1..8 that ``quant`` accepts (1 for most)."""
+    from mq.errors import ConfigError
+
+    for bits in range(1, 9):
+        try:
+            build_quantizer(quant, bits)
+        except ConfigError:
+            continue
+        return bits
+    raise AssertionError(f"quant={quant} accepts no bit width in 1..8")

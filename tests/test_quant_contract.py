@@ -15,11 +15,10 @@ import functools
 
 import pytest
 import torch
-from conftest import SMOKE, compose_config, launch
-from hydra.utils import instantiate
+from conftest import SMOKE, build_quantizer, compose_config, launch
 
 from mq.conf import options
-from mq.errors import ConfigError, find_config_error
+from mq.errors import ConfigError
 from mq.models import build_model
 from mq.quant import quantize_model
 
@@ -27,24 +26,12 @@ QUANTS = [q for q in options("quant") if compose_config([f"quant={q}"]).quant.ge
 BITS = range(0, 10)  # mq's bits are 1..8 (mq.run.validate); 0 and 9 are never allowed
 
 
-def build(quant: str, bits: int):
-    """The quantizer ``quant=QUANT bits=BITS`` builds: ConfigError where it refuses."""
-    cfg = compose_config([f"quant={quant}", f"bits={bits}"])
-    try:
-        return instantiate(cfg.quant)
-    except Exception as exc:  # Hydra wraps the constructor's error
-        error = find_config_error(exc)
-        if error is None:
-            raise
-        raise error from exc
-
-
 @functools.cache
 def allowed_bits(quant: str) -> list[int]:
     allowed = []
     for bits in BITS:
         try:
-            build(quant, bits)
+            build_quantizer(quant, bits)
         except ConfigError as exc:
             assert str(exc).startswith(f"bits={bits} is not allowed"), exc
             assert "\n" not in str(exc) and "allowed: " in str(exc)
@@ -73,7 +60,7 @@ def _contract_cases() -> list:
 def test_flat_equals_layer_by_layer_values_gradients_and_calibration(quant, bits):
     torch.manual_seed(0)
     # ResNet20: 22 layers of different scales, channels-last convs and an fc layer
-    model = quantize_model(build_model("resnet20", 10), build(quant, bits))
+    model = quantize_model(build_model("resnet20", 10), build_quantizer(quant, bits))
     quantizer, layout = model.weight_quant, model.layout()
     params = model.quantized_weights()
     flat = model.quantize_weights()  # every layer at once, as training does
