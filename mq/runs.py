@@ -204,7 +204,9 @@ def read_run(path: Path) -> Run:
     quant = choices.get("quant") or _target_name(config.get("quant._target_")).removesuffix(
         "weight"
     )
-    meta = choices.get("meta") or config.get("meta.net")
+    # without choices: the meta net's class (mq.meta.MultiFC -> multifc; older configs are
+    # upgraded to that layout by _read_config)
+    meta = choices.get("meta") or _target_name(config.get("meta.net._target_"))
     if not meta and config:
         meta = "ste" if _target_name(config.get("meta._target_")) == "stestep" else "?"
     # Older summaries lack the measured keys: the limits are also result keys of the config.
