@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import subprocess
 import sys
@@ -97,6 +99,11 @@ def meta_net(name: str, **overrides: object):
     return instantiate(node, **{k: v for k, v in overrides.items() if k in node})
 
 
+@functools.cache
+def _quant_config(quant: str) -> DictConfig:
+    return compose_config([f"quant={quant}"])  # once per quantizer: composing takes ~0.1 s
+
+
 def build_quantizer(quant: str, bits: int):
     """The quantizer ``quant=QUANT bits=BITS`` builds (None for quant=none); the ConfigError
     of its constructor where it refuses (not Hydra's wrapper)."""
@@ -104,7 +111,8 @@ def build_quantizer(quant: str, bits: int):
 
     from mq.errors import find_config_error
 
-    cfg = compose_config([f"quant={quant}", f"bits={bits}"])
+    cfg = copy.deepcopy(_quant_config(quant))
+    cfg.bits = bits  # what bits=BITS on the command line sets; quant's ${bits} reads it
     if not cfg.quant.get("_target_"):
         return None
     try:
