@@ -18,26 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-import mq.rundir  # noqa: F401 - registers ${mq_checkpoint_tag:...} (conf/task/eval.yaml)
-from mq.errors import ConfigError, find_config_error, first_line, hydra_error_line
-
-CONF = Path(__file__).resolve().parent / "conf"
-
-
-def check_group_options(argv: list[str]) -> None:
-    """Reject `group=unknown` before Hydra does, with one line naming what is allowed."""
-    for arg in argv:
-        if arg.startswith("-") or "=" not in arg:
-            continue
-        key, value = arg.split("=", 1)
-        key = key.lstrip("+~")
-        group = CONF / key
-        if key.startswith("hydra") or not group.is_dir():
-            continue
-        allowed = sorted(p.stem for p in group.glob("*.yaml"))
-        for option in value.split(","):
-            if option and option not in allowed:
-                raise ConfigError(f"{key}={option} is not known; allowed: {', '.join(allowed)}")
+from mq.conf import register_resolvers
+from mq.errors import find_config_error, first_line, hydra_error_line
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -81,13 +63,9 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        check_group_options(sys.argv[1:])
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
     # Hydra reports its own composition errors in several lines and exits 1; with
     # HYDRA_FULL_ERROR they reach us and become one line (unless the user asked for them).
+    register_resolvers()  # conf/'s ${mq.subdir:}, ${mq.help:}, ... before Hydra composes it
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:

@@ -28,21 +28,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mq.allocator import keep_freed_memory
+from mq.conf import compose, options
 from mq.data import CIFAR10_MEAN, CIFAR10_STD, DeviceLoader, folder_loaders
-from mq.meta import MetaQuantStep, STEStep
+from mq.errors import ConfigError
 from mq.models import MODELS, build_model
-from mq.quant import BWNWeight, DorefaWeight, quantize_model
+from mq.quant import quantize_model
 
-NETS = ("ste", "multifc", "fcgrad", "lstmfc")
-QUANTS = ("dorefa", "bwn")
-META = {  # the issue's settings: MultiFC 3 layers, FCGrad 2, hidden 100, no activation
-    "multifc": {"num_layers": 3},
-    "fcgrad": {"num_layers": 2},
-    "lstmfc": {},
-}
+# conf/'s options: STE first, then every meta net; every quantizer (none is the FP variant)
+NETS = tuple(sorted(options("meta"), key=lambda name: name != "ste"))
+QUANTS = tuple(q for q in options("quant") if q != "none")
 
 
 @dataclass(frozen=True)
@@ -58,15 +56,20 @@ class Variant:
 def build_step(variant: Variant, args: argparse.Namespace, device: torch.device) -> Any:
     torch.manual_seed(0)
     net = build_model(args.model, 10, channels_last=not args.no_channels_last)
-    quantizer = {"none": None, "dorefa": DorefaWeight(args.bits), "bwn": BWNWeight()}
-    model = quantize_model(net, quantizer[variant.quant]).to(device)
+    # The quantizer and the meta net as a run with these choices builds them (conf/ defaults:
+    # MultiFC 3 layers, FCGrad 2, hidden 100, no activation); bwn is 1 bit whatever --bits says.
+    try:
+        cfg = compose([f"quant={variant.quant}", f"meta={variant.net}", f"bits={args.bits}"])
+        quantizer = instantiate(cfg.quant) if cfg.quant.get("_target_") else None
+    except ConfigError:
+        cfg = compose([f"quant={variant.quant}", f"meta={variant.net}", "bits=1"])
+        quantizer = instantiate(cfg.quant)
+    model = quantize_model(net, quantizer).to(device)
     optimizer = functools.partial(torch.optim.SGD, lr=1e-3)
-    if variant.net == "ste":
-        return STEStep(model, optimizer)
-    step = MetaQuantStep(
-        model, optimizer, net=variant.net, hidden_size=100, state_dtype=args.state_dtype,
-        compile=args.compile, **META[variant.net],
-    )  # fmt: skip
+    for key, value in (("state_dtype", args.state_dtype), ("compile", args.compile)):
+        if key in cfg.meta.get("net", {}):  # LSTMFC's
+            cfg.meta.net[key] = value
+    step = instantiate(cfg.meta, model=model, optimizer=optimizer)
     if args.reference and hasattr(step.meta_net, "fused"):
         step.meta_net.fused = False
     return step
@@ -265,8 +268,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="resnet20", help="model config name (conf/model/)")
     p.add_argument("--batch", type=int, default=128, help="training batch size")
     p.add_argument("--bits", type=int, default=1, help="dorefa bit width")
-    p.add_argument("--quants", default="dorefa,bwn", help="subset of dorefa,bwn")
-    p.add_argument("--nets", default=",".join(NETS), help="subset of ste,multifc,fcgrad,lstmfc")
+    p.add_argument("--quants", default="dorefa,bwn", help=f"subset of {','.join(QUANTS)}")
+    p.add_argument("--nets", default=",".join(NETS), help=f"subset of {','.join(NETS)}")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant and round")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
@@ -284,7 +287,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="LSTMFC cell through torch.compile (meta.compile; on by default, as in conf/)",
+        help="LSTMFC cell through torch.compile (meta.net.compile; on by default, as in conf/)",
     )
     p.add_argument("--no-channels-last", action="store_true", help="NCHW weights")
     p.add_argument(

@@ -11,11 +11,12 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from mq.errors import ConfigError, first_line
+
+if TYPE_CHECKING:  # torch is imported where a checkpoint is written or read: the sweep ledger
+    import torch  # (mq.ledger, hence Hydra's plugin scan at every start-up) needs JSON only
 
 
 def _tmp_name(path: Path) -> Path:
@@ -86,6 +87,8 @@ def _torch_save(state: dict[str, Any], tmp: Path) -> None:
     with open(tmp, "wb") as f:
         writer = _KeepError(f)
         try:
+            import torch
+
             torch.save(state, writer)  # type: ignore[arg-type]  # any object with write()
         except RuntimeError as exc:
             if writer.error is not None:
@@ -103,6 +106,8 @@ def load_tensors(path: Path | str, device: torch.device | str = "cpu") -> Any:
     or copied file cannot run code. Raises whatever torch raises for a bad file."""
     with warnings.catch_warnings():  # e.g. "pickle protocol 4": the error says it all
         warnings.simplefilter("ignore")
+        import torch
+
         return torch.load(path, map_location=device, weights_only=True)
 
 

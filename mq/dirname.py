@@ -8,8 +8,8 @@ wandb run name. ``conf/config.yaml`` builds the sweep subdir with ``${mq.subdir:
 value as written), and every name without a path is byte for byte Hydra's, so sweeps launched
 before keep finding their completed jobs.
 
-The resolver is registered when this module is imported: by mq.sweeper (the submitting process)
-and mq.launcher (each job, on its node, before Hydra resolves the job's folder).
+The resolver is registered by ``mq.conf.register_resolvers()``: launch.py calls it before Hydra
+starts, and each submitit job (mq.launcher.SubmititJob) before Hydra resolves its folder.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
 
 RESOLVER = "mq.subdir"
 HASH_CHARS = 8
@@ -63,9 +62,6 @@ def _resolve(overrides: Any, options: Any) -> str:
     )
 
 
-def register() -> None:
-    if not OmegaConf.has_resolver(RESOLVER):
-        OmegaConf.register_new_resolver(RESOLVER, _resolve)
-
-
-register()
+def resolve(overrides: Any, options: Any) -> str:
+    """``${mq.subdir:OVERRIDES,OVERRIDE_DIRNAME_OPTIONS}`` (conf/config.yaml's sweep subdir)."""
+    return _resolve(overrides, options)

@@ -78,6 +78,12 @@ def hydra_error_line(exc: BaseException) -> str | None:
         block = text.split("Available options in", 1)[1].split("Config search path")[0]
         options = [ln.strip() for ln in block.splitlines()[1:] if ln.strip()]
         return f"{group}={option} is not known; allowed: {', '.join(options)}"
+    if text.startswith("Ambiguous value for argument"):  # key=a,b without -m
+        arg = text.split("'")[1] if text.count("'") >= 2 else "key=a,b"
+        return f"{arg} is a sweep: add -m (or key=[a,b] for a list, key='a,b' for a string)"
+    if text.startswith("Sweep parameters") and "requires --multirun" in text:
+        arg = text.split("'")[1] if text.count("'") >= 2 else "key=..."
+        return f"{arg} is a sweep: add -m"
     if isinstance(exc, OverrideParseException):
         return f"cannot parse the command line: {first_line(exc)} (Hydra's override grammar)"
     if isinstance(exc, HydraException):

@@ -29,7 +29,6 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
 )
 from omegaconf import OmegaConf
 
-from mq import dirname as _dirname  # noqa: F401  (a job resolves its folder with ${mq.subdir:})
 from mq import slurm
 from mq.errors import ConfigError
 
@@ -39,6 +38,12 @@ log = logging.getLogger(__name__)
 class SubmititJob(BaseSubmititLauncher):
     """One job: the plugin's ``__call__`` (compose the job's config, run the task) and
     ``checkpoint()`` (requeue the same call), pickled by submitit by reference to this module."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
+        from mq.conf import register_resolvers
+
+        register_resolvers()  # a fresh process on the node: conf/'s resolvers, before Hydra's
+        return super().__call__(*args, **kwargs)
 
 
 class TolerantLauncher(BaseSubmititLauncher):

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mq.allocator import keep_freed_memory
 from mq.checkpoint import json_text, load_checkpoint, read_json, save_checkpoint, write_json
+from mq.conf import upgrade
 from mq.errors import ConfigError, first_line
 from mq.keys import VOLATILE, VOLATILE_DATASET
 from mq.ledger import FINAL
@@ -76,7 +77,7 @@ def validate(cfg: DictConfig) -> None:
     every = cfg.checkpoint_every_min
     if not isinstance(every, (int, float)) or isinstance(every, bool) or every <= 0:
         raise ConfigError(f"checkpoint_every_min={every} is not allowed; allowed: a number > 0")
-    for key in ("meta.hidden_size", "meta.num_layers"):  # lstmfc has no num_layers
+    for key in ("meta.net.hidden_size", "meta.net.num_layers"):  # lstmfc has no num_layers
         value = OmegaConf.select(cfg, key, default=1)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{key}={value} is not allowed; allowed: an integer >= 1")
@@ -156,7 +157,7 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     saved = run_dir / "config.yaml"
     if not saved.exists():
         return None
-    old = OmegaConf.to_container(OmegaConf.load(saved))
+    old = upgrade(OmegaConf.to_container(OmegaConf.load(saved)))  # runs from before meta.net.*
     diff = _differences(old, result_config(cfg))
     if diff:
         raise ConfigError(

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, open_dict, read_write
 
 from mq.errors import ConfigError, find_config_error
 
@@ -217,9 +217,6 @@ def checkpoint_tag(path: Any) -> str:
     stem = resolved.parent.name if resolved.stem == "checkpoint" else resolved.stem
     stem = re.sub(r"[^A-Za-z0-9_=+-]+", "_", stem).strip("_")[:60] or "ckpt"
     return f"{stem}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:8]}"
-
-
-OmegaConf.register_new_resolver("mq_checkpoint_tag", checkpoint_tag, replace=True)
 
 
 def _task_config(config: DictConfig) -> DictConfig:

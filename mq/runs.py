@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mq.conf import upgrade
 from mq.keys import VOLATILE, VOLATILE_DATASET
 
 RUN_MARKERS = ("summary.json", "metrics.jsonl")
@@ -156,10 +157,10 @@ def _read_config(path: Path) -> dict[str, Any]:
 
     try:
         if (path / "config.yaml").exists():
-            return flatten(OmegaConf.to_container(OmegaConf.load(path / "config.yaml")))
+            return flatten(upgrade(OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))))
         if not (path / ".hydra" / "config.yaml").exists():
             return {}
-        data = OmegaConf.to_container(OmegaConf.load(path / ".hydra" / "config.yaml"))
+        data = upgrade(OmegaConf.to_container(OmegaConf.load(path / ".hydra" / "config.yaml")))
         assert isinstance(data, dict)
         for key in VOLATILE:
             data.pop(key, None)
@@ -203,7 +204,9 @@ def read_run(path: Path) -> Run:
     quant = choices.get("quant") or _target_name(config.get("quant._target_")).removesuffix(
         "weight"
     )
-    meta = choices.get("meta") or config.get("meta.net")
+    # without choices: the meta net's class (mq.meta.MultiFC -> multifc; older configs are
+    # upgraded to that layout by _read_config)
+    meta = choices.get("meta") or _target_name(config.get("meta.net._target_"))
     if not meta and config:
         meta = "ste" if _target_name(config.get("meta._target_")) == "stestep" else "?"
     # Older summaries lack the measured keys: the limits are also result keys of the config.

@@ -1,5 +1,6 @@
-"""Hydra's basic sweeper (grid of ``key=a,b`` and ``hydra.sweeper.params``) plus three things a
-long sweep needs, for every launcher (basic, submitit local, SLURM):
+"""A grid sweeper (``key=a,b``, ``choice()``, ``range()``, ``glob()`` and ``hydra.sweeper.params``,
+as Hydra's basic sweeper) on Hydra's public ``Sweeper`` interface, plus three things a long sweep
+needs, for every launcher (basic, submitit local, SLURM):
 
 1. every point is composed and checked (mq.run.check) before anything runs; one bad point ends
    the launch with one line naming its overrides, exit code 2, nothing submitted;
@@ -14,20 +15,25 @@ of the sweep have run regardless.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import HydraException
+from hydra.plugins.launcher import Launcher
+from hydra.plugins.sweeper import Sweeper as HydraSweeper
+from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from mq import dirname as _dirname  # noqa: F401  (registers ${mq.subdir:...})
 from mq import ledger
+from mq.conf import options
 from mq.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -44,19 +50,59 @@ class Point:
 
 
 def _one_line(exc: BaseException) -> str:
-    from mq.errors import find_config_error, first_line
+    from mq.errors import find_config_error, first_line, hydra_error_line
 
-    return first_line(find_config_error(exc) or exc)
+    error = find_config_error(exc)  # ours, or a constructor's refusal: its own words
+    return first_line(error) if error is not None else hydra_error_line(exc) or first_line(exc)
 
 
-class Sweeper(BasicSweeper):
+def grid(overrides: list[Override]) -> list[list[str]]:
+    """Every job of the cartesian product of ``overrides`` (later keys vary fastest, a key given
+    twice keeps its last value), in the order Hydra's basic sweeper launches them. A
+    non-discrete sweep (``interval()``) has no grid: a one-line error."""
+    values: dict[str, list[str]] = {}
+    for override in overrides:
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            values[key] = [f"{key}={override.get_value_element_as_str()}"]
+        elif override.is_discrete_sweep():
+            values[key] = [f"{key}={v}" for v in override.sweep_string_iterator()]
+            if not values[key]:  # glob(x*) matching nothing: no jobs at all, not "done"
+                allowed = ", ".join(options(key)) or "a pattern that matches"
+                raise HydraException(f"{override.input_line} selects nothing; allowed: {allowed}")
+        else:
+            raise HydraException(
+                f"{override.input_line} is a continuous sweep; allowed in a grid: a,b, "
+                "choice(), range(), glob()"
+            )
+    return [list(job) for job in itertools.product(*values.values())]
+
+
+class Sweeper(HydraSweeper):
+    def __init__(self, max_batch_size: int | None = None, params: dict | None = None) -> None:
+        super().__init__()
+        self.max_batch_size = max_batch_size
+        self.params = params or {}
+        self.hydra_context: HydraContext | None = None
+        self.config: DictConfig | None = None
+        self.launcher: Launcher | None = None
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.hydra_context, self.config = hydra_context, config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+
     def sweep(self, arguments: list[str]) -> Any:
         assert self.config is not None and self.launcher is not None
         assert self.hydra_context is not None
-        params = self._parse_config() + list(arguments)
+        params = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        batches = self.split_arguments(parser.parse_overrides(params), None)
-        jobs = [job for batch in batches for job in batch]
+        jobs = grid(parser.parse_overrides(params))
 
         points = self._compose_all(jobs)
         self._mark_live(points)

@@ -12,7 +12,9 @@ from typing import Any
 
 from mq.runs import Run
 
-METHODS = ("ste", "multifc", "fcgrad", "lstmfc")  # the paper's column order
+# The paper's column order: an order, not the list of meta nets (conf/meta/ is): any other
+# method gets a column after these, alphabetically.
+METHODS = ("ste", "multifc", "fcgrad", "lstmfc")
 ROW_FIELDS = ("model", "dataset", "quant", "bits", "optimizer")
 NUMBER_FIELDS = (  # CSV columns per cell
     "n",
@@ -51,6 +53,11 @@ class RowKey:
         return f"{self.model} {self.dataset} {self.quant} w{self.bits} {self.optimizer}{extra}"
 
 
+def _short(key: str) -> str:
+    """A meta key as a column label says it: meta.net.hidden_size -> hidden_size."""
+    return key.removeprefix("meta.").removeprefix("net.")
+
+
 @dataclass(frozen=True)
 class ColKey:
     method: str
@@ -59,7 +66,7 @@ class ColKey:
     @property
     def label(self) -> str:
         # A key another method lacks (ste has no hidden_size) is left out of that label.
-        extra = ", ".join(f"{k.removeprefix('meta.')}={v}" for k, v in self.extra if v != "-")
+        extra = ", ".join(f"{_short(k)}={v}" for k, v in self.extra if v != "-")
         return f"{self.method} ({extra})" if extra else self.method
 
 

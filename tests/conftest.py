@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import subprocess
 import sys
@@ -13,6 +15,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from mq.conf import register_resolvers
+
+register_resolvers()  # conf/'s ${mq.subdir:} etc., as launch.py does before Hydra starts
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SHARED_DATA = Path(os.environ.get("MQ_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -79,3 +84,54 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"no shared data at {SHARED_DATA} (set MQ_SHARED_DATA)")
     return SHARED_DATA
+
+
+def meta_net(name: str, **overrides: object):
+    """The meta net conf/meta/<name>.yaml builds, with ``overrides`` for the keys it has (others
+    are ignored, so one call fits every net); eager unless ``compile=True`` (torch.compile
+    costs seconds per test)."""
+    from hydra.utils import instantiate
+
+    from mq.conf import option_file
+
+    node = option_file("meta", name).net
+    overrides = {"compile": False, **overrides}
+    return instantiate(node, **{k: v for k, v in overrides.items() if k in node})
+
+
+@functools.cache
+def _quant_config(quant: str) -> DictConfig:
+    return compose_config([f"quant={quant}"])  # once per quantizer: composing takes ~0.1 s
+
+
+def build_quantizer(quant: str, bits: int):
+    """The quantizer ``quant=QUANT bits=BITS`` builds (None for quant=none); the ConfigError
+    of its constructor where it refuses (not Hydra's wrapper)."""
+    from hydra.utils import instantiate
+
+    from mq.errors import find_config_error
+
+    cfg = copy.deepcopy(_quant_config(quant))
+    cfg.bits = bits  # what bits=BITS on the command line sets; quant's ${bits} reads it
+    if not cfg.quant.get("_target_"):
+        return None
+    try:
+        return instantiate(cfg.quant)
+    except Exception as exc:
+        error = find_config_error(exc)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def lowest_bits(quant: str) -> int:
+    """The lowest bit width in 1..8 that ``quant`` accepts (1 for most)."""
+    from mq.errors import ConfigError
+
+    for bits in range(1, 9):
+        try:
+            build_quantizer(quant, bits)
+        except ConfigError:
+            continue
+        return bits
+    raise AssertionError(f"quant={quant} accepts no bit width in 1..8")

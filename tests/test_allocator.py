@@ -14,7 +14,7 @@ from mq.allocator import keep_freed_memory
 PROBE = """
 import functools, resource, sys, torch
 from mq.allocator import keep_freed_memory
-from mq.meta import MetaQuantStep
+from mq.meta import MetaQuantStep, MultiFC
 from mq.models import build_model
 from mq.quant import DorefaWeight, quantize_model
 if sys.argv[1] == "keep":
@@ -22,7 +22,7 @@ if sys.argv[1] == "keep":
 torch.manual_seed(0)
 model = quantize_model(build_model("resnet20", 10), DorefaWeight(1))
 optimizer = functools.partial(torch.optim.SGD, lr=1e-3)
-step = MetaQuantStep(model, optimizer, net="multifc", hidden_size=8)
+step = MetaQuantStep(model, optimizer, MultiFC(hidden_size=8))
 x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
 for _ in range(18):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

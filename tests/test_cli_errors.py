@@ -10,8 +10,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from mq.conf import options
 from mq.errors import ConfigError, find_config_error, hydra_error_line
 from mq.run import check, validate
+
+METAS = ", ".join(options("meta"))  # conf/meta/'s options, as the errors list them
 
 
 def composition_error(overrides: list[str]) -> str | None:
@@ -27,13 +30,16 @@ def composition_error(overrides: list[str]) -> str | None:
     [
         (["bitz=1"], "bitz is not a config key; did you mean bits?"),
         (
-            ["meta.hidden_sise=3"],
-            "meta.hidden_sise is not a config key; did you mean meta.hidden_size?",
+            ["meta.net.hidden_sise=3"],
+            "meta.net.hidden_sise is not a config key; did you mean meta.net.hidden_size?",
         ),
         (["optimizer.momentum=0.9"], "optimizer.momentum is not a config key; allowed: lr"),
         (["sweep=table1"], "sweep is a preset: use +sweep=table1"),
         (["hydra/launcher=foo"], "hydra/launcher=foo is not known; allowed: basic, local, slurm"),
         (["bits=[1"], "cannot parse the command line: no viable alternative at input '[1'"),
+        (["meta=nosuch"], f"meta=nosuch is not known; allowed: {METAS}"),
+        (["meta=ste,multifc"], "meta=ste,multifc is a sweep: add -m"),
+        (["bits=range(1,3)"], "bits=range(1,3) is a sweep: add -m"),
     ],
 )
 def test_hydra_composition_errors_become_one_line(overrides, line):
@@ -54,7 +60,10 @@ def test_hydra_composition_errors_become_one_line(overrides, line):
             "checkpoint_every_min=abc",
             "checkpoint_every_min=abc is not allowed; allowed: a number > 0",
         ),
-        ("meta.hidden_size=abc", "meta.hidden_size=abc is not allowed; allowed: an integer >= 1"),
+        (
+            "meta.net.hidden_size=abc",
+            "meta.net.hidden_size=abc is not allowed; allowed: an integer >= 1",
+        ),
     ],
 )
 def test_validate_rejects_non_finite_numbers_bad_seeds_and_sizes(override, message):
@@ -76,11 +85,24 @@ def test_a_constructors_refusal_keeps_its_reason():
     "args, line",
     [
         (["bitz=1"], "error: bitz is not a config key; did you mean bits?"),
+        (
+            ["meta=nosuch"],
+            f"error: meta=nosuch is not known; allowed: {METAS}",
+        ),
+        (
+            ["-m", "meta=glob(nosuch*)"],
+            f"error: meta=glob(nosuch*) selects nothing; allowed: {METAS}",
+        ),
+        (
+            ["-m", "bits=interval(1,3)"],
+            "error: bits=interval(1,3) is a continuous sweep; allowed in a grid: a,b, choice(), "
+            "range(), glob()",
+        ),
         (["seed=abc"], "error: seed=abc is not allowed; allowed: an integer >= 0"),
     ],
 )
 def test_launch_prints_one_line_exits_2_and_writes_nothing(tmp_path, args, line):
-    result = launch(*SMOKE, *args, cwd=tmp_path)
+    result = launch(*args, *SMOKE, cwd=tmp_path)  # -m before the overrides
     assert result.returncode == 2 and result.stderr.strip() == line, result.stderr
     outputs = tmp_path / "outputs"
     assert not [p for p in outputs.rglob("*") if p.is_file()] if outputs.exists() else True

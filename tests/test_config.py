@@ -6,24 +6,23 @@ import functools
 
 import pytest
 import torch
-from conftest import CONF, compose_config
+from conftest import compose_config
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
+from mq.conf import options
 from mq.errors import ConfigError, find_config_error
 from mq.meta import MetaQuantStep, STEStep
 from mq.quant import QuantizedModel, quantize_model
 from mq.run import validate
 
 
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
 def test_defaults_follow_the_paper():
     cfg = compose_config([])
     assert cfg.model.name == "resnet20" and cfg.dataset.name == "cifar10"
     assert cfg.quant._target_.endswith("DorefaWeight") and cfg.bits == 1
-    assert cfg.meta.net == "multifc" and cfg.meta.hidden_size == 100 and cfg.meta.num_layers == 3
+    assert cfg.meta.net._target_ == "mq.meta.MultiFC" and cfg.meta.net.num_layers == 3
+    assert cfg.meta.net.hidden_size == 100 and cfg.meta["update"] == "paper"
     assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.lr == 1e-3
     assert cfg.meta.lr == 1e-3 and cfg.epochs == 100 and cfg.lr_step == 30
     assert cfg.batch_size == 128 and cfg.logger.mode == "offline"
@@ -128,3 +127,22 @@ def test_wandb_logger_config_instantiates_disabled(tmp_path):
 def test_validate_rejects_bad_values(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         validate(compose_config([override]))
+
+
+@pytest.mark.parametrize("meta", ["multifc", "lstmfc"])
+def test_a_run_from_before_meta_net_targets_resumes(tmp_path, meta):
+    """mq <= 0.6.0 wrote meta.net: NAME next to meta.hidden_size ...; such a run folder is the
+    same run as today's meta.net: {_target_: ..., hidden_size: ...} (the resume check agrees)."""
+    from mq.run import check_run_dir, result_config
+
+    cfg = compose_config([f"meta={meta}", "meta.net.hidden_size=7"])
+    task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    old = result_config(task)
+    net = old["meta"].pop("net")
+    old["meta"].update({k: v for k, v in net.items() if k != "_target_"}, net=meta)
+    OmegaConf.save(OmegaConf.create(old), tmp_path / "config.yaml")
+    assert check_run_dir(task, tmp_path) == {}
+    old["meta"]["hidden_size"] = 8  # another run: still refused, naming the key
+    OmegaConf.save(OmegaConf.create(old), tmp_path / "config.yaml")
+    with pytest.raises(ConfigError, match=r"meta.net.hidden_size: 8 -> 7"):
+        check_run_dir(task, tmp_path)

@@ -11,10 +11,9 @@ import json
 
 import pytest
 import torch
-from conftest import SMOKE, launch
+from conftest import SMOKE, launch, meta_net
 
 from mq.meta import MetaQuantStep, STEStep
-from mq.meta.nets import LSTMFC
 from mq.models import build_model
 from mq.quant import BWNWeight, DorefaWeight, quantize_model
 
@@ -69,8 +68,8 @@ def test_training_steps_on_cuda_match_cpu(net, compile, caplog):
         if net == "ste":
             step = STEStep(model, SGDM)
         else:
-            meta = LSTMFC(16, compile=compile) if net == "lstmfc" else None
-            step = MetaQuantStep(model, SGDM, net=net, hidden_size=16, lr=1e-2, meta_net=meta)
+            meta = meta_net(net, hidden_size=16, compile=compile)
+            step = MetaQuantStep(model, SGDM, meta, lr=1e-2)
         losses = [step.train_step(x.to(device), y.to(device))[0].cpu() for x, y in data]
         state = {k: v.cpu() for k, v in model.state_dict().items()}
         results.append((torch.stack(losses), state))

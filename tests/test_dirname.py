@@ -14,7 +14,7 @@ from mq.dirname import override_dirname, short_value
 PLAIN = [
     ["quant=dorefa", "bits=1", "meta=ste", "seed=0"],
     ["+sweep=table1", "model=resnet32", "dataset=cifar10", "optimizer=adam", "seed=3"],
-    ["meta.hidden_size=50", "meta.nonlinearity=relu", "optimizer.lr=0.001", "bits=2"],
+    ["meta.net.hidden_size=50", "meta.net.nonlinearity=relu", "optimizer.lr=0.001", "bits=2"],
     ["dataset.root=/data/cifar", "device=cpu", "logger=none", "limit_train_batches=100"],
     ["model.pretrained=null", "run_name=abc", "epochs=2"],
 ]
@@ -51,3 +51,18 @@ def test_excluded_keys_and_separators_follow_hydras_options():
     name = override_dirname(["b=/x/y.pt", "seed=1", "a=2"], options.exclude_keys, "__", "_")
     assert name == f"a_2__b_y-{short_value('/x/y.pt').split('-')[-1]}"
     assert Path(name).name == name
+
+
+def test_folder_names_leave_out_mq_keys_volatile_keys_and_the_same_keys_as_before():
+    from conftest import compose_config
+
+    from mq.keys import VOLATILE
+
+    excluded = set(compose_config([]).hydra.job.config.override_dirname.exclude_keys)
+    assert set(VOLATILE) - excluded == {"run_name"}  # -m run_name=a,b: two folders
+    # the list conf/config.yaml held before it read mq.keys: sweep folder names are unchanged
+    assert excluded == {
+        *("device", "cudnn_benchmark", "progress", "log_every", "checkpoint_every_min"),
+        *("keep_training_state", "logger", "logger.mode", "hydra.launcher", "sweep"),
+        *("dataset.root", "dataset.cache", "dataset.download", "dataset.workers", "sweep_name"),
+    }

@@ -6,6 +6,7 @@ import functools
 
 import pytest
 import torch
+from conftest import meta_net
 from reference_step import PerLayerMetaQuantStep
 
 from mq.meta import MetaQuantStep
@@ -99,28 +100,8 @@ def test_segment_reductions_match_per_tensor(foreach):
         torch.testing.assert_close(s, means.view(-1, *[1] * (t.dim() - 1)).expand_as(t))
 
 
-@pytest.mark.parametrize("quant", sorted(QUANTIZERS))
-def test_model_quantizes_all_layers_at_once_like_layer_by_layer(quant):
-    torch.manual_seed(0)
-    model = quantize_model(build_model("resnet20", 10), QUANTIZERS[quant]())
-    params = model.quantized_weights()
-    flat = model.quantize_weights()
-    layout = model.layout()
-    calibration = model.weight_quant.calibration(layout.flatten(list(params.values())), layout)
-    calibrations = model.named(layout.unflatten(calibration)) if calibration is not None else {}
-    upstream = {n: torch.randn_like(w) for n, w in flat.items()}
-    sum((flat[n] * upstream[n]).sum() for n in flat).backward()
-    flat_grads = {n: p.grad.clone() for n, p in params.items()}
-    model.zero_grad()
-    for name, w in params.items():
-        w_hat = model.weight_quant(w)  # one layer at a time
-        torch.testing.assert_close(flat[name], w_hat, msg=name)
-        assert flat[name].stride() == w.stride()
-        (w_hat * upstream[name]).sum().backward()
-        torch.testing.assert_close(flat_grads[name], w.grad, msg=name)
-        if calibrations:
-            torch.testing.assert_close(calibrations[name], model.weight_quant.calibration(w))
-    assert bool(calibrations) == quant.startswith("dorefa")
+# Quantizing all layers at once like layer by layer: tests/test_quant_contract.py, for every
+# quantizer of conf/quant/.
 
 
 def _pair(base, quant, net, update, seed=1):
@@ -129,10 +110,10 @@ def _pair(base, quant, net, update, seed=1):
         torch.manual_seed(seed)
         model = quantize_model(copy.deepcopy(base), QUANTIZERS[quant]())
         if net == "lstmfc":
-            meta = {"meta_net": LSTMFC(8, fused=False)}
+            meta = LSTMFC(8, fused=False)
         else:
-            meta = {"net": net, "hidden_size": 8, "num_layers": 3 if net == "multifc" else 2}
-        steps.append((model, cls(model, SGDM, lr=1e-2, update=update, **meta)))
+            meta = meta_net(net, hidden_size=8)
+        steps.append((model, cls(model, SGDM, meta, lr=1e-2, update=update)))
     return steps
 
 

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SMOKE, launch
+from conftest import ROOT, SMOKE, launch, lowest_bits
 from wandb_records import history_keys, read_records
 
-METAS = ["ste", "multifc", "fcgrad", "lstmfc"]
+from mq.conf import options
+
+METAS = options("meta")
 
 
 def rows(run_dir: Path) -> list[dict]:
@@ -27,22 +29,24 @@ def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-# Every meta net under dorefa (and the full-precision run) in the fast suite; the other
-# quantizers with every meta net in the slow one (one launch of 4 or 8 jobs each).
+# Every meta net of conf/meta/ (Hydra's glob) under dorefa, and the full-precision run, in the
+# fast suite; the other quantizers of conf/quant/ with every meta net in the slow one.
+OTHER_QUANTS = [q for q in options("quant") if q not in ("dorefa", "none")]
+
+
 @pytest.mark.parametrize(
-    "quants", [["dorefa"], pytest.param(["bwn", "bwn_f"], marks=pytest.mark.slow)], ids=str
+    "quants", [["dorefa"], pytest.param(OTHER_QUANTS, marks=pytest.mark.slow)], ids=str
 )
 def test_every_meta_and_quant_pair_trains(tmp_path, quants):
-    result = launch(
-        "-m",
-        f"meta={','.join(METAS)}",
-        f"quant={','.join(quants)}",
-        *SMOKE,
-        "hydra.sweep.dir=sweep",
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    by_bits: dict[int, list[str]] = {}  # one sweep per lowest bit width (1 for most)
+    for quant in quants:
+        by_bits.setdefault(lowest_bits(quant), []).append(quant)
+    for bits, group in by_bits.items():
+        result = launch(
+            "-m", "meta=glob(*)", f"quant={','.join(group)}", f"bits={bits}", *SMOKE,
+            "hydra.sweep.dir=sweep", cwd=tmp_path, timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
     fp = launch(*SMOKE, "quant=none", "meta=ste", "run_name=fp", cwd=tmp_path)
     assert fp.returncode == 0, fp.stderr[-3000:]
     dirs = sorted((tmp_path / "sweep").iterdir())
@@ -103,7 +107,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, meta):
         "limit_test_batches=2",
         "log_every=1",
         f"meta={meta}",
-        "meta.hidden_size=8",
+        "meta.net.hidden_size=8",
         "optimizer=adam",
     ]
     reference = launch(*args, "run_name=reference", cwd=tmp_path)
@@ -206,8 +210,8 @@ def bad_checkpoints(tmp_path_factory):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["quant=foo"], "quant=foo is not known; allowed: bwn, bwn_f, dorefa, none"),
-        (["meta=ste,bogus"], "meta=bogus is not known"),
+        (["quant=foo"], f"quant=foo is not known; allowed: {', '.join(options('quant'))}"),
+        (["-m", "meta=ste,bogus"], "meta=bogus is not known"),
         pytest.param(["bits=9"], "bits=9 is not allowed", marks=pytest.mark.slow),
         pytest.param(
             ["cudnn_benchmark=maybe"],
@@ -241,7 +245,7 @@ def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, bad_checkpoi
         for a in SMOKE
         if not (a.startswith("dataset=") and any(x.startswith("dataset=") for x in args))
     ]
-    result = launch(*smoke, *args, cwd=tmp_path)
+    result = launch(*args, *smoke, cwd=tmp_path)  # -m first
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines and lines[-1].startswith("error: ") and message in lines[-1], result.stderr

@@ -5,6 +5,7 @@ import functools
 
 import pytest
 import torch
+from conftest import meta_net as conf_meta_net
 
 from mq.meta import IdentitySTE, MetaQuantStep, STEStep
 from mq.meta.step import released_adam_eps
@@ -75,7 +76,7 @@ def _assert_same_trajectory(base, quant, optimizer, meta_net):
     meta_model = quantize_model(copy.deepcopy(base), QUANTS[quant]())
     ste_seen, meta_seen = recording(ste_model), recording(meta_model)
     ste = STEStep(ste_model, OPTIMIZERS[optimizer])
-    meta = MetaQuantStep(meta_model, OPTIMIZERS[optimizer], meta_net=meta_net(meta_model))
+    meta = MetaQuantStep(meta_model, OPTIMIZERS[optimizer], net=meta_net(meta_model))
     for t, (x, y) in enumerate(batches(4)):
         ste_loss, _ = ste.train_step(x, y)
         meta_loss, _ = meta.train_step(x, y)
@@ -128,7 +129,7 @@ def test_bwn_metaquant_steps_one_over_alpha_further_than_ste(base, quant):
     """Under SGD the identity meta net moves each weight 1/alpha times as far as BWN STE."""
     models = [quantize_model(copy.deepcopy(base), QUANTS[quant]()) for _ in range(2)]
     ste = STEStep(models[0], OPTIMIZERS["sgd"])
-    meta = MetaQuantStep(models[1], OPTIMIZERS["sgd"], meta_net=IdentitySTE())
+    meta = MetaQuantStep(models[1], OPTIMIZERS["sgd"], net=IdentitySTE())
     x, y = batches(1)[0]
     start = models[0].layout().flatten(list(models[0].quantized_weights().values())).detach()
     alpha = bwn_scale(start, quant == "bwn_f", models[0].layout())
@@ -151,7 +152,7 @@ def test_step_zero_leaves_quantized_weights_alone(base, update):
     before = {n: w.detach().clone() for n, w in model.quantized_weights().items()}
     bn_before = model.net.bn1.weight.detach().clone()
     bias_before = model.net.fc.bias.detach().clone()
-    step = MetaQuantStep(model, OPTIMIZERS["sgd"], net="multifc", update=update)
+    step = MetaQuantStep(model, OPTIMIZERS["sgd"], net=conf_meta_net("multifc"), update=update)
     step.train_step(*batches(1)[0])
     for n, w in model.quantized_weights().items():
         assert torch.equal(w, before[n])
@@ -189,7 +190,7 @@ def test_original_look_ahead_follows_the_current_lr(base):
     """The released look-ahead is the current lr times the previous refined gradient: when the
     lr drops, the stored previous update (weights and biases) drops with it."""
     model = quantize_model(copy.deepcopy(base), DorefaWeight(1))
-    step = MetaQuantStep(model, OPTIMIZERS["sgd"], net="multifc", update="original")
+    step = MetaQuantStep(model, OPTIMIZERS["sgd"], net=conf_meta_net("multifc"), update="original")
     for x, y in batches(2):
         step.train_step(x, y)
     weights, biases = step.previous_update.clone(), [u.clone() for u in step.previous_bias_update]
@@ -208,10 +209,7 @@ def test_meta_net_gets_gradients_and_changes(base, net, nonlinearity):
     step = MetaQuantStep(
         model,
         OPTIMIZERS["sgd"],
-        net=net,
-        hidden_size=8,
-        num_layers=2 if net == "fcgrad" else 3,
-        nonlinearity=nonlinearity,
+        net=conf_meta_net(net, hidden_size=8, nonlinearity=nonlinearity),
         lr=1e-2,
     )
     start = [p.detach().clone() for p in step.meta_net.parameters()]
@@ -231,7 +229,7 @@ def test_original_update_moves_by_previous_step(base):
     """update=original: the forward at step 1 sees W - lr * (STE gradient of step 0)."""
     model = quantize_model(copy.deepcopy(base), BWNWeight())
     seen = recording(model)
-    step = MetaQuantStep(model, OPTIMIZERS["sgd"], meta_net=IdentitySTE(), update="original")
+    step = MetaQuantStep(model, OPTIMIZERS["sgd"], net=IdentitySTE(), update="original")
     ste_model = quantize_model(copy.deepcopy(base), BWNWeight())
     ste_seen = recording(ste_model)
     ste = STEStep(ste_model, OPTIMIZERS["sgd"])
@@ -250,7 +248,7 @@ def test_original_update_moves_by_previous_step(base):
 
 def test_lstm_state_is_per_coordinate_and_carried(base):
     model = quantize_model(copy.deepcopy(base), DorefaWeight(2))
-    step = MetaQuantStep(model, OPTIMIZERS["sgd"], net="lstmfc", hidden_size=4)
+    step = MetaQuantStep(model, OPTIMIZERS["sgd"], net=conf_meta_net("lstmfc", hidden_size=4))
     n = sum(w.numel() for w in model.quantized_weights().values())
     assert step.meta_state[0].shape == (n, 4)
     for x, y in batches(2):
@@ -274,7 +272,9 @@ def test_step_state_round_trip_gives_identical_continuation(base, net, update):
     def fresh(seed):
         torch.manual_seed(seed)
         model = quantize_model(copy.deepcopy(base), DorefaWeight(1))
-        step = MetaQuantStep(model, OPTIMIZERS["sgdm"], net=net, hidden_size=8, update=update)
+        step = MetaQuantStep(
+            model, OPTIMIZERS["sgdm"], net=conf_meta_net(net, hidden_size=8), update=update
+        )
         return model, step
 
     _, ref_step = fresh(0)

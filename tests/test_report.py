@@ -159,7 +159,7 @@ def test_a_differing_key_splits_rows_or_columns(tmp_path):
         make_run(sweep, "multifc", seed, [30.0], lr=0.001, hidden_size=50)
     write_report(sweep, tmp_path / "out")
     rows = read_csv(tmp_path / "out" / "table.csv")
-    got = {(r["optimizer.lr"], r["method"], r["meta.hidden_size"]): r for r in rows}
+    got = {(r["optimizer.lr"], r["method"], r["meta.net.hidden_size"]): r for r in rows}
     assert set(got) == {
         ("0.001", "ste", "-"),
         ("0.01", "ste", "-"),

@@ -333,7 +333,7 @@ def test_checkpoints_of_every_step_kind_load_with_weights_only(tmp_path, meta, o
     from mq.quant.layers import plain_state_dict, quantize_model
     from mq.train import rng_state
 
-    extra = {"ste": [], "lstmfc": ["meta.hidden_size=8", "meta.compile=false"]}
+    extra = {"ste": [], "lstmfc": ["meta.net.hidden_size=8", "meta.net.compile=false"]}
     cfg = compose_config([f"meta={meta}", f"optimizer={optimizer}", *extra.get(meta, [])])
     model = quantize_model(build_model("resnet20", 10), instantiate(cfg.quant))
     step = instantiate(cfg.meta, model=model, optimizer=instantiate(cfg.optimizer))

@@ -10,6 +10,7 @@ import functools
 
 import pytest
 import torch
+from conftest import meta_net
 
 from mq.meta import MetaQuantStep, STEStep
 from mq.meta.nets import LSTMFC
@@ -65,7 +66,7 @@ def test_fused_lstmfc_matches_lstm_cell(hidden, nonlinearity, state_dtype, compi
         net = LSTMFC(
             hidden, nonlinearity, state_dtype, fused=fused, block=block, compile=compile and fused
         )
-        step = MetaQuantStep(model, SGDM, lr=1e-2, meta_net=net)
+        step = MetaQuantStep(model, SGDM, net, lr=1e-2)
         losses, weights = run(step, model, batches())
         meta = {k: v.clone() for k, v in net.state_dict().items()}
         results.append((losses, weights | {f"meta.{k}": v for k, v in meta.items()}, step))
@@ -95,7 +96,7 @@ def test_channels_last_matches_nchw(quant, net):
         if net == "ste":
             step = STEStep(model, SGDM)
         else:
-            step = MetaQuantStep(model, SGDM, net=net, hidden_size=8, lr=1e-2)
+            step = MetaQuantStep(model, SGDM, meta_net(net, hidden_size=8), lr=1e-2)
         results.append(run(step, model, batches()))
     assert_same(*results)
 
@@ -151,7 +152,7 @@ def test_fused_lstmfc_buffer_reuse_keeps_held_results(state_dtype):
 
 @pytest.mark.parametrize("nonlinearity", ["none", "tanh"])
 def test_compiled_lstmfc_cell_matches_eager(nonlinearity, caplog):
-    """meta.compile=true runs the cell's pure form through torch.compile; it must give the
+    """meta.net.compile=true runs the cell's pure form through torch.compile; it must give the
     eager cell's outputs, states and gradients, and must really compile (not fall back)."""
     torch.manual_seed(0)
     nets = [LSTMFC(16, nonlinearity, fused=True, block=700, compile=c) for c in (False, True)]

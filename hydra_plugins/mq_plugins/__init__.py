@@ -1,5 +1,5 @@
 """mq's Hydra plugins. Hydra instantiates sweepers and launchers only from the ``hydra_plugins``
-namespace package; this one is found because launch.py's folder is on ``sys.path``. The code
+namespace package; pyproject.toml packages this one with mq. The code
 lives in ``mq`` (mq.sweeper, mq.launcher), so that compute nodes only need ``mq`` installed."""
 
 from mq.launcher import TolerantLauncher

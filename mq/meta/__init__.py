@@ -1,6 +1,6 @@
 """Meta quantizers and the training steps that use them."""
 
-from mq.meta.nets import LSTMFC, FCGrad, IdentitySTE, MetaNet, MultiFC, build_meta_net
+from mq.meta.nets import LSTMFC, FCGrad, IdentitySTE, MetaNet, MultiFC
 from mq.meta.step import MetaQuantStep, STEStep
 
 __all__ = [
@@ -11,5 +11,4 @@ __all__ = [
     "MetaQuantStep",
     "MultiFC",
     "STEStep",
-    "build_meta_net",
 ]

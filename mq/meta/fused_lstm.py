@@ -272,7 +272,7 @@ def compiled_cell() -> Callable[[Block], None]:
                 return compiled(block)
             except Exception as exc:  # inductor raises many types; eager is always right
                 state["ok"] = False
-                log.warning("meta.compile: torch.compile failed (%s); running eager", exc)
+                log.warning("meta.net.compile: torch.compile failed (%s); running eager", exc)
         return eager_cell(block)
 
     return run

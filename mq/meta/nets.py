@@ -3,6 +3,10 @@
 Every net maps the previous step's gradient w.r.t. the quantized weights (g_W^) and the
 previous transformed weights (W~), both flattened over all layers to shape (N,), to an
 estimate of g_W~ of the same shape. Stateful nets (LSTMFC) also take and return a state.
+
+A new meta net is a MetaNet subclass and a conf/meta/<name>.yaml whose ``net`` node names it
+in ``_target_`` with its constructor's arguments (see conf/meta/multifc.yaml); Hydra builds it
+and hands it to MetaQuantStep. Nothing else lists the meta nets.
 """
 
 from __future__ import annotations
@@ -22,9 +26,15 @@ State = tuple[Tensor, Tensor] | None
 def _activation(nonlinearity: str) -> nn.Module:
     if nonlinearity not in NONLINEARITIES:
         raise ConfigError(
-            f"meta.nonlinearity={nonlinearity} is not known; allowed: {', '.join(NONLINEARITIES)}"
+            f"meta.net.nonlinearity={nonlinearity} is not known; "
+            f"allowed: {', '.join(NONLINEARITIES)}"
         )
     return {"none": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh}[nonlinearity]()
+
+
+def _check_hidden_size(hidden_size: int) -> None:
+    if hidden_size < 1:
+        raise ConfigError(f"meta.net.hidden_size={hidden_size} is too small; allowed: 1 or more")
 
 
 class MetaNet(nn.Module):
@@ -53,9 +63,11 @@ class _FCChain(nn.Module):
     def __init__(self, hidden_size: int, num_layers: int, nonlinearity: str) -> None:
         super().__init__()
         if num_layers < 2:
-            raise ConfigError(f"meta.num_layers={num_layers} is too small; allowed: 2 or more")
+            raise ConfigError(f"meta.net.num_layers={num_layers} is too small; allowed: 2 or more")
         if hidden_size < 1:
-            raise ConfigError(f"meta.hidden_size={hidden_size} is too small; allowed: 1 or more")
+            raise ConfigError(
+                f"meta.net.hidden_size={hidden_size} is too small; allowed: 1 or more"
+            )
         sizes = [1] + [hidden_size] * (num_layers - 1) + [1]
         layers: list[nn.Module] = []
         for i in range(num_layers):
@@ -125,7 +137,9 @@ class LSTMFC(MetaNet):
     ) -> None:
         super().__init__()
         if hidden_size < 1:
-            raise ConfigError(f"meta.hidden_size={hidden_size} is too small; allowed: 1 or more")
+            raise ConfigError(
+                f"meta.net.hidden_size={hidden_size} is too small; allowed: 1 or more"
+            )
         self.cell = nn.LSTMCell(1, hidden_size)
         self.nonlinearity = nonlinearity
         self.act = _activation(nonlinearity)
@@ -133,7 +147,7 @@ class LSTMFC(MetaNet):
         dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
         if state_dtype not in dtypes:
             raise ConfigError(
-                f"meta.state_dtype={state_dtype} is not known; allowed: {', '.join(dtypes)}"
+                f"meta.net.state_dtype={state_dtype} is not known; allowed: {', '.join(dtypes)}"
             )
         self.state_dtype = dtypes[state_dtype]
         self.fused = fused
@@ -173,25 +187,3 @@ class LSTMFC(MetaNet):
         h, c = self.cell(w_tilde.unsqueeze(1), (state[0].to(dtype), state[1].to(dtype)))
         scale = self.out(self.act(h)).squeeze(1)
         return grad_hat * scale, (h.to(self.state_dtype), c.to(self.state_dtype))
-
-
-def build_meta_net(
-    net: str,
-    hidden_size: int = 100,
-    num_layers: int = 3,
-    nonlinearity: str = "none",
-    state_dtype: str = "float32",
-    compile: bool = False,
-) -> MetaNet:
-    """The meta net called ``net``: identity, fcgrad, multifc or lstmfc.
-
-    ``compile`` only affects lstmfc; the others are already a few elementwise operations."""
-    if net == "identity":
-        return IdentitySTE()
-    if net == "fcgrad":
-        return FCGrad(hidden_size, num_layers, nonlinearity)
-    if net == "multifc":
-        return MultiFC(hidden_size, num_layers, nonlinearity)
-    if net == "lstmfc":
-        return LSTMFC(hidden_size, nonlinearity, state_dtype, compile=compile)
-    raise ConfigError(f"meta net {net} is not known; allowed: identity, fcgrad, multifc, lstmfc")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mq.errors import ConfigError
-from mq.meta.nets import MetaNet, build_meta_net
+from mq.meta.nets import MetaNet
 from mq.quant.flat import FlatLayout
 from mq.quant.layers import QuantizedModel, quantized_weights
 from mq.quant.quantizers import BWNWeight
@@ -118,23 +118,18 @@ class MetaQuantStep(STEStep):
         self,
         model: nn.Module,
         optimizer: OptimizerFactory,
-        net: str = "multifc",
-        hidden_size: int = 100,
-        num_layers: int = 3,
-        nonlinearity: str = "none",
+        net: MetaNet,
         lr: float = 1e-3,
         update: str = "paper",
         lr_decay: bool = True,
-        state_dtype: str = "float32",
-        compile: bool = False,
-        meta_net: MetaNet | None = None,
     ) -> None:
         super().__init__(model, optimizer)
         if update not in UPDATES:
             raise ConfigError(f"meta.update={update} is not known; allowed: {', '.join(UPDATES)}")
         if not isinstance(model, QuantizedModel):
             raise ConfigError(
-                f"meta={net} needs quantized weights but quant=none; allowed with quant=none: ste"
+                f"meta={type(net).__name__.lower()} needs quantized weights but quant=none; "
+                "allowed with quant=none: ste"
             )
         self.model: QuantizedModel = model
         self.quantizer = model.weight_quant
@@ -143,10 +138,7 @@ class MetaQuantStep(STEStep):
         self.lr_decay = lr_decay
         self.biases = model.quantized_biases()
         device = self.weights[0].device
-        self.meta_net = meta_net or build_meta_net(
-            net, hidden_size, num_layers, nonlinearity, state_dtype, compile
-        )
-        self.meta_net.to(device)
+        self.meta_net = net.to(device)  # built by Hydra from conf/meta/<name>.yaml's net node
         params = list(self.meta_net.parameters())
         self.meta_optimizer = torch.optim.Adam(params, lr=lr) if params else None
         self.meta_state = self.meta_net.initial_state(model.layout().numel, device)

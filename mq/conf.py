@@ -1,0 +1,100 @@
+"""What conf/ offers, read from conf/ itself: the options of each config group, and the one
+list of keys that do not change a run's result. Bench, report, tests and error messages ask
+here instead of keeping their own copies. Free of torch (Hydra's plugin scan imports it)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from mq.keys import VOLATILE, VOLATILE_DATASET
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def options(group: str) -> list[str]:
+    """The options of a config group, e.g. ``options("meta")`` -> ``["fcgrad", ..., "ste"]``
+    (subfolders such as conf/meta/base/ hold shared parts, not options)."""
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def groups() -> list[str]:
+    """The config groups a run composes (not Hydra's own, not the +sweep presets)."""
+    return sorted(
+        p.name
+        for p in CONF.iterdir()
+        if p.is_dir() and not p.is_symlink() and p.name != "hydra" and any(p.glob("*.yaml"))
+    )
+
+
+def option_file(group: str, name: str) -> Any:
+    """conf/<group>/<name>.yaml as written (its defaults list not merged in), a DictConfig."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(CONF / group / f"{name}.yaml")
+
+
+def register_resolvers() -> None:
+    """The resolvers conf/ uses: ``${mq.subdir:}`` (sweep folder names), ``${mq.exclude_keys:}``
+    (the keys left out of them), ``${mq_checkpoint_tag:}`` (eval folders) and ``${mq.help:}``
+    (--help). Registered by the programs that compose conf/ (launch.py before Hydra starts,
+    each submitit job, mq.bench, the tests), never as a side effect of an import."""
+    from omegaconf import OmegaConf
+
+    from mq import dirname, helptext, rundir
+
+    resolvers = {
+        dirname.RESOLVER: dirname.resolve,
+        "mq.exclude_keys": exclude_keys,
+        "mq_checkpoint_tag": rundir.checkpoint_tag,
+        helptext.RESOLVER: helptext.text,
+    }
+    for name, function in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, function)
+
+
+def compose(overrides: list[str]) -> Any:
+    """The run config ``python launch.py OVERRIDES`` would get, without the ``hydra`` node, for
+    programs outside a Hydra app (mq.bench); ``${hydra:...}`` keys are left unresolved."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)
+
+
+def exclude_keys() -> list[str]:
+    """Override keys left out of sweep folder names (conf/config.yaml reads them through the
+    ``${mq.exclude_keys:}`` resolver): mq.keys's volatile keys, with the dataset's location keys
+    under ``dataset.``, plus the launcher and the +sweep preset (the sweep folder says it).
+    Not run_name: the resume check ignores it, but ``-m run_name=a,b`` must give two folders."""
+    dataset = [f"dataset.{k}" for k in VOLATILE_DATASET]
+    volatile = [k for k in VOLATILE if k != "run_name"]
+    return [*volatile, "logger.mode", "hydra.launcher", "sweep", *dataset]
+
+
+def upgrade(config: dict[str, Any]) -> dict[str, Any]:
+    """A run config written before meta nets were built from their own ``_target_`` (mq 0.6.0
+    and older: ``meta.net: multifc`` next to ``meta.hidden_size`` ...) in today's layout
+    (``meta.net: {_target_: mq.meta.MultiFC, hidden_size: ...}``), so that the resume check
+    and the report compare old and new runs key by key. Other configs are returned as given."""
+    meta = config.get("meta")
+    if not isinstance(meta, dict) or not isinstance(meta.get("net"), str):
+        return config
+    config = copy.deepcopy(config)
+    meta = config["meta"]
+    name = meta.pop("net")
+    if name not in options("meta"):
+        return config
+    from omegaconf import OmegaConf
+
+    today = OmegaConf.to_container(option_file("meta", name).net)
+    assert isinstance(today, dict)
+    meta["net"] = {"_target_": today["_target_"]}
+    meta["net"].update({k: meta.pop(k) for k in list(meta) if k in today and k != "_target_"})
+    return config
