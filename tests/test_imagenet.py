@@ -64,7 +64,9 @@ def test_crop_box_is_random_resized_crops_distribution():
             assert 0 <= top <= h - ch and 0 <= left <= w - cw and ch > 0 and cw > 0
         areas = [ch * cw / (h * w) for _, _, ch, cw in boxes]
         assert min(areas) >= SCALE[0] * 0.9 and max(areas) <= 1
-        if max(h, w) / min(h, w) < 2:  # not the fallback: every ratio within RandomResizedCrop's range
+        if (
+            max(h, w) / min(h, w) < 2
+        ):  # not the fallback: every ratio within RandomResizedCrop's range
             ratios = [cw / ch for _, _, ch, cw in boxes]
             assert min(ratios) > RATIO[0] * 0.9 and max(ratios) < RATIO[1] * 1.1
             assert len({b for b in boxes}) > 250  # random, not one box
