@@ -117,8 +117,13 @@ class JpegFiles(torch.utils.data.Dataset):
         return transform(img, self.train, aug_seed), self.labels[index]
 
 
-def _encoded_batch(items: list[tuple[Tensor, int, int]]) -> tuple[list[Tensor], Tensor, list[int]]:
-    return [d for d, _, _ in items], torch.tensor([y for _, y, _ in items]), [s for *_, s in items]
+def _encoded_batch(items: list[tuple[Tensor, int, int]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A batch of encoded files as one flat byte tensor and sizes: a worker hands each tensor
+    over in its own shared-memory segment and file descriptor, and 128 of them per batch
+    exhaust descriptors (the DataLoader then hangs)."""
+    data = torch.cat([d for d, _, _ in items])
+    sizes = torch.tensor([len(d) for d, _, _ in items])
+    return data, sizes, torch.tensor([y for _, y, _ in items]), torch.tensor([s for *_, s in items])
 
 
 def gpu_decode(encoded: list[Tensor], device: torch.device) -> list[Tensor]:
@@ -230,10 +235,13 @@ class ImageNetLoader(_Batches):
         )
         for batch in loader:
             if on_gpu:
-                encoded, y, aug = batch
-                images = gpu_decode(encoded, self.device)
+                data, sizes, y, aug = batch
+                images = gpu_decode(list(data.split(sizes.tolist())), self.device)
                 x = torch.stack(
-                    [transform(im, self.train, s) for im, s in zip(images, aug, strict=True)]
+                    [
+                        transform(im, self.train, s)
+                        for im, s in zip(images, aug.tolist(), strict=True)
+                    ]
                 )
             else:
                 x, y = batch

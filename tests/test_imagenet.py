@@ -182,3 +182,24 @@ def test_imagenet_run_logs_top5(tmp_path):
     run = tmp_path / "outputs/quantize/imagenet/mobilenet_v2-dorefa-w1-ste-sgd-s0"
     (row,) = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()[-1:]]
     assert row["kind"] == "epoch" and 0 <= row["test_acc"] <= row["test_acc5"] <= 100
+
+
+def test_batched_decode_path_gives_the_cpu_paths_batches(tree):
+    """decode="cuda" (workers read bytes, one batched decode_jpeg call per batch in the main
+    process) run on the CPU: the same crops, flips and labels as decoding in the workers."""
+    _, files, labels = list_folder(tree / "train", "train")
+    a = ImageNetLoader(files, labels, 4, True, "cpu", seed=1, workers=0, decode="cpu")
+    b = ImageNetLoader(files, labels, 4, True, "cpu", seed=1, workers=1, decode="cuda")
+    for (xa, ya), (xb, yb) in zip(batches(a, 2, 1), batches(b, 2, 1), strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nvjpeg_batches_match_the_cpu_decode(tree):
+    _, files, labels = list_folder(tree / "train", "train")
+    cpu = ImageNetLoader(files, labels, 4, True, "cuda", seed=1, workers=0, decode="cpu")
+    gpu = ImageNetLoader(files, labels, 4, True, "cuda", seed=1, workers=0, decode="cuda")
+    for (xa, ya), (xb, yb) in zip(batches(cpu), batches(gpu), strict=True):
+        assert xb.is_cuda and torch.equal(ya, yb)
+        # nvJPEG's IDCT and the float resize differ from libjpeg-turbo's by a few levels
+        assert (xa - xb).abs().mean() < 0.05
