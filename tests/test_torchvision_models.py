@@ -20,8 +20,8 @@ from mq.quant import quantize_model
 
 QUANTS = sorted(p.stem for p in (CONF / "quant").glob("*.yaml"))  # discovered, not listed
 # Three families with different layers: depthwise convs + Linear head, grouped convs + channel
-# shuffle, and a conv-only classifier (no Linear at all). resnet18 and vgg11_bn (a 100M-weight
-# classifier at this input size) are in the slow suite.
+# shuffle, and a conv-only classifier (no Linear at all). resnet18 and vgg11_bn (a 120M-weight
+# classifier; STE only) are in the slow suite.
 FAST_ARCHS = ["mobilenet_v2", "shufflenet_v2_x0_5", "squeezenet1_1"]
 SLOW_ARCHS = ["resnet18", "vgg11_bn"]
 ARCHS = [*FAST_ARCHS, *(pytest.param(a, marks=pytest.mark.slow) for a in SLOW_ARCHS)]
@@ -61,6 +61,8 @@ def test_every_layer_is_quantized_and_trains(arch, quant, meta):
         ]
     )
     quantizer = instantiate(cfg.quant) if cfg.quant.get("_target_") else None
+    if arch == "vgg11_bn" and meta != "ste":
+        pytest.skip("vgg11_bn's 120M classifier weights x a meta net's width: GBs on a CPU")
     if quantizer is None and meta != "ste":
         pytest.skip("quant=none trains with STE only (a meta net needs a quantizer)")
     net = instantiate(cfg.model, num_classes=5)
@@ -72,9 +74,12 @@ def test_every_layer_is_quantized_and_trains(arch, quant, meta):
     assert set(seen) == layers and len(layers) > 10
     if quantizer is not None:
         for name, w in seen.items():
-            # 1-bit dorefa and bwn: each output filter holds one magnitude (+-1, +-alpha)
+            # 1-bit dorefa and bwn: each output filter holds one magnitude (+-1, +-alpha); bwn
+            # maps a weight that is exactly 0 (sign 0) to 0: vgg11_bn's 120M get a few of those
             rows = w.abs().flatten(1)
-            assert torch.allclose(rows, rows[:, :1].expand_as(rows)), name
+            top = rows.max(1, keepdim=True).values.expand_as(rows)
+            assert torch.allclose(rows[rows != 0], top[rows != 0]), name
+            assert (rows == 0).float().mean() < 1e-6, name
             assert not torch.equal(w, net.get_submodule(name).weight.detach()), name
     before = {k: v.detach().clone() for k, v in net.state_dict().items()}
     for _ in range(2):  # MetaQuant's first step only records; the second updates
