@@ -203,3 +203,22 @@ def test_nvjpeg_batches_match_the_cpu_decode(tree):
         assert xb.is_cuda and torch.equal(ya, yb)
         # nvJPEG's IDCT and the float resize differ from libjpeg-turbo's by a few levels
         assert (xa - xb).abs().mean() < 0.05
+
+
+def test_loader_benchmark_measures_both_pipelines_on_a_generated_folder(tmp_path, capsys):
+    from mq.bench_loader import main, make_folder
+
+    make_folder(str(tmp_path / "gen"), files=20, classes=2)
+    _, files, _ = list_folder(tmp_path / "gen" / "train", "gen")
+    img = decode_jpeg(read_file(files[0]))
+    assert len(files) == 20 and tuple(img.shape) in {(3, 375, 500), (3, 500, 375)}
+    assert len(read_file(files[0])) > 30_000  # real-size JPEGs, not flat ones
+    args = [str(tmp_path / "gen"), "--workers", "0", "--batch-size", "4", "--batches", "2"]
+    result = main([*args, "--rounds", "1", "--out", str(tmp_path / "b.json")])
+    out = capsys.readouterr().out
+    assert "PIL ImageFolder" in out and "torchvision.io (mq, cpu)" in out and "per GPU" in out
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert {r["pipeline"] for r in saved["rows"]} == {"PIL ImageFolder", "torchvision.io (mq, cpu)"}
+    assert result["workers_per_gpu"] >= 1 and all(r["img_s"] > 0 for r in saved["rows"])
+    with pytest.raises(SystemExit, match="has 20 train images; allowed: at least"):
+        main([str(tmp_path / "gen"), "--batch-size", "16", "--batches", "2"])
