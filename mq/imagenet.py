@@ -78,16 +78,17 @@ def crop_box(height: int, width: int, rng: random.Random) -> tuple[int, int, int
 def transform(img: Tensor, train: bool, aug_seed: int) -> Tensor:
     """uint8 (3, H, W) -> uint8 (3, 224, 224): random-resized crop and flip (train), or resize
     256 and center crop 224 (val). Works on CPU and CUDA tensors alike."""
-    if not train:
-        return TF.center_crop(TF.resize(img, [RESIZE], antialias=True), [SIZE, SIZE])
-    rng = random.Random(aug_seed)
-    top, left, h, w = crop_box(img.shape[-2], img.shape[-1], rng)
-    if img.is_cuda:  # CUDA's antialiased resize takes floating point only
-        img = img.float()
-    out = TF.resized_crop(img, top, left, h, w, [SIZE, SIZE], antialias=True)
-    if rng.random() < 0.5:
-        out = out.flip(-1)
-    return out.round_().clamp_(0, 255).to(torch.uint8) if out.is_floating_point() else out
+    # CUDA's antialiased resize takes floating point only; the CPU's uint8 kernel is the fast one
+    x = img.float() if img.is_cuda else img
+    if train:
+        rng = random.Random(aug_seed)
+        top, left, h, w = crop_box(img.shape[-2], img.shape[-1], rng)
+        x = TF.resized_crop(x, top, left, h, w, [SIZE, SIZE], antialias=True)
+        if rng.random() < 0.5:
+            x = x.flip(-1)
+    else:
+        x = TF.center_crop(TF.resize(x, [RESIZE], antialias=True), [SIZE, SIZE])
+    return x.round_().clamp_(0, 255).to(torch.uint8) if x.is_floating_point() else x
 
 
 class JpegFiles(torch.utils.data.Dataset):
