@@ -111,6 +111,10 @@ def test_ranks_read_disjoint_shards_of_one_permutation(tree):
     ]
     assert sorted(sum((v.order(0)[0].tolist() for v in val), [])) == list(range(10))
     assert [len(v) for v in val] == [1, 1, 1] and val[0].shard_size() == 4
+    # a limited evaluation keeps k batches per rank: k x batch x ranks images, sharded
+    part = ImageNetLoader(files, labels, 2, False, "cpu", rank=1, world_size=3).sample(2)
+    assert part.num_samples == 12 and len(part) == 2
+    assert sorted(torch.bincount(torch.tensor(part.labels)).tolist()) == [4, 4, 4]
     with pytest.raises(ConfigError, match="rank=3 is not allowed for world_size=3"):
         ImageNetLoader(files, labels, 2, True, "cpu", rank=3, world_size=3)
 
