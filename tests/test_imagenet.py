@@ -199,7 +199,7 @@ def test_batched_decode_path_gives_the_cpu_paths_batches(tree):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_nvjpeg_batches_match_the_cpu_decode(tree):
+def test_cuda_nvjpeg_batches_match_the_cpu_decode(tree):
     _, files, labels = list_folder(tree / "train", "train")
     cpu = ImageNetLoader(files, labels, 4, True, "cuda", seed=1, workers=0, decode="cpu")
     gpu = ImageNetLoader(files, labels, 4, True, "cuda", seed=1, workers=0, decode="cuda")
