@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor
-from torchvision import transforms as T
 
 from mq.errors import ConfigError, first_line
 from mq.imagefolder import decode_all as _decode_all  # tests replace it here
@@ -360,87 +359,10 @@ def fake_loaders(
     )
 
 
-class StreamLoader(_Batches):
-    """BatchSource over a map-style dataset via DataLoader worker processes (for ImageNet).
-
-    Train order is a permutation drawn from (seed, epoch); start_batch skips straight to its
-    indices without loading the skipped batches. The order on resume is exact; the random
-    augmentations inside workers are reproducible only for whole epochs.
-    """
-
-    def __init__(
-        self,
-        dataset: torch.utils.data.Dataset,
-        batch_size: int,
-        train: bool,
-        device: torch.device | str,
-        seed: int = 0,
-        workers: int = 8,
-    ) -> None:
-        self.dataset = dataset
-        self.num_samples = len(dataset)  # type: ignore[arg-type]
-        self.batch_size = batch_size
-        self.train = train
-        self.device = torch.device(device)
-        self.seed = seed
-        self.workers = workers
-
-    def _labels(self) -> Tensor:
-        targets = getattr(self.dataset, "targets", None)  # ImageFolder has them without decoding
-        if targets is None:  # one stratum: a fixed random sample, not stratified
-            return torch.zeros(self.num_samples, dtype=torch.int64)
-        return torch.as_tensor(targets, dtype=torch.int64)
-
-    def _subset(self, indices: Tensor) -> StreamLoader:
-        part = copy.copy(self)
-        part.dataset = torch.utils.data.Subset(self.dataset, indices.tolist())
-        part.num_samples = len(indices)
-        return part
-
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        g = _epoch_generator(self.seed, epoch)
-        n, bs = self.num_samples, self.batch_size
-        order = torch.randperm(n, generator=g) if self.train else torch.arange(n)
-        batches = [order[i * bs : (i + 1) * bs].tolist() for i in range(start_batch, len(self))]
-        loader = torch.utils.data.DataLoader(
-            self.dataset,
-            batch_sampler=batches,
-            num_workers=self.workers,
-            pin_memory=self.device.type == "cuda",
-            generator=g,  # seeds the workers' augmentation RNGs
-        )
-        for x, y in loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-
 def imagenet_loaders(
-    root: str,
-    batch_size: int,
-    device: torch.device | str,
-    seed: int = 0,
-    workers: int = 8,
-    test_batch_size: int = 256,
-    num_classes: int | None = None,
-    progress: bool = True,  # accepted like every loader's; batches stream, nothing up front
+    root: str, batch_size: int, device: torch.device | str, **kw: object
 ) -> Loaders:
-    """ImageNet from ``root/train`` and ``root/val`` class folders, standard augmentation."""
-    for split in ("train", "val"):
-        if not (Path(root) / split).is_dir():
-            raise ConfigError(
-                f"dataset.root={root} has no {split}/ folder; point dataset.root at an ImageNet "
-                "folder with train/<class>/ and val/<class>/"
-            )
-    norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm])
-    test_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])
-    try:
-        train_ds = torchvision.datasets.ImageFolder(str(Path(root) / "train"), train_tf)
-        test_ds = torchvision.datasets.ImageFolder(str(Path(root) / "val"), test_tf)
-    except FileNotFoundError as e:
-        raise ConfigError(f"dataset.root={root}: {first_line(e)}") from e
-    _check_classes(num_classes, len(train_ds.classes), root)
-    return Loaders(
-        StreamLoader(train_ds, batch_size, True, device, seed, workers),
-        StreamLoader(test_ds, test_batch_size, False, device, seed, workers),
-        len(train_ds.classes),
-    )
+    """ImageNet: see mq.imagenet (JPEG decode in workers or on the GPU, sharded per rank)."""
+    from mq.imagenet import imagenet_loaders as load  # mq.imagenet builds on this module
+
+    return load(root, batch_size, device, **kw)  # type: ignore[arg-type]

@@ -15,4 +15,5 @@ VOLATILE = (
     "run_name",
     "sweep_name",
 )
-VOLATILE_DATASET = ("root", "download", "cache", "workers")
+# decode: where JPEGs are decoded (CPU workers or the GPU), like device, not what is trained.
+VOLATILE_DATASET = ("root", "download", "cache", "workers", "decode")

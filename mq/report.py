@@ -35,16 +35,22 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=_-]+", "_", text).strip("_")
 
 
-def render_markdown(table: Table, sweep_dir: Path, plots: list[tuple[RowKey, Path]]) -> str:
+def render_markdown(
+    table: Table, sweep_dir: Path, plots: list[tuple[RowKey, Path]], top5: Table | None = None
+) -> str:
     lines = [
         f"# Report: {sweep_dir}",
         "",
-        f"Test accuracy (%): mean (std) over seeds of {table.averaged_label()}; n = distinct "
-        f"seeds with a completed run. Runs found: {len(table.runs)}.",
+        f"{'Top-1 test' if top5 else 'Test'} accuracy (%): mean (std) over seeds of "
+        f"{table.averaged_label()}; n = distinct seeds with a completed run. Runs found: "
+        f"{len(table.runs)}.",
         "",
         table.to_markdown(),
         "",
     ]
+    if top5 is not None:
+        lines += ["## Top-5", "", "Top-5 test accuracy (%), averaged the same way.", ""]
+        lines += [top5.to_markdown(), ""]
     notes = table.footnotes()
     if notes:
         lines += [*notes, ""]
@@ -101,18 +107,25 @@ def write_report(
     if not runs:
         raise NoRunsError(f"no runs under {sweep_dir} (looked for summary.json files)")
     table = make_table(runs, last, sweep_dir)
+    # Top-5 where runs logged it (more than 10 classes: ImageNet, CIFAR-100), as a second table.
+    top5 = (
+        make_table(runs, last, sweep_dir, "test_acc5") if any(r.test_acc5 for r in runs) else None
+    )
     out = Path(out_dir) if out_dir is not None else sweep_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "table.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=table.columns(), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(table.csv_rows())
+    for name, tab in (("table.csv", table), ("table_top5.csv", top5)):
+        if tab is None:
+            continue
+        with open(out / name, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=tab.columns(), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(tab.csv_rows())
     images = []
     if plots:
         for i, row in enumerate(table.rows):
             images.append((row, plot_row(table, row, out / f"{i:02d}_{_slug(row.label)}.png")))
     path = out / "table.md"
-    path.write_text(render_markdown(table, sweep_dir, images))
+    path.write_text(render_markdown(table, sweep_dir, images, top5))
     if wandb_project:
         log_wandb(table, sweep_dir, out, wandb_project, wandb_mode, [p for _, p in images])
     return path

@@ -53,10 +53,12 @@ class Run:
     task: str = "quantize"  # quantize | pretrain | eval
     measured: dict[str, Any] = field(default_factory=dict)  # MEASURED keys known for this run
     updated: float | None = None  # unix time of the run's last write
+    test_acc5: list[float] = field(default_factory=list)  # top-5 per epoch (over 10 classes)
 
-    def last_mean(self, last: int) -> float | None:
-        """Mean test accuracy over the last ``last`` epochs (fewer if the run has fewer)."""
-        tail = self.test_acc[-last:]
+    def last_mean(self, last: int, metric: str = "test_acc") -> float | None:
+        """Mean of ``metric`` (test_acc, test_acc5) over the last ``last`` epochs (fewer if the
+        run has fewer)."""
+        tail = getattr(self, metric)[-last:]
         return statistics.fmean(tail) if tail else None
 
     def _limits(self, brief: bool) -> str | None:
@@ -195,6 +197,10 @@ def read_run(path: Path) -> Run:
     ordered = [rows[e] for e in sorted(rows)]
     test_acc = [float(r["test_acc"]) for r in ordered if r.get("test_acc") is not None]
     train_loss = [float(r["train_loss"]) for r in ordered if r.get("train_loss") is not None]
+    # top-5 is in metrics.jsonl only (epochs) and in an eval run's summary
+    test_acc5 = [float(r["test_acc5"]) for r in ordered if r.get("test_acc5") is not None]
+    if summary and summary.get("final_test_acc5") is not None and not test_acc5:
+        test_acc5 = [float(summary["final_test_acc5"])]
     if summary and summary.get("status") == "completed":
         # The summary's list comes from the checkpointed progress: authoritative when present.
         if summary.get("test_acc"):
@@ -237,6 +243,7 @@ def read_run(path: Path) -> Run:
         task=config.get("task.name") or choices.get("task") or "?",
         measured=measured,
         updated=max(times, default=None),
+        test_acc5=test_acc5,
     )
 
 

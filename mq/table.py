@@ -271,9 +271,12 @@ def _varying_keys(runs: list[Run], base: dict[int, tuple]) -> list[str]:
     return sorted(keys)
 
 
-def make_table(runs: list[Run], last: int = 10, root: Path | None = None) -> Table:
+def make_table(
+    runs: list[Run], last: int = 10, root: Path | None = None, metric: str = "test_acc"
+) -> Table:
     """Group runs into cells by their whole config but the seed, and average each cell's
-    completed runs over its distinct seeds. ``root``: where run paths in labels start."""
+    completed runs over its distinct seeds. ``root``: where run paths in labels start;
+    ``metric``: test_acc (top-1) or test_acc5 (top-5)."""
     base = {id(r): (r.model, r.dataset, r.quant, str(r.bits), r.optimizer, r.method) for r in runs}
     varying = _varying_keys(runs, base)
     # A method's own hyperparameters split its column; anything else splits the row, so the
@@ -301,11 +304,12 @@ def make_table(runs: list[Run], last: int = 10, root: Path | None = None) -> Tab
         )
         col = ColKey(run.method, extra(run, col_keys))
         cell = cells[(row, col)]
-        value = run.last_mean(last)
+        value = run.last_mean(last, metric)
         if run.status == "completed" and value is not None:
             cell.runs.append(run)
             cell.run_values.append(value)
-            cell.windows.append((min(last, len(run.test_acc)), len(run.test_acc)))
+            epochs = len(getattr(run, metric))
+            cell.windows.append((min(last, epochs), epochs))
         else:
             cell.others.append(run)
     rows = sorted({r for r, _ in cells}, key=lambda r: tuple(map(str, vars(r).values())))

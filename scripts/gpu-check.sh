@@ -26,7 +26,12 @@ run() {  # run NAME COMMAND...: output to OUT/NAME.log and the terminal
     if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$rc; fi
 }
 run env "$py" -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"
-run tests "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_data.py -k cuda
+run tests "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_data.py \
+    tests/test_imagenet.py -k cuda
+# ImageNet input: nvJPEG batched decode against libjpeg-turbo workers and PIL (docs/imagenet.md)
+run bench-loader bash -c "'$py' -m mq.bench_loader make '$out/inet-like' --files 1000 >/dev/null \
+    && '$py' -m mq.bench_loader '$out/inet-like' --workers 0,4,8 --batch-size 128 --batches 4 \
+    --rounds 1 --device cuda --out '$out/bench-loader.json'; rc=\$?; rm -rf '$out/inet-like'; exit \$rc"
 run bench "$py" -m mq.bench --device cuda --out "$out/bench-cuda.json"
 run bench-bf16 "$py" -m mq.bench --device cuda --nets ste,lstmfc --state-dtype bfloat16 \
     --no-epoch --out "$out/bench-cuda-bf16.json"

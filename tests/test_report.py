@@ -396,3 +396,27 @@ def test_plot_curves_have_distinct_markers(tmp_path):
         assert len(styles) == 4 and all(m not in (None, "None", "", ".") for m, _ in styles)
         handles = ax.get_legend().legend_handles
         assert len({h.get_marker() for h in handles}) == 4  # the legend shows them too
+
+
+def test_top5_table_from_metrics_when_runs_logged_it(tmp_path):
+    """ImageNet runs log test_acc5 per epoch: the report adds a top-5 table (and CSV) averaged
+    like top-1; a sweep without it (CIFAR-10) gets neither."""
+    sweep = tmp_path / "s"
+    for seed, top5 in ((0, [80.0, 84.0]), (1, [82.0, 86.0])):
+        run = make_run(sweep, "ste", seed, [50.0, 60.0])
+        rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        epochs = [r for r in rows if r["kind"] == "epoch"]
+        for row, acc5 in zip(epochs, top5, strict=True):
+            row["test_acc5"] = acc5
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = write_report(sweep, plots=False, last=1).read_text()
+    assert "## Top-5" in text and "Top-1 test accuracy (%)" in text
+    (row,) = read_csv(sweep / "report" / "table_top5.csv")
+    assert row["method"] == "ste" and float(row["mean"]) == pytest.approx(85.0)  # 84 and 86
+    assert int(row["n"]) == 2
+    (row,) = read_csv(sweep / "report" / "table.csv")
+    assert float(row["mean"]) == pytest.approx(60.0)
+    plain = tmp_path / "p"
+    make_run(plain, "ste", 0, [50.0, 60.0])
+    assert "Top-5" not in write_report(plain, plots=False).read_text()
+    assert not (plain / "report" / "table_top5.csv").exists()

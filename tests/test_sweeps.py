@@ -24,7 +24,7 @@ from mq.preempt import GracefulStop
 PRESETS = {
     "table1": 240,
     "table2": 160,
-    "table3": 16,
+    "table3": 8,
     "pretrain_cifar10": 3,
     "pretrain_cifar100": 2,
     "bits": 60,
@@ -71,7 +71,10 @@ def test_every_preset_point_composes_and_checks(preset):
         task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
         check(task)
     if preset == "table3":
-        assert (cfg.epochs, cfg.lr_step, cfg.optimizer.lr) == (30, 10, 1e-4)
+        # the paper's ImageNet protocol (Sec. 5.1): alpha 1e-4, gamma 1e-3, /10 at 10 and 20
+        assert (cfg.epochs, cfg.lr_step, cfg.optimizer.lr, cfg.batch_size) == (30, 10, 1e-4, 128)
+        assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.dataset.num_classes == 1000
+        assert compose_config(["+sweep=table3", "meta=multifc"]).meta.lr == 1e-3  # gamma
 
 
 @pytest.mark.parametrize("launcher", ["slurm", "local"])

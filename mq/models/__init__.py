@@ -1,4 +1,6 @@
-"""Model zoo: CIFAR ResNets and ImageNet ResNet18, with strict loading of pre-trained weights."""
+"""Model zoo: CIFAR ResNets and every torchvision classification model (``model=torchvision
+model.name=mobilenet_v2``; ``model=resnet18`` is one of them), with strict loading of
+pre-trained weights in the architecture's own key layout."""
 
 from __future__ import annotations
 
@@ -13,14 +15,18 @@ from mq.errors import ConfigError
 from mq.models.resnet_cifar import CifarResNet
 
 CIFAR_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
-MODELS = (*CIFAR_DEPTHS, "resnet18")
+# torchvision's classification models (module= leaves out detection, video, quantized, ...).
+TORCHVISION = tuple(torchvision.models.list_models(module=torchvision.models))
+MODELS = (*CIFAR_DEPTHS, *TORCHVISION)
+# Inception-style nets return auxiliary logits in training by default; mq trains on the main head.
+NO_AUX = {"googlenet": {"aux_logits": False}, "inception_v3": {"aux_logits": False}}
 
 
 def check_model(name: str, pretrained: str | None = None) -> None:
     """Fail on an unknown model name or a missing pretrained file, without building anything
     (cheap enough to run on every sweep point before submission)."""
     if name not in MODELS:
-        raise ConfigError(f"model={name} is not known; allowed: {', '.join(MODELS)}")
+        raise ConfigError(f"model.name={name} is not known; allowed: {', '.join(MODELS)}")
     if pretrained:
         checkpoint_file(pretrained)
 
@@ -50,7 +56,9 @@ def build_model(
     if name in CIFAR_DEPTHS:
         model: nn.Module = CifarResNet(CIFAR_DEPTHS[name], num_classes)
     else:
-        model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+        # weights=None: never a download at run time; model.pretrained is a local file.
+        kwargs = NO_AUX.get(name, {})
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     if pretrained:
         load_pretrained(model, pretrained)
     if channels_last:
@@ -83,6 +91,11 @@ def load_pretrained(model: nn.Module, path: str) -> None:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    # googlenet/inception_v3 built without aux heads: torchvision's files carry them; drop only
+    # those (a file without them loads the same), so such weights still load strictly otherwise.
+    if getattr(model, "aux_logits", None) is False:
+        unexpected = [k for k in unexpected if not k.startswith(("aux1.", "aux2.", "AuxLogits."))]
+        state = {k: v for k, v in state.items() if k in own}
     if missing or unexpected or shapes:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
