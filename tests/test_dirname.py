@@ -60,9 +60,11 @@ def test_folder_names_leave_out_mq_keys_volatile_keys_and_the_same_keys_as_befor
 
     excluded = set(compose_config([]).hydra.job.config.override_dirname.exclude_keys)
     assert set(VOLATILE) - excluded == {"run_name"}  # -m run_name=a,b: two folders
-    # the list conf/config.yaml held before it read mq.keys: sweep folder names are unchanged
+    # the list conf/config.yaml held before it read mq.keys, so sweep folder names are
+    # unchanged, plus dataset.decode (new with the ImageNet loader: where JPEGs are decoded)
     assert excluded == {
         *("device", "cudnn_benchmark", "progress", "log_every", "checkpoint_every_min"),
         *("keep_training_state", "logger", "logger.mode", "hydra.launcher", "sweep"),
         *("dataset.root", "dataset.cache", "dataset.download", "dataset.workers", "sweep_name"),
+        "dataset.decode",
     }

@@ -69,7 +69,7 @@ def test_every_layer_is_quantized_and_trains(arch, quant, meta):
             f"quant={quant}",
             f"meta={meta}",
             "optimizer=adam",
-            *(["meta.hidden_size=4"] if meta != "ste" else []),
+            *(["meta.net.hidden_size=4"] if meta != "ste" else []),
         ]
     )
     quantizer = instantiate(cfg.quant) if cfg.quant.get("_target_") else None
@@ -146,7 +146,7 @@ def test_wrong_layout_and_unknown_name_through_launch_write_nothing(tmp_path):
 def test_mobilenet_v2_run_is_killed_resumes_and_matches_an_uninterrupted_one(tmp_path):
     args = ["model=torchvision", "model.name=mobilenet_v2", "dataset=fake", "logger=none"]
     args += ["epochs=2", "batch_size=32", "limit_test_batches=1", "log_every=1"]
-    args += ["progress=false", "meta.hidden_size=4", "optimizer=adam"]
+    args += ["progress=false", "meta.net.hidden_size=4", "optimizer=adam"]
     reference = launch(*args, "run_name=reference", cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
     run_dir = tmp_path / "outputs/quantize/fake/killed"
