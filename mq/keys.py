@@ -14,5 +14,6 @@ VOLATILE = (
     "keep_training_state",
     "run_name",
     "sweep_name",
+    "distributed",  # backend and timeouts: how ranks talk, not what they compute
 )
 VOLATILE_DATASET = ("root", "download", "cache", "workers")
