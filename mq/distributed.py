@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,8 @@ from torch import Tensor, nn
 from mq.errors import ConfigError
 
 log = logging.getLogger(__name__)
+# GlobalBatchNorm needs the differentiable all-reduce; its suggested replacement is private.
+warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_reduce is deprecated")
 
 BACKENDS = ("auto", "nccl", "gloo")
 
