@@ -87,7 +87,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} is not allowed; allowed: null or an integer >= 1")
     if cfg.task.name == "eval" and not cfg.model.pretrained:
         raise ConfigError("task=eval needs model.pretrained=PATH (a checkpoint or run directory)")
-    validate_ranks(cfg, distributed.ranks_from_env())
+    validate_ranks(cfg, planned_ranks())
 
 
 def validate_ranks(cfg: DictConfig, ranks: distributed.Ranks) -> None:
@@ -100,6 +100,20 @@ def validate_ranks(cfg: DictConfig, ranks: distributed.Ranks) -> None:
     if ranks.parallel:
         distributed.check_batch(cfg.batch_size, ranks)
         distributed.choose_backend(backend_name(cfg), cfg.device, ranks)
+
+
+def planned_ranks() -> distributed.Ranks:
+    """This job's ranks: from torchrun's or submitit's environment inside the job; before a
+    sweep is submitted, the launcher's shape (nodes x tasks_per_node ranks per job)."""
+    ranks = distributed.ranks_from_env()
+    from hydra.core.hydra_config import HydraConfig
+
+    if ranks.parallel or not HydraConfig.initialized():
+        return ranks
+    launcher = HydraConfig.get().get("launcher") or {}
+    per_node = int(launcher.get("tasks_per_node") or 1)
+    world = int(launcher.get("nodes") or 1) * per_node
+    return distributed.Ranks(world_size=world, local_world_size=per_node) if world > 1 else ranks
 
 
 def backend_name(cfg: DictConfig) -> str:
