@@ -40,6 +40,9 @@ class Ranks:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
+    # Started by torchrun or as a task of a multi-task submitit job: joins a process group even
+    # with one rank (torchrun --nproc_per_node=1 exercises NCCL and the collectives on one GPU).
+    launched: bool = False
 
     @property
     def main(self) -> bool:
@@ -82,6 +85,7 @@ def ranks_from_env() -> Ranks:
         world_size=world,
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+        launched=True,
     )
 
 
@@ -124,7 +128,7 @@ def init(ranks: Ranks, backend: str, timeout_s: float) -> torch.device | None:
     if backend == "nccl":
         device = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(device)
-    if ranks.parallel and not dist.is_initialized():
+    if ranks.launched and not dist.is_initialized():
         dist.init_process_group(
             backend,
             init_method="env://",
@@ -143,7 +147,8 @@ def shutdown() -> None:
 
 
 def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """In a process group (of one rank too, under torchrun --nproc_per_node=1)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def average_(tensor: Tensor) -> Tensor:

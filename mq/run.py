@@ -97,7 +97,7 @@ def validate_ranks(cfg: DictConfig, ranks: distributed.Ranks) -> None:
     timeout = OmegaConf.select(cfg, "distributed.timeout_s", default=600)
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
         raise ConfigError(f"distributed.timeout_s={timeout} is not allowed; allowed: a number > 0")
-    if ranks.parallel:
+    if ranks.launched or ranks.parallel:
         distributed.check_batch(cfg.batch_size, ranks)
         distributed.choose_backend(backend_name(cfg), cfg.device, ranks)
 
@@ -108,7 +108,7 @@ def planned_ranks() -> distributed.Ranks:
     ranks = distributed.ranks_from_env()
     from hydra.core.hydra_config import HydraConfig
 
-    if ranks.parallel or not HydraConfig.initialized():
+    if ranks.launched or not HydraConfig.initialized():
         return ranks
     launcher = HydraConfig.get().get("launcher") or {}
     per_node = int(launcher.get("tasks_per_node") or 1)
@@ -247,13 +247,15 @@ def _run(
     check(cfg)  # values and constructors, before the model and the data are built
     ranks = distributed.ranks_from_env()
     device = resolve_device(cfg.device)
-    if ranks.parallel and cfg.task.name != "eval":
+    if ranks.launched and cfg.task.name != "eval":
         backend = distributed.choose_backend(backend_name(cfg), cfg.device, ranks)
         timeout = OmegaConf.select(cfg, "distributed.timeout_s", default=600)
         if device.type == "cuda":  # one GPU per rank: cuda:LOCAL_RANK
             device = torch.device("cuda", ranks.local_rank)
         distributed.init(ranks, backend, timeout)
-    else:
+    elif ranks.launched:  # task=eval under torchrun: rank 0 evaluates and writes, alone
+        if not ranks.main:
+            return {}
         ranks = distributed.SINGLE
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # fixed shapes: time once, then reuse
     keep_freed_memory()  # a CPU step otherwise page-faults its memory back in every step
@@ -272,7 +274,7 @@ def _run(
             choices.get("model", cfg.model.name),
         )
     model = quantize_model(net, quantizer).to(device)
-    if cfg.get("sync_bn", False) and ranks.parallel:  # before the optimizers take the params
+    if cfg.get("sync_bn", False) and ranks.launched:  # before the optimizers take the params
         model = distributed.sync_batchnorm(model, device)
     data = instantiate(
         cfg.dataset,
@@ -293,7 +295,7 @@ def _run(
         return summary
 
     step = instantiate(cfg.meta, model=model, optimizer=instantiate(cfg.optimizer))
-    if ranks.parallel:
+    if ranks.launched:
         step.all_reduce = distributed.average_gradients
     resume = None
     checkpoint_path = run_dir / "checkpoint.pt"
