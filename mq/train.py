@@ -4,6 +4,10 @@ Per-step loss and accuracy stay on the device and are read back every ``log_ever
 so the hot path has no host synchronisation. A checkpoint (end of every epoch, and every
 ``checkpoint_every_min`` minutes inside one) holds everything a restart needs; the data order
 of an epoch is a function of (seed, epoch), so a restart replays the same batches.
+
+``Training.run`` reads top to bottom: per epoch set the lr, then per step take it, log and
+checkpoint; then evaluate. Under data parallelism (mq.distributed) every rank runs the same
+loop on its shard; its bookkeeping collectives sit at the read-backs (no extra host sync).
 """
 
 from __future__ import annotations
@@ -278,9 +282,9 @@ class Training:
         self.model, self.step, self.train_data = model, step, train_data
         self.run_dir, self.s, self.logger, self.ranks = run_dir, settings, logger, ranks
         self.interrupt = interrupt or (lambda: None)
+        self.progress = self._resume(resume) if resume else Progress()
         offset = resume["metrics_offset"] if resume else None
         self.metrics = MetricsFile(run_dir / "metrics.jsonl", offset) if ranks.main else None
-        self.progress = self._resume(resume) if resume else Progress()
         self.segment_start, self.elapsed_before = time.monotonic(), self.progress.elapsed
         self.last_checkpoint = time.monotonic()
         self._asked = 0  # the strongest stop request since the ranks last agreed (ACTIONS)
@@ -310,7 +314,9 @@ class Training:
             lr = self.set_lr()
             started, seen_at_start = time.perf_counter(), self.progress.partial.seen
             if self.train_epoch(lr, started, seen_at_start):
-                log.warning("loss is not finite at step %d: run ends as diverged", self.step_no)
+                log.warning(
+                    "loss is not finite at step %d: run ends as diverged", self.progress.step
+                )
                 status = "diverged"
                 break
             epoch_time = time.perf_counter() - started
@@ -392,10 +398,6 @@ class Training:
         return test_loss
 
     # ----------------------------------------------------------------------- bookkeeping ----
-    @property
-    def step_no(self) -> int:
-        return self.progress.step
-
     def elapsed(self) -> float:
         return self.elapsed_before + time.monotonic() - self.segment_start
 
