@@ -151,6 +151,14 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def is_collective_error(exc: BaseException) -> bool:
+    """A collective that failed because a peer is gone or timed out (gloo raises a plain
+    RuntimeError naming itself; NCCL a DistBackendError)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and ("gloo" in str(exc) or "NCCL" in str(exc))
+
+
 def average_(tensor: Tensor) -> Tensor:
     """In place: the mean over ranks (no-op with one process)."""
     if active():

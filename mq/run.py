@@ -400,7 +400,10 @@ def _train(
             raise
         except BaseException as exc:
             text = str(exc).strip()
-            mark_failed(f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}")
+            error = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+            if ranks.parallel and distributed.is_collective_error(exc):
+                error = f"another rank failed or hung (its log has the cause); {error}"
+            mark_failed(error)
             log.exception("run failed")  # the traceback, in launch.log and the job's stderr
             if logger is not None:
                 logger.finish(exit_code=1)
