@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from mq.quant.layers import plain_state_dict, quantize_model
 
 STEPS = 5
 GLOBAL_BATCH = 16
+OPTIMIZER, LR = torch.optim.Adam, 1e-2
 # (meta net, meta.update): every meta net under both updates, and the STE baseline
 CASES = [("ste", "paper")] + [
     (net, update) for net in ("multifc", "fcgrad", "lstmfc") for update in ("paper", "original")
@@ -64,7 +66,7 @@ def run_case(net: str, update: str, rank: int, world: int) -> dict[str, Any]:
     model = _tiny_model()
     if world > 1:
         model = distributed.sync_batchnorm(model, torch.device("cpu"))
-    optimizer = functools.partial(torch.optim.Adam, lr=1e-2)
+    optimizer = functools.partial(OPTIMIZER, lr=LR)
     if net == "ste":
         step: Any = STEStep(model, optimizer)
     else:
@@ -78,7 +80,7 @@ def run_case(net: str, update: str, rank: int, world: int) -> dict[str, Any]:
     for i, (x, y) in enumerate(data.train.epoch(0)):
         if i == STEPS:
             break
-        loss, _ = step.train_step(x, y)
+        loss, _ = step.train_step(x.to(torch.get_default_dtype()), y)
         losses.append(distributed.average_(loss.clone()).item())
     meta = getattr(step, "meta_net", None)
     params = list(model.parameters()) + ([] if meta is None else list(meta.parameters()))
@@ -291,3 +293,44 @@ def test_two_rank_run_stopped_mid_epoch_resumes_to_the_same_result(tmp_path):
     summary = json.loads((cut / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert summary["test_acc"] == json.loads((whole / "summary.json").read_text())["test_acc"]
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def _rank_of(pid: int) -> int:
+    env = dict(
+        v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v
+    )
+    return int(env["RANK"])
+
+
+@pytest.mark.slow
+def test_a_hung_rank_ends_the_run_within_the_collective_timeout(tmp_path):
+    """Rank 1 stopped (SIGSTOP: a hang, not a crash); rank 0's next collective gives up after
+    distributed.timeout_s and marks the run failed; torchrun then ends the job."""
+    run_dir = tmp_path / "hang"
+    proc = _torchrun(run_dir, "distributed.timeout_s=10", "epochs=3")
+    deadline = time.monotonic() + 240
+    while not (run_dir / "metrics.jsonl").exists() or len(_rows(run_dir)) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    ranks = sorted(_children(proc.pid), key=_rank_of)  # torchrun's workers
+    assert [_rank_of(p) for p in ranks] == [0, 1]
+    os.kill(ranks[1], signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        while json.loads((run_dir / "summary.json").read_text())["status"] == "running":
+            assert time.monotonic() - t0 < 120, "rank 0 still waits for the stopped rank"
+            time.sleep(0.2)
+        failed_after = time.monotonic() - t0
+    finally:
+        os.kill(ranks[1], signal.SIGKILL)  # only the rank this test stopped
+    proc.wait(timeout=120)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed", summary
+    assert summary["error"].startswith("another rank failed or hung"), summary
+    assert failed_after < 10 + 30
+    print(f"rank 1 stopped -> ledger failed in {failed_after:.1f} s: {summary['error'][:100]}")
