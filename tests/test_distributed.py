@@ -334,3 +334,32 @@ def test_a_hung_rank_ends_the_run_within_the_collective_timeout(tmp_path):
     assert summary["error"].startswith("another rank failed or hung"), summary
     assert failed_after < 10 + 30
     print(f"rank 1 stopped -> ledger failed in {failed_after:.1f} s: {summary['error'][:100]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["hydra.launcher.gpus_per_node=1", "batch_size=32"],
+            "error: hydra.launcher.tasks_per_node=2 but gpus_per_node=1; allowed: at most 1",
+        ),
+        (["batch_size=15"], "batch_size=15 does not divide evenly across 2 ranks"),
+    ],
+)
+def test_a_sweep_of_jobs_that_cannot_run_is_refused_before_submission(tmp_path, args, message):
+    """More GPU tasks than GPUs, and a global batch that does not split: one line, exit 2,
+    nothing written, nothing submitted (checked before sbatch is called)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), "-m", "hydra/launcher=slurm_local"]
+        + ["hydra.launcher.tasks_per_node=2", "dataset=fake", "logger=none", "seed=0,1", *args],
+        cwd=tmp_path,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+    assert not (tmp_path / "outputs").exists()
