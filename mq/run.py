@@ -253,6 +253,8 @@ def _run(
         if device.type == "cuda":  # one GPU per rank: cuda:LOCAL_RANK
             device = torch.device("cuda", ranks.local_rank)
         distributed.init(ranks, backend, timeout)
+        if not ranks.main:  # rank 0 tells the story once; the others only warn
+            logging.getLogger("mq").setLevel(logging.WARNING)
     elif ranks.launched:  # task=eval under torchrun: rank 0 evaluates and writes, alone
         if not ranks.main:
             return {}
