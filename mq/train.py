@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from mq import distributed
-from mq.checkpoint import save_checkpoint, write_json
+from mq.checkpoint import save_checkpoint
 from mq.distributed import SINGLE, Ranks
 from mq.errors import ConfigError
 from mq.loggers import MetricsFile
@@ -548,8 +548,8 @@ def train(
     run_dir: Path,
     **settings: Any,
 ) -> dict[str, Any]:
-    """Training(...).run() for a caller without signals or ranks (tests, scripts); also writes
-    the summary to ``run_dir/summary.json``. ``resume``: a checkpoint dict."""
+    """Training(...).run() for a caller without signals or ranks (tests, scripts); returns the
+    summary (mq.run writes summary.json). ``resume``: a checkpoint dict."""
     resume, logger = settings.pop("resume", None), settings.pop("logger", None)
     loop = Training(
         model,
@@ -561,6 +561,4 @@ def train(
         resume=resume,
         logger=logger,
     )
-    summary = loop.run()
-    write_json(summary, run_dir / "summary.json")
-    return summary
+    return loop.run()
