@@ -126,6 +126,10 @@ class DeviceLoader(_Batches):
     (N, C, H, W). Train batches are randomly cropped back to (H, W) from the image zero-padded
     by 4 pixels (the same distribution as torchvision ``RandomCrop(H, padding=4)`` on the uint8
     image) and flipped horizontally with p=0.5.
+
+    Data parallelism: ``batch_size`` is the global batch; rank ``rank`` of ``world_size`` gets
+    its contiguous share of every global batch of the same (seed, epoch) permutation, so the
+    ranks together see exactly the batches of a single process and resume at any batch.
     """
 
     def __init__(
@@ -138,6 +142,8 @@ class DeviceLoader(_Batches):
         train: bool,
         device: torch.device | str,
         seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         images = torch.as_tensor(images)
         if images.dtype != torch.uint8 or images.dim() != 4:
@@ -162,6 +168,7 @@ class DeviceLoader(_Batches):
         self.batch_size = batch_size
         self.train = train
         self.seed = seed
+        self.shard = _shard(batch_size, rank, world_size)
         std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         # (x / 255 - mean) / std folded into one multiply-add.
@@ -204,11 +211,25 @@ class DeviceLoader(_Batches):
         order = torch.randperm(n, generator=g).to(self.device)
         dy, dx = torch.randint(0, 2 * PAD + 1, (2, n), generator=g).to(self.device)
         flip = torch.randint(0, 2, (n,), generator=g).bool().to(self.device)
+        first, size = self.shard
         for i in range(start_batch, len(self)):
-            sl = slice(i * bs, (i + 1) * bs)
+            sl = slice(i * bs + first, i * bs + first + size)  # this rank's part of batch i
             idx = order[sl]
             x = self._augment(self.images[idx], dy[sl], dx[sl], flip[sl])
             yield self._normalise(x), self.labels[idx]
+
+
+def _shard(batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """(offset, size) of rank's part of a global batch of ``batch_size``."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} of {world_size} ranks")
+    if batch_size % world_size:
+        raise ConfigError(
+            f"batch_size={batch_size} does not divide evenly across {world_size} ranks; "
+            f"allowed: a multiple of {world_size} (batch_size is the global batch)"
+        )
+    size = batch_size // world_size
+    return rank * size, size
 
 
 def _device_loaders(
@@ -221,9 +242,13 @@ def _device_loaders(
     seed: int,
     mean: Sequence[float],
     std: Sequence[float],
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Loaders:
+    # Only the training data is sharded: rank 0 evaluates the whole test set (mq.train).
+    shard = {"rank": rank, "world_size": world_size}
     return Loaders(
-        DeviceLoader(*train, batch_size, mean, std, train=True, device=device, seed=seed),
+        DeviceLoader(*train, batch_size, mean, std, train=True, device=device, seed=seed, **shard),
         DeviceLoader(*test, test_batch_size, mean, std, train=False, device=device, seed=seed),
         num_classes,
     )
@@ -246,8 +271,11 @@ def cifar_loaders(
     test_batch_size: int = 500,
     num_classes: int | None = None,
     progress: bool = True,  # accepted like every loader's; nothing here takes long enough
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Loaders:
-    """CIFAR-10/100 from torchvision's binary release, held on ``device``."""
+    """CIFAR-10/100 from torchvision's binary release, held on ``device``; ``rank`` of
+    ``world_size``: this process's share of each global training batch (DeviceLoader)."""
     if name not in _CIFAR:
         raise ConfigError(f"dataset.name={name} is unknown; use one of {', '.join(_CIFAR)}")
     classes, folder, files, mean, std = _CIFAR[name]
@@ -266,7 +294,7 @@ def cifar_loaders(
         raise ConfigError(f"dataset.root={root}: could not load {label} ({first_line(e)})") from e
     train, test = ((torch.from_numpy(s.data), torch.tensor(s.targets)) for s in sets)
     return _device_loaders(
-        train, test, classes, batch_size, test_batch_size, device, seed, mean, std
+        train, test, classes, batch_size, test_batch_size, device, seed, mean, std, rank, world_size
     )
 
 
@@ -288,6 +316,8 @@ def folder_loaders(
     cache: str | None = None,
     num_classes: int | None = None,
     progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Loaders:
     """32x32 images in ``root/{train,test}/<class>/*.{png,jpg}``, decoded once, held on device.
 
@@ -326,7 +356,17 @@ def folder_loaders(
     train = (data["train"].permute(0, 2, 3, 1), torch.tensor(train_y))
     test = (data["test"].permute(0, 2, 3, 1), torch.tensor(test_y))
     return _device_loaders(
-        train, test, len(classes), batch_size, test_batch_size, device, seed, mean, std
+        train,
+        test,
+        len(classes),
+        batch_size,
+        test_batch_size,
+        device,
+        seed,
+        mean,
+        std,
+        rank,
+        world_size,
     )
 
 
@@ -340,6 +380,8 @@ def fake_loaders(
     image_size: int = 32,
     test_batch_size: int = 500,
     progress: bool = True,  # accepted like every loader's; nothing here takes long enough
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Loaders:
     """Random images from torchvision's FakeData, deterministic for a given seed."""
     # FakeData seeds image i with i + random_offset; spacing the offsets keeps train, test and
@@ -355,7 +397,17 @@ def fake_loaders(
     train, test = tensors
     mean, std = CIFAR10_MEAN, CIFAR10_STD
     return _device_loaders(
-        train, test, num_classes, batch_size, test_batch_size, device, seed, mean, std
+        train,
+        test,
+        num_classes,
+        batch_size,
+        test_batch_size,
+        device,
+        seed,
+        mean,
+        std,
+        rank,
+        world_size,
     )
 
 

@@ -26,7 +26,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
-from mq.data import IMAGENET_MEAN, IMAGENET_STD, Loaders, _Batches, _check_classes
+from mq.data import IMAGENET_MEAN, IMAGENET_STD, Loaders, _Batches, _check_classes, _shard
 from mq.data import _epoch_generator as epoch_generator
 from mq.errors import ConfigError, first_line
 
@@ -277,8 +277,10 @@ def imagenet_loaders(
     world_size: int = 1,
 ) -> Loaders:
     """ImageNet from ``root/train/<wnid>/*.JPEG`` and ``root/val/<wnid>/*.JPEG``: train
-    random-resized crop 224 and flip, val resize 256 and center crop 224; ``rank`` reads its
-    shard of ``world_size`` (see ImageNetLoader). ``decode``: auto (cuda on a CUDA device)."""
+    random-resized crop 224 and flip, val resize 256 and center crop 224. ``batch_size`` is the
+    global batch, as for every mq loader: ``rank`` reads batch_size / world_size images of each
+    step from its shard (see ImageNetLoader); the val loader is whole on every rank, since rank 0
+    evaluates for all (mq.train). ``decode``: auto (cuda on a CUDA device)."""
     for split in ("train", "val"):
         if not (Path(root) / split).is_dir():
             raise ConfigError(
@@ -293,12 +295,15 @@ def imagenet_loaders(
     _check_classes(num_classes, len(classes), root)
     device = torch.device(device)
     how = resolve_decode(decode, device)
-    common = dict(device=device, seed=seed, workers=workers, decode=how, rank=rank)
-    train = ImageNetLoader(train_files, train_y, batch_size, True, world_size=world_size, **common)
-    if not 1 <= batch_size <= train.shard_size():
+    per_rank = _shard(batch_size, rank, world_size)[1]
+    common = dict(device=device, seed=seed, workers=workers, decode=how)
+    train = ImageNetLoader(
+        train_files, train_y, per_rank, True, rank=rank, world_size=world_size, **common
+    )
+    if not 1 <= per_rank <= train.shard_size():
         raise ConfigError(
-            f"batch_size={batch_size} is not allowed; allowed: 1 to {train.shard_size()} (the "
-            f"training images of one of {world_size} ranks)"
+            f"batch_size={batch_size} is not allowed; allowed: {world_size} to "
+            f"{train.shard_size() * world_size} (the training images)"
         )
-    val = ImageNetLoader(val_files, val_y, test_batch_size, False, world_size=world_size, **common)
+    val = ImageNetLoader(val_files, val_y, test_batch_size, False, **common)
     return Loaders(train, val, len(classes))

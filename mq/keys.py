@@ -14,6 +14,7 @@ VOLATILE = (
     "keep_training_state",
     "run_name",
     "sweep_name",
+    "distributed",  # backend and timeouts: how ranks talk, not what they compute
 )
 # decode: where JPEGs are decoded (CPU workers or the GPU), like device, not what is trained.
 VOLATILE_DATASET = ("root", "download", "cache", "workers", "decode")

@@ -74,6 +74,13 @@ class TolerantLauncher(BaseSubmititLauncher):
     def preflight(self, n_jobs: int) -> None:
         """Raise ConfigError when SLURM would refuse the jobs or never start them (called by
         mq.sweeper before anything is written or submitted)."""
+        tasks, gpus = self.params.get("tasks_per_node") or 1, self.params.get("gpus_per_node")
+        if gpus and tasks > gpus:  # NCCL: one GPU per rank (mq.distributed)
+            raise ConfigError(
+                f"hydra.launcher.tasks_per_node={tasks} but gpus_per_node={gpus}; allowed: "
+                f"at most {gpus} tasks per node (one GPU per rank), or gpus_per_node=0 for gloo "
+                "on the CPU"
+            )
         if self._EXECUTOR != "slurm" or n_jobs == 0:
             return
         executor = self._executor()

@@ -85,6 +85,8 @@ def wandb_group(sweep_dir: Path, fallback: str) -> str:
 def record_failure(run_dir: Path, error: str, extra: dict[str, Any]) -> None:
     """Mark a sweep job failed when it died before its own bookkeeping did (bad data path,
     unreadable checkpoint: errors raised before training starts)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # a data-parallel job: rank 0 alone writes the ledger (mq.distributed)
     summary = read_json(run_dir / "summary.json") or {}
     if summary.get("status") in ("failed", "preempted", *FINAL):
         return  # the job wrote its own, more precise, final word

@@ -13,6 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mq import distributed
 from mq.allocator import keep_freed_memory
 from mq.checkpoint import json_text, load_checkpoint, read_json, save_checkpoint, write_json
 from mq.conf import upgrade
@@ -24,7 +25,7 @@ from mq.preempt import GracefulStop
 from mq.quant.layers import quantize_model
 from mq.rundir import FolderRefused, check_location, check_name, remove_created, started, take_lock
 from mq.runs import flatten
-from mq.train import Interrupted, Progress, evaluate_only, summarize, train
+from mq.train import Interrupted, Settings, Training, evaluate_only, summarize
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,37 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} is not allowed; allowed: null or an integer >= 1")
     if cfg.task.name == "eval" and not cfg.model.pretrained:
         raise ConfigError("task=eval needs model.pretrained=PATH (a checkpoint or run directory)")
+    validate_ranks(cfg, planned_ranks())
+
+
+def validate_ranks(cfg: DictConfig, ranks: distributed.Ranks) -> None:
+    """Data parallelism (mq.distributed): the settings, and that this job's ranks fit them."""
+    if not isinstance(cfg.get("sync_bn", False), bool):
+        raise ConfigError(f"sync_bn={cfg.sync_bn} is not allowed; allowed: true, false")
+    timeout = OmegaConf.select(cfg, "distributed.timeout_s", default=600)
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+        raise ConfigError(f"distributed.timeout_s={timeout} is not allowed; allowed: a number > 0")
+    if ranks.launched or ranks.parallel:
+        distributed.check_batch(cfg.batch_size, ranks)
+        distributed.choose_backend(backend_name(cfg), cfg.device, ranks)
+
+
+def planned_ranks() -> distributed.Ranks:
+    """This job's ranks: from torchrun's or submitit's environment inside the job; before a
+    sweep is submitted, the launcher's shape (nodes x tasks_per_node ranks per job)."""
+    ranks = distributed.ranks_from_env()
+    from hydra.core.hydra_config import HydraConfig
+
+    if ranks.launched or not HydraConfig.initialized():
+        return ranks
+    launcher = HydraConfig.get().get("launcher") or {}
+    per_node = int(launcher.get("tasks_per_node") or 1)
+    world = int(launcher.get("nodes") or 1) * per_node
+    return distributed.Ranks(world_size=world, local_world_size=per_node) if world > 1 else ranks
+
+
+def backend_name(cfg: DictConfig) -> str:
+    return str(OmegaConf.select(cfg, "distributed.backend", default="auto"))
 
 
 def check(cfg: DictConfig, run_dir: Path | None = None) -> None:
@@ -190,18 +222,22 @@ def run(
     # sweep job is checked here, after Hydra made its folder (the sweep checked it before).
     before = started(run_dir)
     lock = None
+    main = distributed.ranks_from_env().main
     try:
         check_location(run_dir, sweep_dir())
-        lock = take_lock(run_dir)  # one process per run folder
+        if main:  # one process per run folder; the other ranks of a job write nothing
+            lock = take_lock(run_dir)
         return _run(cfg, run_dir, choices, logger_args or {})
     except BaseException as exc:
         # Failed before training started: remove what this invocation created, and only that
         # (Guard knows which folders are new; a sweep job's summary.json says it failed).
         started_training = any((run_dir / name).exists() for name in ARTIFACTS)
-        if before is not None and not started_training and not isinstance(exc, FolderRefused):
+        created = before is not None and not started_training and main
+        if created and not isinstance(exc, FolderRefused):
             remove_created(run_dir, before.created, extra=("config.yaml",))
         raise
     finally:
+        distributed.shutdown()
         if lock is not None:
             lock.release()
 
@@ -210,7 +246,20 @@ def _run(
     cfg: DictConfig, run_dir: Path, choices: dict[str, str], logger_args: dict[str, Any]
 ) -> dict[str, Any]:
     check(cfg)  # values and constructors, before the model and the data are built
+    ranks = distributed.ranks_from_env()
     device = resolve_device(cfg.device)
+    if ranks.launched and cfg.task.name != "eval":
+        backend = distributed.choose_backend(backend_name(cfg), cfg.device, ranks)
+        timeout = OmegaConf.select(cfg, "distributed.timeout_s", default=600)
+        if device.type == "cuda":  # one GPU per rank: cuda:LOCAL_RANK
+            device = torch.device("cuda", ranks.local_rank)
+        distributed.init(ranks, backend, timeout)
+        if not ranks.main:  # rank 0 tells the story once; the others only warn
+            logging.getLogger("mq").setLevel(logging.WARNING)
+    elif ranks.launched:  # task=eval under torchrun: rank 0 evaluates and writes, alone
+        if not ranks.main:
+            return {}
+        ranks = distributed.SINGLE
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # fixed shapes: time once, then reuse
     keep_freed_memory()  # a CPU step otherwise page-faults its memory back in every step
     previous = check_run_dir(cfg, run_dir)
@@ -228,8 +277,15 @@ def _run(
             choices.get("model", cfg.model.name),
         )
     model = quantize_model(net, quantizer).to(device)
+    if cfg.get("sync_bn", False) and ranks.launched:  # before the optimizers take the params
+        model = distributed.sync_batchnorm(model, device)
     data = instantiate(
-        cfg.dataset, batch_size=cfg.batch_size, device=device, seed=cfg.seed, progress=cfg.progress
+        cfg.dataset,
+        batch_size=cfg.batch_size,
+        device=device,
+        seed=cfg.seed,
+        progress=cfg.progress and ranks.main,
+        **({"rank": ranks.rank, "world_size": ranks.world_size} if ranks.parallel else {}),
     )
     if cfg.task.name == "eval":
         summary = evaluate_only(model, data.test, cfg.limit_test_batches, cfg.progress)
@@ -242,11 +298,15 @@ def _run(
         return summary
 
     step = instantiate(cfg.meta, model=model, optimizer=instantiate(cfg.optimizer))
+    if ranks.launched:
+        step.all_reduce = distributed.average_gradients
     resume = None
     checkpoint_path = run_dir / "checkpoint.pt"
     if checkpoint_path.exists():
         resume = load_checkpoint(checkpoint_path, device)
-    else:
+    if not ranks.main:
+        return _train(cfg, run_dir, model, step, data, resume, ranks, None, None)
+    if resume is None:
         run_dir.mkdir(parents=True, exist_ok=True)
         set_aside_metrics(run_dir)
         OmegaConf.save(OmegaConf.create(result_config(cfg)), run_dir / "config.yaml")
@@ -270,37 +330,61 @@ def _run(
     head = {"name": cfg.run_name, "choices": choices, "wandb_id": run_id, "started": first_launch}
     if os.environ.get("SLURM_JOB_ID"):  # a relaunch leaves a job SLURM still runs alone
         head["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
-    summary_path = run_dir / "summary.json"
-    write_json({**head, "status": "running", "updated": time.time()}, summary_path)
+    write_json({**head, "status": "running", "updated": time.time()}, run_dir / "summary.json")
 
-    track: list[Progress] = []  # train() puts its Progress here: a failure keeps the epochs
+    return _train(cfg, run_dir, model, step, data, resume, ranks, logger, head)
+
+
+def _train(
+    cfg: DictConfig,
+    run_dir: Path,
+    model: torch.nn.Module,
+    step: Any,
+    data: Any,
+    resume: dict[str, Any] | None,
+    ranks: distributed.Ranks,
+    logger: Any,
+    head: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Train, and keep the ledger (summary.json, rank 0 alone: ``head`` is None elsewhere)
+    through every way training can end."""
+    summary_path = run_dir / "summary.json"
+    settings = Settings(
+        epochs=cfg.epochs,
+        lr=cfg.optimizer.lr,
+        lr_step=cfg.lr_step,
+        limit_train_batches=cfg.limit_train_batches,
+        limit_test_batches=cfg.limit_test_batches,
+        log_every=cfg.log_every,
+        checkpoint_every_min=cfg.checkpoint_every_min,
+        progress_bar=cfg.progress,
+    )
+    loop: Training | None = None
 
     def mark_failed(error: str, status: str = "failed") -> None:
-        done = summarize(track[0], status, error) if track else {"status": status, "error": error}
+        if head is None:
+            return
+        done = (
+            summarize(loop.progress, status, error) if loop else {"status": status, "error": error}
+        )
         write_summary({**head, **done}, summary_path)
 
     # SIGTERM / preemption: checkpoint between steps, mark the ledger (see mq.preempt).
     with GracefulStop(on_terminate=mark_failed) as stop:
         try:
-            summary = train(
+            loop = Training(
                 model,
                 step,
                 data.train,
                 data.test,
-                run_dir=run_dir,
-                epochs=cfg.epochs,
-                lr=cfg.optimizer.lr,
-                lr_step=cfg.lr_step,
-                limit_train_batches=cfg.limit_train_batches,
-                limit_test_batches=cfg.limit_test_batches,
-                log_every=cfg.log_every,
-                checkpoint_every_min=cfg.checkpoint_every_min,
-                progress_bar=cfg.progress,
+                run_dir,
+                settings,
                 resume=resume,
                 logger=logger,
                 interrupt=stop.poll,
-                track=track,
+                ranks=ranks,
             )
+            summary = loop.run()
         except Interrupted as exc:
             signame = stop.received.name if stop.received else "a signal"
             requeue = stop.received is not None and stop.received.name != "SIGTERM"
@@ -319,17 +403,22 @@ def _run(
             raise
         except BaseException as exc:
             text = str(exc).strip()
-            mark_failed(f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}")
+            error = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+            if ranks.parallel and distributed.is_collective_error(exc):
+                error = f"another rank failed or hung (its log has the cause); {error}"
+            mark_failed(error)
             log.exception("run failed")  # the traceback, in launch.log and the job's stderr
             if logger is not None:
                 logger.finish(exit_code=1)
             raise
+    if head is None:
+        return summary
     summary = {**head, **summary}
-    write_json(summary, summary_path)
+    write_json(summary, summary_path)  # the one writer of a training run's summary.json
     # After the summary says completed: a kill in between leaves a large checkpoint, never a
     # "running" run whose checkpoint cannot resume.
     if summary.get("status") == "completed" and not cfg.get("keep_training_state", False):
-        drop_training_state(run_dir / "checkpoint.pt", device)
+        drop_training_state(run_dir / "checkpoint.pt", next(model.parameters()).device)
     if logger is not None:
         logger.summary(summary)
         logger.finish()

@@ -265,6 +265,8 @@ class Guard(Callback):
             # run leaves its folder exactly as it was.
             print(finished_message(run_dir, previous))
             sys.exit(0)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return  # a data-parallel job's other ranks: rank 0 makes and locks the folder
         created = missing_dirs(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         record = Started(Path(os.path.abspath(run_dir)), created)

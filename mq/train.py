@@ -4,6 +4,10 @@ Per-step loss and accuracy stay on the device and are read back every ``log_ever
 so the hot path has no host synchronisation. A checkpoint (end of every epoch, and every
 ``checkpoint_every_min`` minutes inside one) holds everything a restart needs; the data order
 of an epoch is a function of (seed, epoch), so a restart replays the same batches.
+
+``Training.run`` reads top to bottom: per epoch set the lr, then per step take it, log and
+checkpoint; then evaluate. Under data parallelism (mq.distributed) every rank runs the same
+loop on its shard; its bookkeeping collectives sit at the read-backs (no extra host sync).
 """
 
 from __future__ import annotations
@@ -24,8 +28,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from mq.checkpoint import save_checkpoint, write_json
+from mq import distributed
+from mq.checkpoint import save_checkpoint
+from mq.distributed import SINGLE, Ranks
+from mq.errors import ConfigError
 from mq.loggers import MetricsFile
+from mq.preempt import CHECKPOINT, STOP
 from mq.quant.layers import QuantizedModel, plain_state_dict, unwrap
 
 log = logging.getLogger(__name__)
@@ -51,17 +59,49 @@ class Step(Protocol):
 
 
 @dataclass
+class EpochSums:
+    """Sums over the steps of the unfinished epoch."""
+
+    loss: float = 0.0
+    correct: float = 0.0
+    seen: float = 0.0
+    batches: float = 0.0
+
+    def add(self, losses: list[float], corrects: list[float], images: list[float]) -> None:
+        self.loss += sum(losses)
+        self.correct += sum(corrects)
+        self.seen += sum(images)
+        self.batches += len(losses)
+
+    def postfix(self, seen_at_start: float, started: float) -> dict[str, str]:
+        """The progress bar's numbers."""
+        return {
+            "loss": f"{self.loss / self.batches:.3f}",
+            "acc": f"{100 * self.correct / self.seen:.1f}",
+            "img_s": f"{(self.seen - seen_at_start) / (time.perf_counter() - started):.0f}",
+        }
+
+
+@dataclass
 class Progress:
-    """Where a run stands; saved in the checkpoint."""
+    """Where a run stands; saved in the checkpoint (as plain values, see state())."""
 
     epoch: int = 0  # next epoch to run
     batch: int = 0  # next batch of that epoch
     step: int = 0  # optimizer steps taken
     test_acc: list[float] = field(default_factory=list)  # one per finished epoch
     train_loss: list[float] = field(default_factory=list)
-    partial: dict[str, float] = field(default_factory=dict)  # sums over the unfinished epoch
+    partial: EpochSums = field(default_factory=EpochSums)
     # Seconds of training up to the last checkpoint (0 in an older version's checkpoint).
     elapsed: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.partial, dict):  # from a checkpoint
+            self.partial = EpochSums(**self.partial)
+
+    def state(self) -> dict[str, Any]:
+        """For the checkpoint: plain values only (it is loaded with weights_only)."""
+        return {**self.__dict__, "partial": dict(self.partial.__dict__)}
 
 
 def lr_at(base_lr: float, epoch: int, lr_step: int) -> float:
@@ -205,38 +245,287 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def train(
-    model: nn.Module,
-    step: Step,
-    train_data: BatchSource,
-    test_data: BatchSource,
-    *,
-    run_dir: Path,
-    epochs: int,
-    lr: float,
-    lr_step: int,
-    limit_train_batches: int | None = None,
-    limit_test_batches: int | None = None,
-    log_every: int = 20,
-    checkpoint_every_min: float = 10.0,
-    progress_bar: bool = True,
-    resume: dict[str, Any] | None = None,
-    logger: Any = None,
-    extra_state: dict[str, Any] | None = None,
-    interrupt: Callable[[], str | None] | None = None,
-    track: list[Progress] | None = None,
-) -> dict[str, Any]:
-    """Train for ``epochs`` epochs (resuming from ``resume``, a checkpoint dict); returns the
-    summary that is also written to ``run_dir/summary.json``.
+@dataclass
+class Settings:
+    """How a run trains: the config keys the loop reads."""
+
+    epochs: int
+    lr: float
+    lr_step: int
+    limit_train_batches: int | None = None
+    limit_test_batches: int | None = None
+    log_every: int = 20
+    checkpoint_every_min: float = 10.0
+    progress_bar: bool = True
+
+
+class StepRecord(NamedTuple):
+    """One step's numbers, kept on the device until the next read-back."""
+
+    epoch: int
+    step: int
+    loss: Tensor
+    correct: Tensor
+    images: int
+
+
+class Training:
+    """One run's loop: for each epoch set the lr, take the steps (logging and checkpointing
+    between them), evaluate. Every rank of a data-parallel job runs it; only rank 0 writes.
 
     ``interrupt`` is polled after every step (mq.preempt.GracefulStop.poll): "checkpoint" saves
-    one now, "stop" saves one and raises Interrupted; None goes on. ``track`` receives the run's
-    Progress, so that a caller can report the epochs done when training fails."""
-    metrics = MetricsFile(run_dir / "metrics.jsonl", resume["metrics_offset"] if resume else None)
-    progress = Progress()
-    if resume:
-        unwrap(model).load_state_dict(resume["model"])
-        step.load_state_dict(resume["step_state"])
+    one now, "stop" saves one and raises Interrupted; None goes on. ``progress`` is public, so
+    that a caller can report the epochs done when training fails."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        step: Step,
+        train_data: BatchSource,
+        test_data: BatchSource,
+        run_dir: Path,
+        settings: Settings,
+        *,
+        resume: dict[str, Any] | None = None,
+        logger: Any = None,
+        interrupt: Callable[[], str | None] | None = None,
+        ranks: Ranks = SINGLE,
+    ) -> None:
+        self.model, self.step, self.train_data = model, step, train_data
+        self.run_dir, self.s, self.logger, self.ranks = run_dir, settings, logger, ranks
+        self.interrupt = interrupt or (lambda: None)
+        self.progress = self._resume(resume) if resume else Progress()
+        offset = resume["metrics_offset"] if resume else None
+        self.metrics = MetricsFile(run_dir / "metrics.jsonl", offset) if ranks.main else None
+        self.segment_start, self.elapsed_before = time.monotonic(), self.progress.elapsed
+        self.last_checkpoint = time.monotonic()
+        self._asked = 0  # the strongest stop request since the ranks last agreed (ACTIONS)
+        limit = settings.limit_train_batches
+        self.batches = len(train_data) if limit is None else min(len(train_data), limit)
+        # Every epoch tests the same images: all of them, or a fixed class-stratified sample.
+        limit = settings.limit_test_batches
+        self.test_data = test_data if limit is None else test_data.sample(limit)
+        self.measured = {
+            "limit_train_batches": settings.limit_train_batches,
+            "limit_test_batches": limit,
+            "train_batches": self.batches,  # per epoch
+            "train_batches_total": len(train_data),
+            "test_images": self.test_data.num_samples,
+            "test_images_total": test_data.num_samples,
+        }
+        self.limited = tested_on(self.test_data.num_samples, test_data.num_samples, limit)
+        if self.limited:
+            log.info("every epoch is tested on the same %s", self.limited)
+
+    # ------------------------------------------------------------------------------ loop ----
+    def run(self) -> dict[str, Any]:
+        """Train up to ``settings.epochs``; returns the summary (the caller writes it)."""
+        status = "completed"
+        self.model.train()
+        while self.progress.epoch < self.s.epochs:
+            lr = self.set_lr()
+            started, seen_at_start = time.perf_counter(), self.progress.partial.seen
+            if self.train_epoch(lr, started, seen_at_start):
+                log.warning(
+                    "loss is not finite at step %d: run ends as diverged", self.progress.step
+                )
+                status = "diverged"
+                break
+            epoch_time = time.perf_counter() - started
+            test_loss = self.end_epoch(lr, epoch_time, seen_at_start)
+            if not math.isfinite(test_loss):
+                status = "diverged"
+                break
+            self.check_replicas()
+            self.save_checkpoint()
+        self.progress.elapsed = self.elapsed()
+        if self.metrics is not None:
+            self.metrics.close()
+        return summarize(self.progress, status, measured=self.measured)
+
+    def set_lr(self) -> float:
+        epoch, lr_step = self.progress.epoch, self.s.lr_step
+        lr = lr_at(self.s.lr, epoch, lr_step)
+        self.step.set_lr(lr, meta_lr_factor=0.1 ** (epoch // lr_step))
+        return lr
+
+    def train_epoch(self, lr: float, started: float, seen_at_start: float) -> bool:
+        """The steps of one epoch from ``progress.batch`` on; True when the loss diverged."""
+        p, epoch = self.progress, self.progress.epoch
+        bar = self._bar(f"epoch {epoch + 1}/{self.s.epochs}", self.batches, p.batch)
+        pending: list[StepRecord] = []
+        with bar:
+            for x, y in self.train_data.epoch(epoch, start_batch=p.batch):
+                if p.batch >= self.batches:
+                    break
+                loss, logits = self.step.train_step(x, y)
+                correct = (logits.argmax(1) == y).sum()
+                pending.append(StepRecord(epoch, p.step, loss, correct, y.numel()))
+                p.step, p.batch = p.step + 1, p.batch + 1
+                bar.update(1)
+                report = len(pending) >= self.s.log_every or p.batch == self.batches
+                action = self.stop_request(report)
+                if (report or action is not None) and not self.flush(pending, lr):
+                    return True
+                if report:
+                    bar.set_postfix(**p.partial.postfix(seen_at_start, started))
+                self.maybe_checkpoint(action, report)
+                if action == STOP:
+                    self.stop()
+        return False
+
+    def end_epoch(self, lr: float, epoch_time: float, seen_at_start: float) -> float:
+        """Evaluate, log the epoch's row, move progress on; returns the test loss."""
+        p, epoch, sums = self.progress, self.progress.epoch, self.progress.partial
+        test_loss, test_acc, test_acc5 = self.evaluate(f"epoch {epoch + 1}/{self.s.epochs} test")
+        row = {
+            "kind": "epoch",
+            "epoch": epoch + 1,  # epochs completed, as in the logs and plots
+            "step": max(p.step - 1, 0),
+            "train_loss": sums.loss / max(sums.batches, 1),
+            "train_acc": 100.0 * sums.correct / max(sums.seen, 1),
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            **({"test_acc5": test_acc5} if test_acc5 is not None else {}),
+            "epoch_time": epoch_time,
+            "images_per_s": (sums.seen - seen_at_start) / max(epoch_time, 1e-9),
+            "lr": lr,
+            "time": time.time(),
+            "elapsed": self.elapsed(),
+        }
+        self.write_rows([row])
+        log.info(
+            "epoch %d/%d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%%%s | %.1f s",
+            epoch + 1,
+            self.s.epochs,
+            row["train_loss"],
+            row["train_acc"],
+            test_loss,
+            test_acc,
+            f" (on {self.test_data.num_samples} images: limited)" if self.limited else "",
+            epoch_time,
+        )
+        p.test_acc.append(test_acc)
+        p.train_loss.append(row["train_loss"])
+        p.epoch, p.batch, p.partial = epoch + 1, 0, EpochSums()
+        return test_loss
+
+    # ----------------------------------------------------------------------- bookkeeping ----
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.monotonic() - self.segment_start
+
+    def evaluate(self, desc: str) -> tuple[float, float, float | None]:
+        """Test (loss, acc %, top-5 % or None): rank 0 evaluates, every rank gets its numbers."""
+        loss, acc, acc5 = math.nan, math.nan, math.nan
+        if self.ranks.main:
+            result = evaluate(self.model, self.test_data, progress=self.s.progress_bar, desc=desc)
+            loss, acc = result.loss, result.acc
+            acc5 = math.nan if result.acc5 is None else result.acc5  # None: 10 classes or fewer
+        loss, acc, acc5 = distributed.broadcast_floats([loss, acc, acc5])
+        return loss, acc, None if math.isnan(acc5) else acc5
+
+    def stop_request(self, report: bool) -> str | None:
+        """What a signal asks for at this step boundary. One process: every step. Several: the
+        request is kept until the next report (where the ranks read back anyway) and agreed on
+        there, so that all ranks stop at the same step."""
+        action = self.interrupt()
+        if not self.ranks.parallel:
+            return action
+        self._asked = max(self._asked, ACTIONS.index(action))
+        if not report:
+            return None
+        code, self._asked = distributed.agree(self._asked), 0
+        return ACTIONS[code]
+
+    def flush(self, pending: list[StepRecord], lr: float) -> bool:
+        """Write buffered per-step rows (the global batch's loss and accuracy); returns False
+        when the loss is no longer finite."""
+        if not pending:
+            return True
+        losses_t = distributed.average_(torch.stack([r.loss for r in pending]).double())
+        counts = torch.stack([r.correct.to(torch.float64) for r in pending])
+        counts = torch.cat([counts, counts.new_tensor([float(r.images) for r in pending])])
+        counts = distributed.sum_(counts)
+        losses, counts_list = losses_t.tolist(), counts.tolist()
+        corrects, images = counts_list[: len(pending)], counts_list[len(pending) :]
+        # After the read-back above, so the time is when these steps had finished.
+        now, ran = time.time(), self.elapsed()
+        rows = [
+            {
+                "kind": "step",
+                "epoch": r.epoch + 1,  # 1-based, as in the logs: the epoch this step belongs to
+                "step": r.step,
+                "loss": loss,
+                "acc": 100.0 * c / n,
+                "lr": lr,
+                "time": now,
+                "elapsed": ran,
+            }
+            for r, loss, c, n in zip(pending, losses, corrects, images, strict=True)
+        ]
+        self.write_rows(rows)
+        self.progress.partial.add(losses, corrects, images)
+        pending.clear()
+        return all(math.isfinite(v) for v in losses)
+
+    def write_rows(self, rows: list[dict[str, Any]]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(rows)
+        if self.logger is not None and self.ranks.main:
+            self.logger.log(rows)
+
+    def maybe_checkpoint(self, action: str | None, report: bool) -> None:
+        """A signal saves the state of this step boundary; otherwise one every few minutes
+        (decided by rank 0's clock, at a report, and agreed on: the ranks' clocks differ)."""
+        due = report and time.monotonic() - self.last_checkpoint > 60 * self.s.checkpoint_every_min
+        if self.ranks.parallel and report:
+            due = bool(distributed.broadcast_floats([float(due)])[0])
+        if action is not None or due:
+            self.save_checkpoint()
+
+    def check_replicas(self) -> None:
+        """Once an epoch: every rank still holds the same weights and meta net (they take
+        identical steps on identical averaged gradients; a difference is a bug, not noise)."""
+        if not self.ranks.parallel:
+            return
+        meta = getattr(self.step, "meta_net", None)
+        params = list(self.model.parameters()) + ([] if meta is None else list(meta.parameters()))
+        if not distributed.replicas_equal(params):
+            raise RuntimeError(f"the ranks' parameters differ at step {self.progress.step}")
+
+    def save_checkpoint(self) -> None:
+        """Rank 0 writes checkpoint.pt (atomically); the others wait for it."""
+        self.progress.elapsed = self.elapsed()
+        if self.ranks.main:
+            assert self.metrics is not None
+            state = {
+                "version": 1,
+                "model": plain_state_dict(self.model),
+                "step_state": self.step.state_dict(),
+                "progress": self.progress.state(),
+                "rng": rng_state(),
+                "metrics_offset": self.metrics.offset(),
+                "world_size": self.ranks.world_size,
+            }
+            save_checkpoint(state, self.run_dir / "checkpoint.pt")
+        distributed.barrier()
+        self.last_checkpoint = time.monotonic()
+
+    def stop(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        raise Interrupted(f"stopped at step {self.progress.step} after a checkpoint")
+
+    def _resume(self, resume: dict[str, Any]) -> Progress:
+        saved = resume.get("world_size", 1)
+        if saved != self.ranks.world_size:
+            raise ConfigError(
+                f"the checkpoint in {self.run_dir} was written by {saved} ranks; resume it with "
+                f"{saved} (this job has {self.ranks.world_size}): the per-rank BatchNorm "
+                "statistics and the data shards depend on it"
+            )
+        unwrap(self.model).load_state_dict(resume["model"])
+        self.step.load_state_dict(resume["step_state"])
         progress = Progress(**resume["progress"])
         set_rng_state(resume["rng"])
         log.info(
@@ -246,173 +535,43 @@ def train(
             progress.step,
             progress.epoch,
         )
-    segment_start, elapsed_before = time.monotonic(), progress.elapsed
+        return progress
 
-    def elapsed() -> float:
-        return elapsed_before + time.monotonic() - segment_start
-
-    if track is not None:
-        track.append(progress)
-    batches = (
-        len(train_data)
-        if limit_train_batches is None
-        else min(len(train_data), limit_train_batches)
-    )
-    # Every epoch tests the same images: all of them, or a fixed class-stratified sample.
-    test_source = test_data if limit_test_batches is None else test_data.sample(limit_test_batches)
-    measured = {
-        "limit_train_batches": limit_train_batches,
-        "limit_test_batches": limit_test_batches,
-        "train_batches": batches,  # per epoch
-        "train_batches_total": len(train_data),
-        "test_images": test_source.num_samples,
-        "test_images_total": test_data.num_samples,
-    }
-    limited = tested_on(test_source.num_samples, test_data.num_samples, limit_test_batches)
-    if limited:
-        log.info("every epoch is tested on the same %s", limited)
-
-    def checkpoint() -> None:
-        progress.elapsed = elapsed()
-        state = {
-            "version": 1,
-            "model": plain_state_dict(model),
-            "step_state": step.state_dict(),
-            "progress": progress.__dict__,
-            "rng": rng_state(),
-            "metrics_offset": metrics.offset(),
-            **(extra_state or {}),
-        }
-        save_checkpoint(state, run_dir / "checkpoint.pt")
-
-    def flush(pending: list[tuple[int, int, Tensor, Tensor, int]], current_lr: float) -> bool:
-        """Write buffered per-step rows; returns False when the loss is no longer finite."""
-        if not pending:
-            return True
-        losses = torch.stack([p[2] for p in pending]).tolist()
-        corrects = torch.stack([p[3] for p in pending]).tolist()
-        # After the read-back above, so the time is when these steps had finished.
-        now, ran = time.time(), elapsed()
-        rows = [
-            {
-                "kind": "step",
-                "epoch": e + 1,  # 1-based, as in the logs: the epoch this step belongs to
-                "step": s,
-                "loss": loss,
-                "acc": 100.0 * c / n,
-                "lr": current_lr,
-                "time": now,
-                "elapsed": ran,
-            }
-            for (e, s, _, _, n), loss, c in zip(pending, losses, corrects, strict=True)
-        ]
-        metrics.write(rows)
-        if logger is not None:
-            logger.log(rows)
-        progress.partial["loss"] = progress.partial.get("loss", 0.0) + sum(losses)
-        progress.partial["correct"] = progress.partial.get("correct", 0.0) + sum(corrects)
-        progress.partial["seen"] = progress.partial.get("seen", 0.0) + sum(p[4] for p in pending)
-        progress.partial["batches"] = progress.partial.get("batches", 0.0) + len(pending)
-        pending.clear()
-        return all(math.isfinite(v) for v in losses)
-
-    model.train()
-    status = "completed"
-    last_checkpoint = time.monotonic()
-    while progress.epoch < epochs:
-        epoch = progress.epoch
-        current_lr = lr_at(lr, epoch, lr_step)
-        step.set_lr(current_lr, meta_lr_factor=0.1 ** (epoch // lr_step))
-        bar = tqdm(
-            total=batches,
-            initial=progress.batch,
-            desc=f"epoch {epoch + 1}/{epochs}",
-            disable=not progress_bar,
+    def _bar(self, desc: str, total: int, initial: int = 0) -> tqdm:
+        return tqdm(
+            total=total,
+            initial=initial,
+            desc=desc,
+            disable=not (self.s.progress_bar and self.ranks.main),
             file=sys.stderr,
             leave=False,
             mininterval=1.0,
         )
-        pending: list[tuple[int, int, Tensor, Tensor, int]] = []
-        started = time.perf_counter()
-        seen_at_start = progress.partial.get("seen", 0.0)
-        for x, y in train_data.epoch(epoch, start_batch=progress.batch):
-            if progress.batch >= batches:
-                break
-            loss, logits = step.train_step(x, y)
-            pending.append((epoch, progress.step, loss, (logits.argmax(1) == y).sum(), y.numel()))
-            progress.step += 1
-            progress.batch += 1
-            bar.update(1)
-            action = interrupt() if interrupt is not None else None  # a signal arrived
-            report = len(pending) >= log_every or progress.batch == batches
-            if (report or action is not None) and not flush(pending, current_lr):
-                status = "diverged"
-                break
-            if report:
-                seen = progress.partial["seen"] - seen_at_start
-                bar.set_postfix(
-                    loss=f"{progress.partial['loss'] / progress.partial['batches']:.3f}",
-                    acc=f"{100 * progress.partial['correct'] / progress.partial['seen']:.1f}",
-                    img_s=f"{seen / (time.perf_counter() - started):.0f}",
-                )
-            # a signal saves the state of this step boundary; otherwise one every few minutes
-            if action is not None or (
-                report and time.monotonic() - last_checkpoint > 60 * checkpoint_every_min
-            ):
-                checkpoint()
-                last_checkpoint = time.monotonic()
-            if action == "stop":
-                bar.close()
-                metrics.close()
-                raise Interrupted(f"stopped at step {progress.step} after a checkpoint")
-        bar.close()
-        if status == "diverged":
-            log.warning("loss is not finite at step %d: run ends as diverged", progress.step)
-            break
-        epoch_time = time.perf_counter() - started
-        test_loss, test_acc, _, test_acc5 = evaluate(
-            model, test_source, progress=progress_bar, desc=f"epoch {epoch + 1}/{epochs} test"
-        )
-        part = progress.partial
-        row = {
-            "kind": "epoch",
-            "epoch": epoch + 1,  # epochs completed, as in the logs and plots
-            "step": max(progress.step - 1, 0),
-            "train_loss": part.get("loss", 0.0) / max(part.get("batches", 0.0), 1),
-            "train_acc": 100.0 * part.get("correct", 0.0) / max(part.get("seen", 0.0), 1),
-            "test_loss": test_loss,
-            "test_acc": test_acc,
-            **({"test_acc5": test_acc5} if test_acc5 is not None else {}),
-            "epoch_time": epoch_time,
-            "images_per_s": (part.get("seen", 0.0) - seen_at_start) / max(epoch_time, 1e-9),
-            "lr": current_lr,
-            "time": time.time(),
-            "elapsed": elapsed(),
-        }
-        metrics.write([row])
-        if logger is not None:
-            logger.log([row])
-        log.info(
-            "epoch %d/%d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%%%s | %.1f s",
-            epoch + 1,
-            epochs,
-            row["train_loss"],
-            row["train_acc"],
-            test_loss,
-            test_acc,
-            f" (on {test_source.num_samples} images: limited)" if limited else "",
-            epoch_time,
-        )
-        progress.test_acc.append(test_acc)
-        progress.train_loss.append(row["train_loss"])
-        progress.epoch, progress.batch, progress.partial = epoch + 1, 0, {}
-        if not math.isfinite(test_loss):
-            status = "diverged"
-            break
-        checkpoint()
-        last_checkpoint = time.monotonic()
-    progress.elapsed = elapsed()
-    summary = summarize(progress, status, measured=measured)
-    write_json(summary, run_dir / "summary.json")
-    metrics.close()
-    return summary
+
+
+ACTIONS = (None, CHECKPOINT, STOP)  # by severity: ranks agree on the largest request
+
+
+def train(
+    model: nn.Module,
+    step: Step,
+    train_data: BatchSource,
+    test_data: BatchSource,
+    *,
+    run_dir: Path,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Training(...).run() for a caller without signals or ranks (tests, scripts); returns the
+    summary (mq.run writes summary.json). ``resume``: a checkpoint dict."""
+    resume, logger = settings.pop("resume", None), settings.pop("logger", None)
+    loop = Training(
+        model,
+        step,
+        train_data,
+        test_data,
+        run_dir,
+        Settings(**settings),
+        resume=resume,
+        logger=logger,
+    )
+    return loop.run()

@@ -41,6 +41,10 @@ def _set_lr(optimizer: torch.optim.Optimizer | None, lr: float) -> None:
 class STEStep:
     """Baseline: autograd through A(W) and the clipped STE, then ordinary optimizer steps."""
 
+    # Data parallelism (mq.distributed.average_gradients): averages a flat tensor and the
+    # parameters' gradients over ranks right after the backward; None with one process.
+    all_reduce: Callable[[Tensor | None, list[nn.Parameter]], None] | None = None
+
     def __init__(self, model: nn.Module, optimizer: OptimizerFactory) -> None:
         self.model = model
         _, self.weights, others = _split(model)
@@ -59,6 +63,8 @@ class STEStep:
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.all_reduce is not None:
+            self.all_reduce(None, _params(self.weight_optimizer, self.other_optimizer))
         for opt in (self.weight_optimizer, self.other_optimizer):
             if opt is not None:
                 opt.step()
@@ -226,6 +232,8 @@ class MetaQuantStep(STEStep):
         loss.backward()
         grad_hat = leaf.grad
         assert grad_hat is not None
+        if self.all_reduce is not None:  # g_W^ and the other parameters' gradients: one call
+            self.all_reduce(grad_hat, _params(self.other_optimizer))
         original = self.update == "original"
         if first:
             if original:
@@ -283,6 +291,10 @@ class MetaQuantStep(STEStep):
         self.meta_state, self.grad_hat, self.w_tilde = meta_state, grad_hat, w_tilde
         self.previous_update = previous_update
         self.previous_bias_update = state.get("previous_bias_update")
+
+
+def _params(*optimizers: torch.optim.Optimizer | None) -> list[nn.Parameter]:
+    return [p for o in optimizers if o is not None for g in o.param_groups for p in g["params"]]
 
 
 def _bwn_f(quantizer: nn.Module) -> bool:
