@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import ROOT, launch_env
+from conftest import ROOT, launch_env, meta_net
 
 from mq import distributed
 from mq.data import fake_loaders
@@ -70,7 +70,9 @@ def run_case(net: str, update: str, rank: int, world: int) -> dict[str, Any]:
     if net == "ste":
         step: Any = STEStep(model, optimizer)
     else:
-        step = MetaQuantStep(model, optimizer, net=net, hidden_size=8, update=update, lr=1e-2)
+        step = MetaQuantStep(
+            model, optimizer, net=meta_net(net, hidden_size=8), update=update, lr=1e-2
+        )
     if world > 1:
         step.all_reduce = distributed.average_gradients
     data = fake_loaders(
