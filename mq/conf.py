@@ -72,9 +72,21 @@ def exclude_keys() -> list[str]:
     """Override keys left out of sweep folder names (conf/config.yaml reads them through the
     ``${mq.exclude_keys:}`` resolver): mq.keys's volatile keys, with the dataset's location keys
     under ``dataset.``, plus the launcher and the +sweep preset (the sweep folder says it).
-    Not run_name: the resume check ignores it, but ``-m run_name=a,b`` must give two folders."""
+    Not run_name: the resume check ignores it, but ``-m run_name=a,b`` must give two folders.
+    A volatile key that is a node in conf/config.yaml (``distributed``) is listed by its leaves,
+    since Hydra matches an override's whole key (``distributed.backend``)."""
+    from omegaconf import OmegaConf
+
+    main = OmegaConf.to_container(OmegaConf.load(CONF / "config.yaml"), resolve=False)
+    assert isinstance(main, dict)
     dataset = [f"dataset.{k}" for k in VOLATILE_DATASET]
-    volatile = [k for k in VOLATILE if k != "run_name"]
+    volatile: list[str] = []
+    for key in VOLATILE:
+        node = main.get(key)
+        if isinstance(node, dict):
+            volatile += [f"{key}.{child}" for child in node]
+        elif key != "run_name":
+            volatile.append(key)
     return [*volatile, "logger.mode", "hydra.launcher", "sweep", *dataset]
 
 

@@ -59,7 +59,8 @@ def test_folder_names_leave_out_mq_keys_volatile_keys_and_the_same_keys_as_befor
     from mq.keys import VOLATILE
 
     excluded = set(compose_config([]).hydra.job.config.override_dirname.exclude_keys)
-    assert set(VOLATILE) - excluded == {"run_name"}  # -m run_name=a,b: two folders
+    # -m run_name=a,b: two folders; distributed is a node: its leaves are listed
+    assert set(VOLATILE) - excluded == {"run_name", "distributed"}
     # the list conf/config.yaml held before it read mq.keys, so sweep folder names are
     # unchanged, plus dataset.decode (new with the ImageNet loader: where JPEGs are decoded)
     assert excluded == {
@@ -67,4 +68,5 @@ def test_folder_names_leave_out_mq_keys_volatile_keys_and_the_same_keys_as_befor
         *("keep_training_state", "logger", "logger.mode", "hydra.launcher", "sweep"),
         *("dataset.root", "dataset.cache", "dataset.download", "dataset.workers", "sweep_name"),
         "dataset.decode",
+        *("distributed.backend", "distributed.timeout_s"),  # new with data-parallel runs
     }
