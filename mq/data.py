@@ -56,6 +56,7 @@ class Loaders(NamedTuple):
     train: BatchSource  # iterable per epoch, augmented
     test: BatchSource  # no augmentation, fixed order
     num_classes: int
+    val: BatchSource | None = None  # held-out training images (mq.split), evaluated like test
 
 
 class _Batches:

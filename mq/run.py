@@ -23,6 +23,7 @@ from mq.preempt import GracefulStop
 from mq.quant.layers import quantize_model
 from mq.rundir import FolderRefused, check_location, check_name, remove_created, started, take_lock
 from mq.runs import flatten
+from mq.split import check_split, load_data
 from mq.train import Interrupted, Progress, evaluate_only, summarize, train
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} is not allowed; allowed: null or an integer >= 1")
     if cfg.task.name == "eval" and not cfg.model.pretrained:
         raise ConfigError("task=eval needs model.pretrained=PATH (a checkpoint or run directory)")
+    check_split(cfg.dataset, cfg.batch_size)
 
 
 def check(cfg: DictConfig, run_dir: Path | None = None) -> None:
@@ -126,6 +128,9 @@ def result_config(cfg: DictConfig) -> dict[str, Any]:
         data.pop(key, None)
     for key in VOLATILE_DATASET:
         data.get("dataset", {}).pop(key, None)
+    if not data.get("dataset", {}).get("val_size"):  # no split: configs as before the keys
+        for key in ("val_size", "split_seed"):
+            data.get("dataset", {}).pop(key, None)
     if cfg.task.name == "eval" and cfg.model.pretrained:
         # The folder names the checkpoint's path; its content is part of the result too: a
         # repeat after that file changed is refused rather than answered with the old number.
@@ -227,7 +232,7 @@ def _run(
             choices.get("model", cfg.model.name),
         )
     model = quantize_model(net, quantizer).to(device)
-    data = instantiate(
+    data = load_data(
         cfg.dataset, batch_size=cfg.batch_size, device=device, seed=cfg.seed, progress=cfg.progress
     )
     if cfg.task.name == "eval":
@@ -286,6 +291,7 @@ def _run(
                 step,
                 data.train,
                 data.test,
+                val_data=data.val,
                 run_dir=run_dir,
                 epochs=cfg.epochs,
                 lr=cfg.optimizer.lr,

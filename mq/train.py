@@ -62,6 +62,8 @@ class Progress:
     partial: dict[str, float] = field(default_factory=dict)  # sums over the unfinished epoch
     # Seconds of training up to the last checkpoint (0 in an older version's checkpoint).
     elapsed: float = 0.0
+    val_acc: list[float] = field(default_factory=list)  # per epoch, with dataset.val_size
+    val_loss: list[float] = field(default_factory=list)
 
 
 def lr_at(base_lr: float, epoch: int, lr_step: int) -> float:
@@ -172,9 +174,26 @@ def summarize(
         "last10_std_test_acc": statistics.pstdev(last) if last else None,
         "last10_epochs": len(last),  # the "last 10" of a shorter run are all it has
         "test_acc": accs,
+        **_val_summary(progress),
         "updated": time.time(),
         "elapsed": progress.elapsed,
         **(measured or {}),
+    }
+
+
+def _val_summary(progress: Progress) -> dict[str, Any]:
+    """The validation metrics (model selection reads these, never the test set's)."""
+    accs, losses = progress.val_acc, progress.val_loss
+    if not accs:
+        return {}
+    return {
+        "final_val_acc": accs[-1],
+        "best_val_acc": max(accs),
+        "last10_mean_val_acc": statistics.fmean(accs[-10:]),
+        "final_val_loss": losses[-1],
+        "best_val_loss": min(losses),
+        "last10_mean_val_loss": statistics.fmean(losses[-10:]),
+        "val_acc": accs,
     }
 
 
@@ -199,6 +218,7 @@ def train(
     train_data: BatchSource,
     test_data: BatchSource,
     *,
+    val_data: BatchSource | None = None,
     run_dir: Path,
     epochs: int,
     lr: float,
@@ -255,6 +275,7 @@ def train(
         "train_batches_total": len(train_data),
         "test_images": test_source.num_samples,
         "test_images_total": test_data.num_samples,
+        **({"val_images": val_data.num_samples} if val_data is not None else {}),
     }
     limited = tested_on(test_source.num_samples, test_data.num_samples, limit_test_batches)
     if limited:
@@ -361,6 +382,12 @@ def train(
         test_loss, test_acc, _ = evaluate(
             model, test_source, progress=progress_bar, desc=f"epoch {epoch + 1}/{epochs} test"
         )
+        val: dict[str, float] = {}
+        if val_data is not None:  # held-out training images, the same code path as the test
+            val_loss, val_acc, _ = evaluate(model, val_data, desc=f"epoch {epoch + 1} val")
+            val = {"val_loss": val_loss, "val_acc": val_acc}
+            progress.val_loss.append(val_loss)
+            progress.val_acc.append(val_acc)
         part = progress.partial
         row = {
             "kind": "epoch",
@@ -370,6 +397,7 @@ def train(
             "train_acc": 100.0 * part.get("correct", 0.0) / max(part.get("seen", 0.0), 1),
             "test_loss": test_loss,
             "test_acc": test_acc,
+            **val,
             "epoch_time": epoch_time,
             "images_per_s": (part.get("seen", 0.0) - seen_at_start) / max(epoch_time, 1e-9),
             "lr": current_lr,
