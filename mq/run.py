@@ -128,9 +128,12 @@ def result_config(cfg: DictConfig) -> dict[str, Any]:
         data.pop(key, None)
     for key in VOLATILE_DATASET:
         data.get("dataset", {}).pop(key, None)
-    if not data.get("dataset", {}).get("val_size"):  # no split: configs as before the keys
+    # Keys added with issue 10 at their defaults are left out, so runs from before resume.
+    if not data.get("dataset", {}).get("val_size"):
         for key in ("val_size", "split_seed"):
             data.get("dataset", {}).pop(key, None)
+    if data.get("quant", {}).get("calibration") == "paper":
+        data["quant"].pop("calibration")
     if cfg.task.name == "eval" and cfg.model.pretrained:
         # The folder names the checkpoint's path; its content is part of the result too: a
         # repeat after that file changed is refused rather than answered with the old number.
