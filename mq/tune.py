@@ -44,6 +44,14 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def varying(group: list[str], groups: list[list[str]]) -> list[str]:
+    """The overrides of ``group`` whose key takes other values in other groups (the name of its
+    study: what the command line has in common stays out)."""
+    parsed = [dict(o.split("=", 1) for o in g if "=" in o) for g in groups]
+    keys = {k for p in parsed for k in p if len({q.get(k) for q in parsed}) > 1}
+    return [o for o in group if o.split("=", 1)[0] in keys]
+
+
 class TuneSweeper(Sweeper):
     def __init__(
         self,
@@ -101,7 +109,7 @@ class TuneSweeper(Sweeper):
         for group, space in zip(groups, spaces, strict=True):
             study = optuna.create_study(
                 storage=storage,
-                study_name=study_name(name, group),
+                study_name=study_name(name, varying(group, groups)),
                 direction=direction,
                 load_if_exists=True,
             )
