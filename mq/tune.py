@@ -88,8 +88,9 @@ class TuneSweeper(Sweeper):
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        grid = [j for b in self.split_arguments(parser.parse_overrides(parser_params), None)
-                for j in b]
+        grid = [
+            j for b in self.split_arguments(parser.parse_overrides(parser_params), None) for j in b
+        ]
         groups = [list(job) + g.split() for job in grid for g in self.groups]
         spaces = [self._group_space(g) for g in groups]
         for group, space in zip(groups, spaces, strict=True):  # every corner is a valid job
@@ -194,7 +195,7 @@ class TuneSweeper(Sweeper):
             if to_run:
                 self.launcher.launch([b[2].overrides for b in to_run], self.job_idx)
                 self.job_idx += len(to_run)
-            for study, trial, point in waiting:
+            for _, _, point in waiting:
                 self._wait_for(point)
             for study, trial, point in batch:
                 failed += tell(study, trial, point.run_dir, self.objective) is None

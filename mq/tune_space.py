@@ -70,8 +70,10 @@ def parse_dist(key: str, spec: Any) -> Dist:
     allowed = {"type", "low", "high", "log"} if kind != "categorical" else {"type", "choices"}
     extra = sorted(set(spec) - allowed)
     if extra:
-        raise ConfigError(f"{where}: {extra[0]} is not allowed for type={kind}; allowed: "
-                          f"{', '.join(sorted(allowed))}")
+        raise ConfigError(
+            f"{where}: {extra[0]} is not allowed for type={kind}; allowed: "
+            f"{', '.join(sorted(allowed))}"
+        )
     if kind == "categorical":
         choices = spec.get("choices")
         if not isinstance(choices, (list, tuple)) or not choices:
