@@ -66,6 +66,7 @@ class TuneSweeper(Sweeper):
         sampler_seed: int = 0,
         space: list[Any] | None = None,
         final_seeds: list[int] | None = None,
+        final_defaults: bool = True,
     ) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.groups = [str(g) for g in (groups or [""])]
@@ -74,6 +75,7 @@ class TuneSweeper(Sweeper):
         self.storage_url, self.sampler_seed = storage, int(sampler_seed)
         self.space = OmegaConf.to_container(space) if OmegaConf.is_config(space) else space
         self.final_seeds = [int(s) for s in (final_seeds or [])]
+        self.final_defaults = bool(final_defaults)
         self.job_idx = 0
 
     # -- set-up: everything checked before the storage is opened or a job submitted ----------
@@ -243,7 +245,8 @@ class TuneSweeper(Sweeper):
                 continue
             for seed in self.final_seeds:
                 tuned = group + [f"{k}={override_value(v)}" for k, v in best.items()]
-                for kind, overrides in (("tuned", tuned), ("default", group)):
+                kinds = [("tuned", tuned)] + [("default", group)] * self.final_defaults
+                for kind, overrides in kinds:
                     jobs.append([*overrides, f"seed={seed}"])
                     meta.append({"study": study.study_name, "kind": kind, "seed": seed})
         points = self._compose_all(jobs)
