@@ -110,6 +110,7 @@ def test_objective_never_reads_the_test_set(tmp_path):
     assert tell(study, trial, tmp_path, "best_val_acc") == 40.0
 
 
+@pytest.mark.slow
 def test_a_run_with_a_split_records_val_metrics(tmp_path):
     result = launch(*SMOKE, "meta=ste", "epochs=2", "dataset.val_size=64", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
