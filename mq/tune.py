@@ -179,8 +179,15 @@ class TuneSweeper(Sweeper):
         failed = 0
         # Trials an earlier launch left RUNNING: finished from their folders, never asked again.
         pending: list[tuple[Any, Any, Point]] = []
-        for _, _, study in studies:
-            for trial, point in reconcile(study, self._points_of):
+        for group, space, study in studies:
+
+            def rebuild(params: dict[str, Any], group=group, space=space) -> list[str] | None:
+                if set(params) != set(space):
+                    return None
+                values = {k: rounded(d, params[k]) for k, d in space.items()}
+                return group + [f"{k}={override_value(v)}" for k, v in values.items()]
+
+            for trial, point in reconcile(study, self._points_of, rebuild):
                 pending.append((study, trial, point))
         while True:
             batch = pending[: self.parallel]
@@ -209,10 +216,12 @@ class TuneSweeper(Sweeper):
 
     def _ask_next(self, studies: list[tuple[list[str], dict[str, Dist], Any]]) -> Any:
         """A new trial of the study with the fewest trials that still has budget left."""
-        open_ = [s for s in studies if len(s[2].trials) < self.trials]
+        from mq.tune_study import used
+
+        open_ = [s for s in studies if used(s[2]) < self.trials]
         if not open_:
             return None
-        group, space, study = min(open_, key=lambda s: len(s[2].trials))
+        group, space, study = min(open_, key=lambda s: used(s[2]))
         trial = study.ask()
         values = {k: rounded(d, d.suggest(trial, k)) for k, d in space.items()}
         overrides = group + [f"{k}={override_value(v)}" for k, v in values.items()]

@@ -11,6 +11,8 @@ from typing import Any
 from mq.checkpoint import read_json
 from mq.errors import ConfigError, first_line
 
+NEVER_STARTED = "never started"  # asked, then the launch died before the trial had values
+
 
 def storage_url(given: str | None, sweep_dir: Path) -> str:
     """The study's SQLAlchemy URL: ``given``, or an SQLite file in the sweep folder."""
@@ -55,19 +57,35 @@ def _trial_handle(study: Any, frozen: Any) -> Any:
     return optuna.trial.Trial(study, frozen._trial_id)
 
 
-def reconcile(study: Any, point_of: Callable[[list[str]], Any]) -> list[tuple[Any, Any]]:
+def reconcile(
+    study: Any,
+    point_of: Callable[[list[str]], Any],
+    rebuild: Callable[[dict[str, Any]], list[str] | None],
+) -> list[tuple[Any, Any]]:
     """Trials an earlier launch left RUNNING, each with its composed point (status from its
-    folder), to be told, waited for or relaunched; one without a recorded command is FAIL."""
+    folder), to be told, waited for or relaunched. A trial killed between being asked and
+    recording its command is rebuilt from the values Optuna stored (``rebuild``); one that
+    has not all its values is FAIL, marked ``never started`` (it does not use up budget)."""
     import optuna
 
     out = []
     for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        overrides = frozen.user_attrs.get("overrides")
-        if not overrides:  # asked, then the launch died before the trial had a folder
+        overrides = frozen.user_attrs.get("overrides") or rebuild(dict(frozen.params))
+        handle = _trial_handle(study, frozen)
+        if not overrides:
+            handle.set_user_attr("status", NEVER_STARTED)
             study.tell(frozen.number, state=optuna.trial.TrialState.FAIL)
             continue
-        out.append((_trial_handle(study, frozen), point_of(list(overrides))))
+        point = point_of(list(overrides))
+        handle.set_user_attr("overrides", list(overrides))
+        handle.set_user_attr("run_dir", str(point.run_dir))
+        out.append((handle, point))
     return out
+
+
+def used(study: Any) -> int:
+    """Trials that count against the budget (all but those that never started)."""
+    return sum(t.user_attrs.get("status") != NEVER_STARTED for t in study.get_trials(False))
 
 
 def tell(study: Any, trial: Any, run_dir: Path, objective: str) -> float | None:
