@@ -25,6 +25,7 @@ from torchvision import transforms as T
 from mq.errors import ConfigError, first_line
 from mq.imagefolder import decode_all as _decode_all  # tests replace it here
 from mq.imagefolder import read_cache, scan, write_cache
+from mq.split import with_split  # dataset.val_size / split_seed: every loader below takes them
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +239,7 @@ _CIFAR = {  # name: (classes, folder, files it needs, mean, std)
 }
 
 
+@with_split
 def cifar_loaders(
     name: str,
     root: str,
@@ -279,6 +281,7 @@ def _check_classes(expected: int | None, found: int, where: str) -> None:
         )
 
 
+@with_split
 def folder_loaders(
     root: str,
     batch_size: int,
@@ -332,6 +335,7 @@ def folder_loaders(
     )
 
 
+@with_split
 def fake_loaders(
     batch_size: int,
     device: torch.device | str,
@@ -414,6 +418,7 @@ class StreamLoader(_Batches):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
+@with_split
 def imagenet_loaders(
     root: str,
     batch_size: int,

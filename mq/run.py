@@ -23,7 +23,7 @@ from mq.preempt import GracefulStop
 from mq.quant.layers import quantize_model
 from mq.rundir import FolderRefused, check_location, check_name, remove_created, started, take_lock
 from mq.runs import flatten
-from mq.split import check_split, load_data
+from mq.split import check_split
 from mq.train import Interrupted, Progress, evaluate_only, summarize, train
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ def _run(
             choices.get("model", cfg.model.name),
         )
     model = quantize_model(net, quantizer).to(device)
-    data = load_data(
+    data = instantiate(
         cfg.dataset, batch_size=cfg.batch_size, device=device, seed=cfg.seed, progress=cfg.progress
     )
     if cfg.task.name == "eval":

@@ -10,15 +10,18 @@ so hyperparameters can be chosen without ever reading the test set.
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from mq.data import DeviceLoader, Loaders, StreamLoader, balanced_sample
 from mq.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mq.data import Loaders
 
 SPLIT_KEYS = ("val_size", "split_seed")
 # Training images per dataset choice when the config alone says it (checked before a sweep is
@@ -26,7 +29,7 @@ SPLIT_KEYS = ("val_size", "split_seed")
 KNOWN_TRAIN = {"cifar10": 50_000, "cifar100": 50_000}
 
 
-def split_options(dataset: DictConfig) -> tuple[int, int]:
+def split_options(dataset: DictConfig | dict[str, Any]) -> tuple[int, int]:
     """(val_size, split_seed) of a dataset config; (0, 0) when it has none."""
     val_size = dataset.get("val_size", 0) or 0
     seed = dataset.get("split_seed", 0)
@@ -60,25 +63,29 @@ def check_split(dataset: DictConfig, batch_size: int) -> None:
         )
 
 
-def load_data(dataset: DictConfig, **kwargs: Any) -> Loaders:
-    """Instantiate the dataset config (without the split keys, which no loader takes) and hold
-    out its validation images."""
-    plain = copy.deepcopy(dataset)
-    with open_dict(plain):
-        for key in SPLIT_KEYS:
-            plain.pop(key, None)
-    data = instantiate(plain, **kwargs)
-    val_size, split_seed = split_options(dataset)
-    return hold_out(data, val_size, split_seed)
+def with_split(loader: Callable[..., Loaders]) -> Callable[..., Loaders]:
+    """A dataset loader (mq.data) that also takes ``val_size`` and ``split_seed`` and holds
+    the validation images out of what it loaded: the hook every dataset group goes through."""
+
+    @functools.wraps(loader)
+    def wrapped(*args: Any, val_size: int = 0, split_seed: int = 0, **kwargs: Any) -> Loaders:
+        val_size, split_seed = split_options({"val_size": val_size, "split_seed": split_seed})
+        return hold_out(loader(*args, **kwargs), val_size, split_seed)
+
+    return wrapped
 
 
 def val_indices(labels: torch.Tensor, val_size: int, split_seed: int) -> torch.Tensor:
     """Sorted indices of the held-out images among ``labels`` (the training set's)."""
+    from mq.data import balanced_sample
+
     return balanced_sample(labels, val_size, seed=split_seed)
 
 
 def hold_out(data: Loaders, val_size: int, split_seed: int) -> Loaders:
     """``data`` with ``val_size`` training images moved into a validation source."""
+    from mq.data import DeviceLoader, Loaders, StreamLoader  # mq.data applies with_split
+
     if val_size == 0:
         return data
     train = data.train
@@ -109,10 +116,4 @@ def hold_out(data: Loaders, val_size: int, split_seed: int) -> Loaders:
     return Loaders(new_train, data.test, data.num_classes, val)
 
 
-def describe(dataset: DictConfig) -> str:
-    """For logs: the split as config says it."""
-    val_size, seed = split_options(dataset)
-    return f"{val_size} validation images (split_seed={seed})" if val_size else "no validation"
-
-
-__all__ = ["check_split", "hold_out", "load_data", "split_options", "val_indices"]
+__all__ = ["check_split", "hold_out", "split_options", "val_indices", "with_split"]
