@@ -82,7 +82,7 @@ class TuneSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> Any:
         import optuna
 
-        from mq.tune_study import open_storage, storage_url, study_name
+        from mq.tune_study import open_storage, shown, storage_url, study_name
 
         assert self.config is not None and self.hydra_context is not None
         direction = self._checked(lambda: check_objective(self.objective, self.direction))
@@ -97,7 +97,7 @@ class TuneSweeper(Sweeper):
         spaces = [self._group_space(g) for g in groups]
         for group, space in zip(groups, spaces, strict=True):  # every corner is a valid job
             corners = [[f"{k}={override_value(c)}"] for k, d in space.items() for c in d.corners()]
-            self._compose_all([group + c for c in corners], record=False)
+            self._compose_all([group + c for c in corners])
         if self.trials < 1:
             fail(f"hydra.sweeper.trials={self.trials} is not allowed; allowed: an integer >= 1")
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
@@ -123,12 +123,13 @@ class TuneSweeper(Sweeper):
             studies.append((group, space, study))
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         ledger.record_launch(sweep_dir, name, {"studies": len(studies), "launcher": "tune"})
-        log.info("%d studies of %d trials in %s", len(studies), self.trials, url)
-        failed_launches = self._run_studies(studies)
-        finals = self._final_runs(studies) if self.final_seeds else []
-        self._write_tune_json(sweep_dir, url, studies, finals)
-        if failed_launches:
-            log.warning("%d trials failed (recorded as FAIL in their study)", failed_launches)
+        log.info("%d studies of %d trials in %s", len(studies), self.trials, shown(url))
+        failed_trials = self._run_studies(studies)
+        if failed_trials:  # results of the study (a diverged lr, say), not a failed launch
+            log.warning("%d trials failed (recorded as FAIL in their study)", failed_trials)
+        finals, returns = self._final_runs(studies) if self.final_seeds else ([], [])
+        self._write_tune_json(sweep_dir, shown(url), studies, finals)
+        self._report(returns, sweep_dir)  # a failed final run: listed, exit code 1
         return []
 
     @staticmethod
@@ -168,9 +169,6 @@ class TuneSweeper(Sweeper):
             if master is not None:
                 HydraConfig.instance().set_config(master)
         return cfg
-
-    def _compose_all(self, jobs: list[list[str]], record: bool = True) -> list[Point]:
-        return super()._compose_all(jobs)
 
     # -- the studies ------------------------------------------------------------------------
     def _run_studies(self, studies: list[tuple[list[str], dict[str, Dist], Any]]) -> int:
@@ -243,7 +241,9 @@ class TuneSweeper(Sweeper):
             time.sleep(WAIT_S)
 
     # -- the final runs: best and default configuration of each study, each seed -------------
-    def _final_runs(self, studies: list[tuple[list[str], dict[str, Dist], Any]]) -> list[dict]:
+    def _final_runs(
+        self, studies: list[tuple[list[str], dict[str, Dist], Any]]
+    ) -> tuple[list[dict], list[Any]]:
         from mq.tune_study import best_values
 
         jobs, meta = [], []
@@ -263,16 +263,19 @@ class TuneSweeper(Sweeper):
         todo = [p for p in points if p.status not in (*ledger.FINAL, IN_SLURM)]
         log.info("final runs: %d (%d to run)", len(points), len(todo))
         size = self.max_batch_size or len(todo) or 1
+        returns: list[Any] = []
         for start in range(0, len(todo), size):
-            self.launcher.launch([p.overrides for p in todo[start : start + size]], self.job_idx)
-            self.job_idx += len(todo[start : start + size])
+            chunk = [p.overrides for p in todo[start : start + size]]
+            returns += list(self.launcher.launch(chunk, self.job_idx))
+            self.job_idx += len(chunk)
         for p in points:
             if p.status == IN_SLURM:
                 self._wait_for(p)
-        return [
+        finals = [
             {**m, "overrides": p.overrides, "run_dir": str(p.run_dir)}
             for m, p in zip(meta, points, strict=True)
         ]
+        return finals, returns
 
     def _write_tune_json(
         self, sweep_dir: Path, url: str, studies: list, finals: list[dict]
