@@ -140,6 +140,7 @@ def plot_study(study: dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     trials = sorted(study["trials"], key=lambda t: t["number"])
     done = [(t["number"], t["value"]) for t in trials if t["state"] == "COMPLETE"]
@@ -153,6 +154,7 @@ def plot_study(study: dict[str, Any], path: Path) -> Path:
         ax.step(xs, best, where="post", label="best so far")
         if failed:
             ax.plot(failed, [min(ys)] * len(failed), "x", color="red", label="failed/diverged")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial")
     ax.set_ylabel("objective (validation)")
     ax.set_title(_label(study), fontsize=9)
