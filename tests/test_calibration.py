@@ -53,3 +53,54 @@ def test_bad_calibration_is_a_config_error():
         DorefaWeight(1, calibration="twice")
     with pytest.raises(ConfigError, match="quant.calibration"):
         BWNWeight(calibration="x")
+
+
+def _first_moves(ste_quant, meta_quant, lr=0.05):
+    """How far one SGD step moves the quantized weights: STE's first step, and MetaQuant's
+    first update (the identity meta net; its step 1 moves by step 0's gradient), both from the
+    same weights on the same batch."""
+    import copy
+
+    from mq.meta import IdentitySTE, MetaQuantStep, STEStep
+    from mq.models import build_model
+    from mq.quant import quantize_model
+
+    torch.manual_seed(0)
+    base = build_model("resnet20", 10)
+    models = [quantize_model(copy.deepcopy(base), q) for q in (ste_quant, meta_quant)]
+    sgd = lambda params: torch.optim.SGD(params, lr=lr)  # noqa: E731
+    ste = STEStep(models[0], sgd)
+    meta = MetaQuantStep(models[1], sgd, meta_net=IdentitySTE())
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
+    other = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
+    flat = [m.layout().flatten(list(m.quantized_weights().values())).detach() for m in models]
+    ste.train_step(*batch)
+    meta.train_step(*batch)
+    meta.train_step(*other)
+    moved = [
+        m.layout().flatten(list(m.quantized_weights().values())).detach() - f
+        for m, f in zip(models, flat, strict=True)
+    ]
+    assert moved[0].abs().sum() > 0
+    return moved
+
+
+def test_exact_calibration_halves_metaquants_step():
+    """DoReFa under SGD: MetaQuant with the paper's calibration and the identity meta net
+    steps exactly as far as STE at the same lr; with quant.calibration=exact half as far. So
+    STE at 2x lr takes MetaQuant-paper's step (the step_size preset)."""
+    ste, paper = _first_moves(DorefaWeight(1), DorefaWeight(1))
+    torch.testing.assert_close(paper, ste)
+    ste, exact = _first_moves(DorefaWeight(1), DorefaWeight(1, calibration="exact"))
+    torch.testing.assert_close(exact, ste / 2)
+
+
+def test_unit_slope_bwn_ste_is_metaquants_step():
+    """BWN under SGD: STE with quant.ste_slope=unit (each layer's step scaled by 1/alpha)
+    steps exactly as far as MetaQuant with the identity meta net (the step_size_bwn preset);
+    the paper's STE (slope alpha) does not."""
+    unit, meta = _first_moves(BWNWeight(ste_slope="unit"), BWNWeight())
+    torch.testing.assert_close(unit, meta)
+    forward, meta = _first_moves(BWNWeight(), BWNWeight())
+    assert not torch.allclose(forward, meta)
