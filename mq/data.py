@@ -24,6 +24,7 @@ from torch import Tensor
 from mq.errors import ConfigError, first_line
 from mq.imagefolder import decode_all as _decode_all  # tests replace it here
 from mq.imagefolder import read_cache, scan, write_cache
+from mq.split import with_split  # dataset.val_size / split_seed: every loader below takes them
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class Loaders(NamedTuple):
     train: BatchSource  # iterable per epoch, augmented
     test: BatchSource  # no augmentation, fixed order
     num_classes: int
+    val: BatchSource | None = None  # held-out training images (mq.split), evaluated like test
 
 
 class _Batches:
@@ -261,6 +263,7 @@ _CIFAR = {  # name: (classes, folder, files it needs, mean, std)
 }
 
 
+@with_split
 def cifar_loaders(
     name: str,
     root: str,
@@ -305,6 +308,7 @@ def _check_classes(expected: int | None, found: int, where: str) -> None:
         )
 
 
+@with_split
 def folder_loaders(
     root: str,
     batch_size: int,
@@ -370,6 +374,7 @@ def folder_loaders(
     )
 
 
+@with_split
 def fake_loaders(
     batch_size: int,
     device: torch.device | str,
@@ -411,6 +416,7 @@ def fake_loaders(
     )
 
 
+@with_split
 def imagenet_loaders(
     root: str, batch_size: int, device: torch.device | str, **kw: object
 ) -> Loaders:

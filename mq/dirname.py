@@ -24,6 +24,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 RESOLVER = "mq.subdir"
 HASH_CHARS = 8
+# File systems refuse names over 255 bytes (ENAMETOOLONG); a longer name (a tuning trial with
+# many keys) keeps its first MAX_NAME characters and a hash of the whole name.
+MAX_NAME = 200
 
 
 def short_value(value: str) -> str:
@@ -50,7 +53,11 @@ def override_dirname(
             line = f"{key}={short_value(value)}"
         lines.append(line)
     lines.sort()
-    return re.sub(pattern="[=]", repl=kv_sep, string=item_sep.join(lines))
+    name = re.sub(pattern="[=]", repl=kv_sep, string=item_sep.join(lines))
+    if len(name.encode()) > MAX_NAME:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:HASH_CHARS]
+        name = f"{name.encode()[:MAX_NAME].decode(errors='ignore')}-{digest}"
+    return name
 
 
 def _resolve(overrides: Any, options: Any) -> str:

@@ -20,6 +20,7 @@ import re
 import sys
 from pathlib import Path
 
+from mq.fair_report import fair_markdown
 from mq.plots import plot_row
 from mq.runs import collect_runs
 from mq.table import RowKey, Table, make_table
@@ -125,7 +126,9 @@ def write_report(
         for i, row in enumerate(table.rows):
             images.append((row, plot_row(table, row, out / f"{i:02d}_{_slug(row.label)}.png")))
     path = out / "table.md"
-    path.write_text(render_markdown(table, sweep_dir, images, top5))
+    # A tuned comparison (tune.json): tuned vs tuned next to defaults vs defaults first.
+    fair = fair_markdown(sweep_dir, out, plots)
+    path.write_text((fair + "\n" if fair else "") + render_markdown(table, sweep_dir, images, top5))
     if wandb_project:
         log_wandb(table, sweep_dir, out, wandb_project, wandb_mode, [p for _, p in images])
     return path

@@ -25,6 +25,7 @@ from mq.preempt import GracefulStop
 from mq.quant.layers import quantize_model
 from mq.rundir import FolderRefused, check_location, check_name, remove_created, started, take_lock
 from mq.runs import flatten
+from mq.split import check_split
 from mq.train import Interrupted, Settings, Training, evaluate_only, summarize
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} is not allowed; allowed: null or an integer >= 1")
     if cfg.task.name == "eval" and not cfg.model.pretrained:
         raise ConfigError("task=eval needs model.pretrained=PATH (a checkpoint or run directory)")
+    check_split(cfg.dataset, cfg.batch_size)
     validate_ranks(cfg, planned_ranks())
 
 
@@ -159,6 +161,12 @@ def result_config(cfg: DictConfig) -> dict[str, Any]:
         data.pop(key, None)
     for key in VOLATILE_DATASET:
         data.get("dataset", {}).pop(key, None)
+    # Keys added with issue 10 at their defaults are left out, so runs from before resume.
+    if not data.get("dataset", {}).get("val_size"):
+        for key in ("val_size", "split_seed"):
+            data.get("dataset", {}).pop(key, None)
+    if data.get("quant", {}).get("calibration") == "paper":
+        data["quant"].pop("calibration")
     if cfg.task.name == "eval" and cfg.model.pretrained:
         # The folder names the checkpoint's path; its content is part of the result too: a
         # repeat after that file changed is refused rather than answered with the old number.
@@ -379,6 +387,7 @@ def _train(
                 data.test,
                 run_dir,
                 settings,
+                val_data=data.val,
                 resume=resume,
                 logger=logger,
                 interrupt=stop.poll,

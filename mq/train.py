@@ -94,6 +94,8 @@ class Progress:
     partial: EpochSums = field(default_factory=EpochSums)
     # Seconds of training up to the last checkpoint (0 in an older version's checkpoint).
     elapsed: float = 0.0
+    val_acc: list[float] = field(default_factory=list)  # per epoch, with dataset.val_size
+    val_loss: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.partial, dict):  # from a checkpoint
@@ -224,9 +226,26 @@ def summarize(
         "last10_std_test_acc": statistics.pstdev(last) if last else None,
         "last10_epochs": len(last),  # the "last 10" of a shorter run are all it has
         "test_acc": accs,
+        **_val_summary(progress),
         "updated": time.time(),
         "elapsed": progress.elapsed,
         **(measured or {}),
+    }
+
+
+def _val_summary(progress: Progress) -> dict[str, Any]:
+    """The validation metrics (model selection reads these, never the test set's)."""
+    accs, losses = progress.val_acc, progress.val_loss
+    if not accs:
+        return {}
+    return {
+        "final_val_acc": accs[-1],
+        "best_val_acc": max(accs),
+        "last10_mean_val_acc": statistics.fmean(accs[-10:]),
+        "final_val_loss": losses[-1],
+        "best_val_loss": min(losses),
+        "last10_mean_val_loss": statistics.fmean(losses[-10:]),
+        "val_acc": accs,
     }
 
 
@@ -286,12 +305,13 @@ class Training:
         run_dir: Path,
         settings: Settings,
         *,
+        val_data: BatchSource | None = None,
         resume: dict[str, Any] | None = None,
         logger: Any = None,
         interrupt: Callable[[], str | None] | None = None,
         ranks: Ranks = SINGLE,
     ) -> None:
-        self.model, self.step, self.train_data = model, step, train_data
+        self.model, self.step, self.train_data, self.val_data = model, step, train_data, val_data
         self.run_dir, self.s, self.logger, self.ranks = run_dir, settings, logger, ranks
         self.interrupt = interrupt or (lambda: None)
         self.progress = self._resume(resume) if resume else Progress()
@@ -312,6 +332,7 @@ class Training:
             "train_batches_total": len(train_data),
             "test_images": self.test_data.num_samples,
             "test_images_total": test_data.num_samples,
+            **({"val_images": val_data.num_samples} if val_data is not None else {}),
         }
         self.limited = tested_on(self.test_data.num_samples, test_data.num_samples, limit)
         if self.limited:
@@ -378,6 +399,12 @@ class Training:
         """Evaluate, log the epoch's row, move progress on; returns the test loss."""
         p, epoch, sums = self.progress, self.progress.epoch, self.progress.partial
         test_loss, test_acc, test_acc5 = self.evaluate(f"epoch {epoch + 1}/{self.s.epochs} test")
+        val: dict[str, float] = {}
+        if self.val_data is not None:  # held-out training images, the test set's code path
+            val_loss, val_acc, _ = self.evaluate(f"epoch {epoch + 1} val", self.val_data)
+            val = {"val_loss": val_loss, "val_acc": val_acc}
+            p.val_loss.append(val_loss)
+            p.val_acc.append(val_acc)
         row = {
             "kind": "epoch",
             "epoch": epoch + 1,  # epochs completed, as in the logs and plots
@@ -387,6 +414,7 @@ class Training:
             "test_loss": test_loss,
             "test_acc": test_acc,
             **({"test_acc5": test_acc5} if test_acc5 is not None else {}),
+            **val,
             "epoch_time": epoch_time,
             "images_per_s": (sums.seen - seen_at_start) / max(epoch_time, 1e-9),
             "lr": lr,
@@ -414,11 +442,15 @@ class Training:
     def elapsed(self) -> float:
         return self.elapsed_before + time.monotonic() - self.segment_start
 
-    def evaluate(self, desc: str) -> tuple[float, float, float | None]:
-        """Test (loss, acc %, top-5 % or None): rank 0 evaluates, every rank gets its numbers."""
+    def evaluate(
+        self, desc: str, data: BatchSource | None = None
+    ) -> tuple[float, float, float | None]:
+        """(loss, acc %, top-5 % or None) on ``data`` (the test set by default): rank 0
+        evaluates, every rank gets its numbers."""
         loss, acc, acc5 = math.nan, math.nan, math.nan
         if self.ranks.main:
-            result = evaluate(self.model, self.test_data, progress=self.s.progress_bar, desc=desc)
+            source = self.test_data if data is None else data
+            result = evaluate(self.model, source, progress=self.s.progress_bar, desc=desc)
             loss, acc = result.loss, result.acc
             acc5 = math.nan if result.acc5 is None else result.acc5  # None: 10 classes or fewer
         loss, acc, acc5 = distributed.broadcast_floats([loss, acc, acc5])
@@ -564,6 +596,7 @@ def train(
     """Training(...).run() for a caller without signals or ranks (tests, scripts); returns the
     summary (mq.run writes summary.json). ``resume``: a checkpoint dict."""
     resume, logger = settings.pop("resume", None), settings.pop("logger", None)
+    val_data = settings.pop("val_data", None)
     loop = Training(
         model,
         step,
@@ -571,6 +604,7 @@ def train(
         test_data,
         run_dir,
         Settings(**settings),
+        val_data=val_data,
         resume=resume,
         logger=logger,
     )

@@ -70,3 +70,16 @@ def test_folder_names_leave_out_mq_keys_volatile_keys_and_the_same_keys_as_befor
         "dataset.decode",
         *("distributed.backend", "distributed.timeout_s"),  # new with data-parallel runs
     }
+
+
+def test_a_name_over_the_limit_is_cut_and_hashed():
+    """Tuning trials with many keys: a name over MAX_NAME bytes keeps its start and a hash of
+    the whole name (the file system refuses names over 255 bytes); shorter names unchanged."""
+    from mq.dirname import MAX_NAME
+
+    keys = [f"key{i}.with.a.long.name={i / 7:.6f}" for i in range(12)]
+    name = override_dirname(keys, [])
+    other = override_dirname([*keys[:-1], "key11.with.a.long.name=0"], [])
+    assert len(name.encode()) <= MAX_NAME + 9 and name != other
+    assert name.startswith("key0.with.a.long.name=0.000000,key1")
+    assert override_dirname(keys[:2], []) == ",".join(sorted(keys[:2]))

@@ -30,6 +30,9 @@ PRESETS = {
     "bits": 60,
     "meta_design": 108,
     "fair_baseline": 60,
+    "fair_compare": 1,  # one grid point; its 9 groups are studies (hydra/sweeper=tune)
+    "step_size": 24,
+    "step_size_bwn": 12,
 }
 FAST = [*SMOKE, "meta=ste"]  # STE: the fastest step
 

@@ -4,10 +4,15 @@ lives in ``mq`` (mq.sweeper, mq.launcher), so that compute nodes only need ``mq`
 
 from mq.launcher import TolerantLauncher
 from mq.sweeper import Sweeper as _Sweeper
+from mq.tune import TuneSweeper as _TuneSweeper
 
 
 class Sweeper(_Sweeper):
     """conf/hydra/sweeper/mq.yaml"""
+
+
+class TuneSweeper(_TuneSweeper):
+    """conf/hydra/sweeper/tune.yaml"""
 
 
 class SlurmLauncher(TolerantLauncher):

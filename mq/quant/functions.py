@@ -19,6 +19,14 @@ from mq.errors import ConfigError
 from mq.quant.flat import FlatLayout
 
 STE_SLOPES = ("forward", "unit")
+CALIBRATIONS = ("paper", "exact")
+
+
+def check_calibration(calibration: str) -> None:
+    if calibration not in CALIBRATIONS:
+        raise ConfigError(
+            f"quant.calibration={calibration} is not known; allowed: {', '.join(CALIBRATIONS)}"
+        )
 
 
 def check_ste_slope(ste_slope: str) -> None:
@@ -66,14 +74,19 @@ def dorefa_levels(w_tilde: Tensor, bit_width: int) -> Tensor:
     return 2 * torch.round(w_tilde.detach() * n) / n - 1
 
 
-def dorefa_calibration(weight: Tensor, layout: FlatLayout | None = None) -> Tensor:
+def dorefa_calibration(
+    weight: Tensor, layout: FlatLayout | None = None, exact: bool = False
+) -> Tensor:
     """dW~/dW as the paper and the original code use it: (1 - tanh^2 W) / max|tanh W|.
 
     This is twice the true derivative of ``dorefa_transform`` (which divides by 2 max); the
     factor is kept on purpose so MetaQuant runs match the paper and the released code.
+    ``exact``: the true derivative (1 - tanh^2 W) / (2 max|tanh W|), the max held constant as
+    in the transform (quant.calibration=exact, the step-size ablation).
     """
     t = torch.tanh(weight.detach())
-    return (1 - t * t) / (t.abs().max() if layout is None else layout.broadcast(layout.amax(t)))
+    peak = t.abs().max() if layout is None else layout.broadcast(layout.amax(t))
+    return (1 - t * t) / (2 * peak if exact else peak)
 
 
 def bwn_scale(w: Tensor, per_filter: bool = False, layout: FlatLayout | None = None) -> Tensor:

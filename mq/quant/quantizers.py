@@ -9,6 +9,7 @@ from mq.errors import ConfigError
 from mq.quant.flat import FlatLayout
 from mq.quant.functions import (
     bwn_scale,
+    check_calibration,
     check_ste_slope,
     clipped_ste,
     dorefa_calibration,
@@ -50,13 +51,18 @@ class WeightQuantizer(nn.Module):
 class DorefaWeight(WeightQuantizer):
     """DoReFa-Net weight quantization with ``bit_width`` bits (1..8)."""
 
-    def __init__(self, bit_width: int = 1, ste_slope: str = "forward") -> None:
+    def __init__(
+        self, bit_width: int = 1, ste_slope: str = "forward", calibration: str = "paper"
+    ) -> None:
         super().__init__()
         if not isinstance(bit_width, int) or not 1 <= bit_width <= 8:
             raise ConfigError(f"bits={bit_width} is not allowed for dorefa; allowed: 1..8")
         check_ste_slope(ste_slope)
+        check_calibration(calibration)
         self.bit_width = bit_width
         self.ste_slope = ste_slope
+        # paper: twice dA/dW (the paper's and released code's factor); exact: dA/dW itself
+        self.calibration_kind = calibration
 
     def transform(self, weight: Tensor, layout: FlatLayout | None = None) -> Tensor:
         return dorefa_transform(weight, layout)
@@ -67,10 +73,13 @@ class DorefaWeight(WeightQuantizer):
         return clipped_ste(w_tilde, dorefa_levels(w_tilde, self.bit_width), slope)
 
     def calibration(self, weight: Tensor, layout: FlatLayout | None = None) -> Tensor:
-        return dorefa_calibration(weight, layout)
+        return dorefa_calibration(weight, layout, exact=self.calibration_kind == "exact")
 
     def extra_repr(self) -> str:
-        return f"bit_width={self.bit_width}, ste_slope={self.ste_slope}"
+        return (
+            f"bit_width={self.bit_width}, ste_slope={self.ste_slope}, "
+            f"calibration={self.calibration_kind}"
+        )
 
 
 class BWNWeight(WeightQuantizer):
@@ -79,13 +88,20 @@ class BWNWeight(WeightQuantizer):
     code)."""
 
     def __init__(
-        self, bit_width: int = 1, per_filter: bool = False, ste_slope: str = "forward"
+        self,
+        bit_width: int = 1,
+        per_filter: bool = False,
+        ste_slope: str = "forward",
+        calibration: str = "paper",
     ) -> None:
         super().__init__()
         if bit_width != 1:
             name = "bwn_f" if per_filter else "bwn"
             raise ConfigError(f"bits={bit_width} is not allowed for {name}; allowed: 1")
         check_ste_slope(ste_slope)
+        # A = identity: the paper's calibration 1 is already the exact derivative.
+        check_calibration(calibration)
+        self.calibration_kind = calibration
         self.bit_width = 1
         self.per_filter = per_filter
         self.ste_slope = ste_slope
