@@ -35,7 +35,8 @@ def test_help_gives_every_top_level_key_its_default_and_comment():
     # plain keys and the leaves of plain nodes (distributed.backend), not config groups
     top = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("hydra", *groups())}
     plain = list(flatten(top))
-    assert sorted(plain) == sorted(listed)
+    # config.yaml also sets keys inside groups (dataset.val_size): checked below, not here
+    assert sorted(plain) == sorted(k for k in listed if k.split(".")[0] not in groups())
     for key, (value, comment) in listed.items():
         assert comment, f"{key} has no comment in conf/config.yaml"
         assert f"  {key}={value}" in HELP.replace("$$", "$")
