@@ -33,10 +33,10 @@ def main(cfg: DictConfig) -> dict:
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
     logger_args = {}
     if sweep:  # one wandb group per sweep, stable across relaunches; runs named by overrides
-        from mq.ledger import wandb_group
+        from mq.sweep.ledger import wandb_group
 
         group = wandb_group(Path(hydra_cfg.sweep.dir), fallback=str(cfg.get("sweep_name")))
-        # The job's folder name (path values shortened, mq/dirname.py), not Hydra's raw one.
+        # The job's folder name (path values shortened, mq/sweep/dirname.py), not Hydra's raw one.
         logger_args = {"group": group, "name": str(hydra_cfg.sweep.subdir) or cfg.run_name}
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
@@ -47,8 +47,8 @@ def main(cfg: DictConfig) -> dict:
     except Exception as exc:
         error = find_config_error(exc)
         if sweep:  # the ledger says failed; raising (not exiting) lets the other jobs run
-            from mq.ledger import record_failure
             from mq.rundir import FolderRefused
+            from mq.sweep.ledger import record_failure
 
             if isinstance(error, FolderRefused):  # not its folder (or another job's): no write
                 raise

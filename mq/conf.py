@@ -42,7 +42,8 @@ def register_resolvers() -> None:
     each submitit job, mq.bench, the tests), never as a side effect of an import."""
     from omegaconf import OmegaConf
 
-    from mq import dirname, helptext, rundir
+    from mq import helptext, rundir
+    from mq.sweep import dirname
 
     resolvers = {
         dirname.RESOLVER: dirname.resolve,

@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from mq.conf import CONF, groups, options
-from mq.runs import flatten
+from mq.results.runs import flatten
 
 RESOLVER = "mq.help"
 # key: value  # comment   (value and comment optional; a key line ends a pending comment block)

@@ -1,6 +1,6 @@
 """Config keys that do not change a run's result. One definition, read by the resume check
-(mq.run), the run listing and report (mq.runs); a resumed run may differ from the original in
-these. Kept free of torch so that listing runs stays quick."""
+(mq.run), the run listing and report (mq.results.runs); a resumed run may differ from the
+original in these. Kept free of torch so that listing runs stays quick."""
 
 from __future__ import annotations
 

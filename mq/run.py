@@ -19,13 +19,13 @@ from mq.checkpoint import json_text, load_checkpoint, read_json, save_checkpoint
 from mq.conf import upgrade
 from mq.errors import ConfigError, first_line
 from mq.keys import VOLATILE, VOLATILE_DATASET
-from mq.ledger import FINAL
 from mq.models import check_model, checkpoint_file
-from mq.preempt import GracefulStop
 from mq.quant.layers import quantize_model
+from mq.results.runs import flatten
 from mq.rundir import FolderRefused, check_location, check_name, remove_created, started, take_lock
-from mq.runs import flatten
 from mq.split import check_split
+from mq.sweep.ledger import FINAL
+from mq.sweep.preempt import GracefulStop
 from mq.train import Interrupted, Settings, Training, evaluate_only, summarize
 
 log = logging.getLogger(__name__)
@@ -377,7 +377,7 @@ def _train(
         )
         write_summary({**head, **done}, summary_path)
 
-    # SIGTERM / preemption: checkpoint between steps, mark the ledger (see mq.preempt).
+    # SIGTERM / preemption: checkpoint between steps, mark the ledger (see mq.sweep.preempt).
     with GracefulStop(on_terminate=mark_failed) as stop:
         try:
             loop = Training(

@@ -228,7 +228,7 @@ def _task_config(config: DictConfig) -> DictConfig:
 
 class Guard(Callback):
     """Hydra callback (conf/config.yaml ``hydra.callbacks``): the checks of a single run that
-    must come before Hydra creates its folder. Sweeps are checked by mq.sweeper instead."""
+    must come before Hydra creates its folder. Sweeps are checked by mq.sweep.sweeper instead."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.hydra_config import HydraConfig
@@ -249,8 +249,8 @@ class Guard(Callback):
         task_cfg = _task_config(config)
         check_name("run_name", task_cfg.get("run_name"))  # before the folder it names
         check_location(run_dir)
-        from mq.ledger import FINAL
         from mq.run import check, check_run_dir, finished_message  # imports torch
+        from mq.sweep.ledger import FINAL
 
         try:
             check(task_cfg)  # plain values (run_name included), constructors, model.pretrained

@@ -33,8 +33,8 @@ from mq.checkpoint import save_checkpoint
 from mq.distributed import SINGLE, Ranks
 from mq.errors import ConfigError
 from mq.loggers import MetricsFile
-from mq.preempt import CHECKPOINT, STOP
 from mq.quant.layers import QuantizedModel, plain_state_dict, unwrap
+from mq.sweep.preempt import CHECKPOINT, STOP
 
 log = logging.getLogger(__name__)
 
@@ -292,8 +292,8 @@ class Training:
     """One run's loop: for each epoch set the lr, take the steps (logging and checkpointing
     between them), evaluate. Every rank of a data-parallel job runs it; only rank 0 writes.
 
-    ``interrupt`` is polled after every step (mq.preempt.GracefulStop.poll): "checkpoint" saves
-    one now, "stop" saves one and raises Interrupted; None goes on. ``progress`` is public, so
+    ``interrupt`` is polled after every step (mq.sweep.preempt.GracefulStop.poll): "checkpoint"
+    saves one now, "stop" saves one and raises Interrupted; None goes on. ``progress`` is public, so
     that a caller can report the epochs done when training fails."""
 
     def __init__(

@@ -9,7 +9,7 @@ import pytest
 from conftest import compose_config
 from omegaconf import OmegaConf
 
-from mq.dirname import override_dirname, short_value
+from mq.sweep.dirname import override_dirname, short_value
 
 PLAIN = [
     ["quant=dorefa", "bits=1", "meta=ste", "seed=0"],
@@ -75,7 +75,7 @@ def test_folder_names_leave_out_mq_keys_volatile_keys_and_the_same_keys_as_befor
 def test_a_name_over_the_limit_is_cut_and_hashed():
     """Tuning trials with many keys: a name over MAX_NAME bytes keeps its start and a hash of
     the whole name (the file system refuses names over 255 bytes); shorter names unchanged."""
-    from mq.dirname import MAX_NAME
+    from mq.sweep.dirname import MAX_NAME
 
     keys = [f"key{i}.with.a.long.name={i / 7:.6f}" for i in range(12)]
     name = override_dirname(keys, [])

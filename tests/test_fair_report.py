@@ -1,13 +1,13 @@
-"""The tuned comparison's report (mq/fair_report.py, mq/stats.py): Welch's test against known
-values, and tuned vs tuned next to defaults vs defaults from a sweep's tune.json."""
+"""The tuned comparison's report (mq/results/fair_report.py, mq/results/stats.py): Welch's test
+against known values, and tuned vs tuned next to defaults vs defaults from a sweep's tune.json."""
 
 from __future__ import annotations
 
 import json
 import math
 
-from mq.report import write_report
-from mq.stats import t_cdf, t_quantile, welch
+from mq.results.report import write_report
+from mq.results.stats import t_cdf, t_quantile, welch
 
 
 def test_t_distribution_and_welch_against_reference_values():

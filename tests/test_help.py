@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from mq.conf import groups, options
 from mq.helptext import keys, text
-from mq.runs import flatten
+from mq.results.runs import flatten
 
 HELP = text()
 

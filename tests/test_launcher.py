@@ -11,9 +11,9 @@ from hydra.core.utils import JobReturn, JobStatus
 from submitit.core.utils import FailedJobError
 
 from hydra_plugins.mq_plugins import SlurmLauncher
-from mq import slurm
 from mq.errors import ConfigError
-from mq.launcher import _progress
+from mq.sweep import slurm
+from mq.sweep.launcher import _progress
 
 SBATCH_STDERR = (
     "sbatch: error: Batch job submission failed: Invalid account or account/partition "

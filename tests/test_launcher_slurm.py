@@ -11,7 +11,7 @@ import pytest
 from conftest import SMOKE, launch
 from slurm_util import require_slurm_cluster
 
-from mq import slurm
+from mq.sweep import slurm
 
 pytestmark = pytest.mark.slurm
 

@@ -1,4 +1,5 @@
-"""mq.report on synthetic sweeps with known numbers (fast), and on a real small sweep (slow)."""
+"""mq.results.report on synthetic sweeps with known numbers (fast), and on a real small sweep
+(slow)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from conftest import ROOT, launch
 from matplotlib.image import imread
 from omegaconf import OmegaConf
 
-from mq.report import make_table, write_report
-from mq.runs import collect_runs
+from mq.results.report import make_table, write_report
+from mq.results.runs import collect_runs
 
 META = {
     "ste": {"_target_": "mq.meta.STEStep"},
@@ -385,7 +386,7 @@ def test_limited_runs_are_marked_with_what_they_measured(sweep, tmp_path):
 
 
 def test_plot_curves_have_distinct_markers(tmp_path):
-    from mq.plots import draw_row
+    from mq.results.plots import draw_row
 
     for method in ("ste", "multifc", "fcgrad", "lstmfc"):
         make_run(tmp_path / "s", method, 0, [50.0, 60.0, 70.0])  # four identical curves

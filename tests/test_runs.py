@@ -1,5 +1,5 @@
-"""mq.runs: the run listing (python -m mq.runs), reading metrics of old and new versions, and
-what mq.train writes into metrics rows and summary.json (epochs from 1, times, limits)."""
+"""mq.results.runs: the run listing (python -m mq.runs), reading metrics of old and new versions,
+and what mq.train writes into metrics rows and summary.json (epochs from 1, times, limits)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from test_report import make_run
 
 from mq.checkpoint import load_checkpoint
 from mq.data import fake_loaders
-from mq.runs import collect_runs, listing, normalize, read_run
+from mq.results.runs import collect_runs, listing, normalize, read_run
 from mq.train import train
 
 

@@ -14,8 +14,8 @@ from PIL import Image
 from mq.data import DeviceLoader, Loaders, imagenet_loaders
 from mq.errors import ConfigError
 from mq.split import check_split, hold_out
-from mq.tune_space import check_objective
-from mq.tune_study import tell
+from mq.sweep.tune_space import check_objective
+from mq.sweep.tune_study import tell
 
 N, CLASSES = 600, 6
 

@@ -18,7 +18,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from wandb_records import read_records
 
-from mq.preempt import GracefulStop
+from mq.sweep.preempt import GracefulStop
 
 # preset -> number of jobs (the paper's grids; see docs/sweeps.md)
 PRESETS = {

@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT
 from wandb_records import read_records
 
-from mq.sync import commands, find_segments, legacy_append
+from mq.results.sync import commands, find_segments, legacy_append
 
 SEGMENT = """
 import sys, time
@@ -81,6 +81,9 @@ def test_a_sweeps_runs_are_found_grouped_and_ordered_and_wandb_accepts_them(tmp_
 def test_nothing_to_sync_is_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's mq
     result = subprocess.run(
-        [sys.executable, "-m", "mq.sync", str(tmp_path)], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "mq.sync", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert result.returncode == 2 and result.stderr.startswith("error: no wandb/offline-run-*")

@@ -1,4 +1,4 @@
-"""Hyperparameter studies (hydra/sweeper=tune, mq/tune.py): search spaces, objectives and
+"""Hyperparameter studies (hydra/sweeper=tune, mq/sweep/tune.py): search spaces, objectives and
 storages checked before anything is submitted, one line and exit code 2 for each bad input;
 a local study end to end (resumed by a relaunch, failed trials recorded, final runs)."""
 
@@ -11,8 +11,8 @@ import pytest
 from conftest import SMOKE, launch
 
 from mq.errors import ConfigError
-from mq.tune_space import check_objective, parse_dist, space_for
-from mq.tune_study import open_storage
+from mq.sweep.tune_space import check_objective, parse_dist, space_for
+from mq.sweep.tune_study import open_storage
 
 LR = "{optimizer.lr: {type: float, low: 1e-4, high: 1e-1, log: true}}"
 TUNE = [*SMOKE, "meta=ste", "hydra/sweeper=tune", "dataset.val_size=64", "sweep_name=study"]

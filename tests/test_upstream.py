@@ -1,8 +1,8 @@
 """mq's Hydra extension: light at start-up, packaged, and pinned to the upstream code it copies.
 
-mq.launcher re-implements hydra-submitit-launcher's ``launch()`` (and runs its ``__call__``,
-``checkpoint`` and ``setup`` as they are); mq.sweeper re-implements Hydra's basic sweeper's grid
-expansion on the public ``Sweeper`` interface. When one of those upstream functions changes, a
+mq.sweep.launcher re-implements hydra-submitit-launcher's ``launch()`` (and runs its ``__call__``,
+``checkpoint`` and ``setup`` as they are); mq.sweep.sweeper re-implements Hydra's basic sweeper's
+grid expansion on the public ``Sweeper`` interface. When one of those upstream functions changes, a
 hash below fails: read the new upstream code, carry the change over, then update the hash."""
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 
-from mq.sweeper import grid
+from mq.sweep.sweeper import grid
 
 UPSTREAM = {  # function: sha256 of its source, first 16 hex digits
-    BaseSubmititLauncher.launch: "546875669010f80d",  # copied by mq.launcher.TolerantLauncher
+    BaseSubmititLauncher.launch: "546875669010f80d",  # copied by mq.sweep.launcher.TolerantLauncher
     BaseSubmititLauncher.__call__: "22ce7b022ecb59e5",  # what each job runs (SubmititJob)
     BaseSubmititLauncher.checkpoint: "2c95102ffc42d753",  # requeue on preemption
     BaseSubmititLauncher.setup: "f0607f2aed707a71",  # called by TolerantLauncher.launch
-    BasicSweeper.split_arguments: "1b56f58380a27a88",  # the grid mq.sweeper.grid reproduces
-    BasicSweeper.setup: "09346fa4c18d9997",  # re-implemented by mq.sweeper.Sweeper.setup
+    BasicSweeper.split_arguments: "1b56f58380a27a88",  # the grid mq.sweep.sweeper.grid reproduces
+    BasicSweeper.setup: "09346fa4c18d9997",  # re-implemented by mq.sweep.sweeper.Sweeper.setup
 }
 
 
@@ -36,7 +36,7 @@ def test_the_upstream_code_mq_copies_is_unchanged(function):
     digest = hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16]
     assert digest == UPSTREAM[function], (
         f"{function.__module__}.{function.__qualname__} changed upstream: compare it with "
-        "mq/launcher.py and mq/sweeper.py, carry the change over, then update this hash"
+        "mq/sweep/launcher.py and mq/sweep/sweeper.py, carry the change over, then update this hash"
     )
 
 
@@ -92,5 +92,5 @@ def test_launch_help_imports_no_torch_nor_training_code():
     modules = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if "|" in line}
     heavy = {m for m in modules if m.split(".")[0] == "torch" or m in ("mq.run", "mq.train")}
     # Hydra's plugin scan loads hydra_plugins.mq_plugins without an importtime line of its
-    # own; mq.sweeper (which only the plugin imports) shows that the scan ran.
-    assert "mq.sweeper" in modules and not heavy
+    # own; mq.sweep.sweeper (which only the plugin imports) shows that the scan ran.
+    assert "mq.sweep.sweeper" in modules and not heavy

@@ -1,10 +1,10 @@
 """mq's Hydra plugins. Hydra instantiates sweepers and launchers only from the ``hydra_plugins``
-namespace package; pyproject.toml packages this one with mq. The code
-lives in ``mq`` (mq.sweeper, mq.launcher), so that compute nodes only need ``mq`` installed."""
+namespace package; pyproject.toml packages this one with mq. The code lives in ``mq``
+(mq.sweep.sweeper, mq.sweep.launcher), so that compute nodes only need ``mq`` installed."""
 
-from mq.launcher import TolerantLauncher
-from mq.sweeper import Sweeper as _Sweeper
-from mq.tune import TuneSweeper as _TuneSweeper
+from mq.sweep.launcher import TolerantLauncher
+from mq.sweep.sweeper import Sweeper as _Sweeper
+from mq.sweep.tune import TuneSweeper as _TuneSweeper
 
 
 class Sweeper(_Sweeper):

@@ -6,7 +6,7 @@
   only accepts launchers from the ``hydra_plugins`` package (ours is hydra_plugins/mq_plugins,
   next to launch.py), which a compute node may not be able to import, while ``mq`` is installed.
 
-Checking and skipping happen before, in mq.sweeper; checkpoint-and-requeue is the plugin's own
+Checking and skipping happen before, in mq.sweep.sweeper; checkpoint-and-requeue is the plugin's own
 ``checkpoint()`` (it resubmits the same call; the job resumes from its run directory).
 """
 
@@ -29,8 +29,8 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
 )
 from omegaconf import OmegaConf
 
-from mq import slurm
 from mq.errors import ConfigError
+from mq.sweep import slurm
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class TolerantLauncher(BaseSubmititLauncher):
 
     def preflight(self, n_jobs: int) -> None:
         """Raise ConfigError when SLURM would refuse the jobs or never start them (called by
-        mq.sweeper before anything is written or submitted)."""
+        mq.sweep.sweeper before anything is written or submitted)."""
         tasks, gpus = self.params.get("tasks_per_node") or 1, self.params.get("gpus_per_node")
         if gpus and tasks > gpus:  # NCCL: one GPU per rank (mq.distributed)
             raise ConfigError(

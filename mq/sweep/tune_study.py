@@ -1,5 +1,5 @@
-"""The Optuna side of mq.tune: the storage, study names, telling a trial its value from its
-run folder, and the record of a study that mq.report reads (tune.json)."""
+"""The Optuna side of mq.sweep.tune: the storage, study names, telling a trial its value from its
+run folder, and the record of a study that mq.results.report reads (tune.json)."""
 
 from __future__ import annotations
 

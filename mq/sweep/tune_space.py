@@ -1,5 +1,5 @@
-"""Search spaces and objectives of a hyperparameter study (mq.tune), checked before anything is
-submitted.
+"""Search spaces and objectives of a hyperparameter study (mq.sweep.tune), checked before
+anything is submitted.
 
 A space is a list of rules in YAML (``hydra.sweeper.space``); each rule's ``params`` apply to the
 studies whose config choices match its ``when`` (all of them when it has none; a later rule

@@ -9,7 +9,7 @@ value as written), and every name without a path is byte for byte Hydra's, so sw
 before keep finding their completed jobs.
 
 The resolver is registered by ``mq.conf.register_resolvers()``: launch.py calls it before Hydra
-starts, and each submitit job (mq.launcher.SubmititJob) before Hydra resolves its folder.
+starts, and each submitit job (mq.sweep.launcher.SubmititJob) before Hydra resolves its folder.
 """
 
 from __future__ import annotations

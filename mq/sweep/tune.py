@@ -1,6 +1,6 @@
 """Hyperparameter studies with Optuna, driven by mq's own sweeper (``hydra/sweeper=tune``).
 
-Why not hydra-optuna-sweeper: it replaces the sweeper, so trials would lose what mq.sweeper
+Why not hydra-optuna-sweeper: it replaces the sweeper, so trials would lose what mq.sweep.sweeper
 gives every job (each point composed and checked before submission, the ledger that skips
 completed runs and leaves jobs still in SLURM alone), and its objective is the task function's
 return value, which a SLURM job killed and requeued never returns. Here the driver is the one
@@ -28,14 +28,14 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from mq import ledger
 from mq.checkpoint import read_json, write_json
 from mq.errors import ConfigError
-from mq.sweeper import IN_SLURM, Point, Sweeper
-from mq.tune_space import Dist, check_objective, override_value, rounded, space_for
+from mq.sweep import ledger
+from mq.sweep.sweeper import IN_SLURM, Point, Sweeper
+from mq.sweep.tune_space import Dist, check_objective, override_value, rounded, space_for
 
 log = logging.getLogger(__name__)
-TUNE_FILE = "tune.json"  # the studies, their trials and the final runs, for mq.report
+TUNE_FILE = "tune.json"  # the studies, their trials and the final runs, for mq.results.report
 WAIT_S = 5.0  # a trial still in SLURM from an earlier launch: its summary.json is read this often
 
 
@@ -82,7 +82,7 @@ class TuneSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> Any:
         import optuna
 
-        from mq.tune_study import open_storage, shown, storage_url, study_name
+        from mq.sweep.tune_study import open_storage, shown, storage_url, study_name
 
         assert self.config is not None and self.hydra_context is not None
         direction = self._checked(lambda: check_objective(self.objective, self.direction))
@@ -162,7 +162,7 @@ class TuneSweeper(Sweeper):
         try:
             cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         except Exception as exc:
-            from mq.sweeper import _one_line
+            from mq.sweep.sweeper import _one_line
 
             fail(f"sweep point {' '.join(overrides)}: {_one_line(exc)}")
         finally:
@@ -172,7 +172,7 @@ class TuneSweeper(Sweeper):
 
     # -- the studies ------------------------------------------------------------------------
     def _run_studies(self, studies: list[tuple[list[str], dict[str, Dist], Any]]) -> int:
-        from mq.tune_study import reconcile, tell
+        from mq.sweep.tune_study import reconcile, tell
 
         failed = 0
         # Trials an earlier launch left RUNNING: finished from their folders, never asked again.
@@ -214,7 +214,7 @@ class TuneSweeper(Sweeper):
 
     def _ask_next(self, studies: list[tuple[list[str], dict[str, Dist], Any]]) -> Any:
         """A new trial of the study with the fewest trials that still has budget left."""
-        from mq.tune_study import used
+        from mq.sweep.tune_study import used
 
         open_ = [s for s in studies if used(s[2]) < self.trials]
         if not open_:
@@ -244,7 +244,7 @@ class TuneSweeper(Sweeper):
     def _final_runs(
         self, studies: list[tuple[list[str], dict[str, Dist], Any]]
     ) -> tuple[list[dict], list[Any]]:
-        from mq.tune_study import best_values
+        from mq.sweep.tune_study import best_values
 
         jobs, meta = [], []
         for group, _, study in studies:
@@ -280,7 +280,7 @@ class TuneSweeper(Sweeper):
     def _write_tune_json(
         self, sweep_dir: Path, url: str, studies: list, finals: list[dict]
     ) -> None:
-        from mq.tune_study import describe
+        from mq.sweep.tune_study import describe
 
         data = read_json(sweep_dir / TUNE_FILE) or {}
         data.update(

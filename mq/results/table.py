@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mq.runs import Run
+from mq.results.runs import Run
 
 # The paper's column order: an order, not the list of meta nets (conf/meta/ is): any other
 # method gets a column after these, alphabetically.

@@ -3,7 +3,7 @@ next to defaults vs defaults, each method against the best STE, and a plot of ea
 
 Reads the sweep folder's tune.json (the studies and which runs are final) and each final run's
 summary.json; needs neither Optuna nor the study database. A final run's number is its test
-accuracy averaged over its last 10 epochs (all of them when it has fewer), as in mq.report.
+accuracy averaged over its last 10 epochs (all of them when it has fewer), as in mq.results.report.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mq.checkpoint import read_json
-from mq.stats import welch
+from mq.results.stats import welch
 
 TUNE_FILE = "tune.json"
 METRIC = "last10_mean_test_acc"

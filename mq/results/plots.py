@@ -1,5 +1,5 @@
-"""Convergence plots for mq.report: one figure per table row, training loss and test accuracy
-per epoch, one line per column (method) with a min-max band over seeds."""
+"""Convergence plots for mq.results.report: one figure per table row, training loss and test
+accuracy per epoch, one line per column (method) with a min-max band over seeds."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from mq.table import RowKey, Table
+    from mq.results.table import RowKey, Table
 
 # Curves of different methods often coincide (early epochs, a meta net that learned the
 # identity); a marker and dash pattern per column keeps each one visible under the others.

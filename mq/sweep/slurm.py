@@ -1,7 +1,7 @@
 """What SLURM says about a sweep's jobs, in one line each: can they run at all (``sbatch
 --test-only`` on the very script submitit would submit, and what the partition's nodes offer),
 and, while the launcher waits, how many are pending, running, done or failed, and why pending
-ones cannot start. Used by mq.launcher; every query is a plain SLURM command."""
+ones cannot start. Used by mq.sweep.launcher; every query is a plain SLURM command."""
 
 from __future__ import annotations
 

@@ -32,9 +32,9 @@ from hydra.plugins.sweeper import Sweeper as HydraSweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from mq import ledger
 from mq.conf import options
 from mq.errors import ConfigError
+from mq.sweep import ledger
 
 log = logging.getLogger(__name__)
 IN_SLURM = "in SLURM"  # running or pending (requeued) under an earlier launch: not again
