@@ -18,15 +18,17 @@ from mq.allocator import keep_freed_memory
 from mq.checkpoint import json_text, load_checkpoint, read_json, save_checkpoint, write_json
 from mq.conf import upgrade
 from mq.errors import ConfigError, first_line
+from mq.evaluation import evaluate_only
 from mq.keys import VOLATILE, VOLATILE_DATASET
 from mq.models import check_model, checkpoint_file
+from mq.progress import summarize
 from mq.quant.layers import quantize_model
 from mq.results.runs import flatten
 from mq.rundir import FolderRefused, check_location, check_name, remove_created, started, take_lock
 from mq.split import check_split
 from mq.sweep.ledger import FINAL
 from mq.sweep.preempt import GracefulStop
-from mq.train import Interrupted, Settings, Training, evaluate_only, summarize
+from mq.train import Interrupted, Settings, Training
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 The held-out images are a class-stratified sample (mq.data.balanced_sample) drawn by a
 generator seeded with ``dataset.split_seed`` alone, never the run's seed: every run of a study
 and every seed of the final runs train on the same images and are validated on the same
-others. They are evaluated like the test set (no augmentation, fixed order, mq.train.evaluate),
+others. They are evaluated like the test set (no augmentation, fixed order, mq.evaluation.evaluate),
 so hyperparameters can be chosen without ever reading the test set.
 """
 

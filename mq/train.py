@@ -8,23 +8,21 @@ of an epoch is a function of (seed, epoch), so a restart replays the same batche
 ``Training.run`` reads top to bottom: per epoch set the lr, then per step take it, log and
 checkpoint; then evaluate. Under data parallelism (mq.distributed) every rank runs the same
 loop on its shard; its bookkeeping collectives sit at the read-backs (no extra host sync).
+Evaluation is mq.evaluation; the run's progress and summary numbers are mq.progress.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import random
-import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -32,8 +30,10 @@ from mq import distributed
 from mq.checkpoint import save_checkpoint
 from mq.distributed import SINGLE, Ranks
 from mq.errors import ConfigError
+from mq.evaluation import BatchSource, evaluate, tested_on
 from mq.loggers import MetricsFile
-from mq.quant.layers import QuantizedModel, plain_state_dict, unwrap
+from mq.progress import EpochSums, Progress, rng_state, set_rng_state, summarize
+from mq.quant.layers import plain_state_dict, unwrap
 from mq.sweep.preempt import CHECKPOINT, STOP
 
 log = logging.getLogger(__name__)
@@ -43,14 +43,6 @@ class Interrupted(Exception):
     """Training stopped on request (a preemption signal) right after saving a checkpoint."""
 
 
-class BatchSource(Protocol):
-    num_samples: int
-
-    def __len__(self) -> int: ...
-    def epoch(self, epoch: int, start_batch: int = 0): ...
-    def sample(self, batches: int) -> BatchSource: ...
-
-
 class Step(Protocol):
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]: ...
     def set_lr(self, lr: float, meta_lr_factor: float = 1.0) -> None: ...
@@ -58,210 +50,9 @@ class Step(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-@dataclass
-class EpochSums:
-    """Sums over the steps of the unfinished epoch."""
-
-    loss: float = 0.0
-    correct: float = 0.0
-    seen: float = 0.0
-    batches: float = 0.0
-
-    def add(self, losses: list[float], corrects: list[float], images: list[float]) -> None:
-        self.loss += sum(losses)
-        self.correct += sum(corrects)
-        self.seen += sum(images)
-        self.batches += len(losses)
-
-    def postfix(self, seen_at_start: float, started: float) -> dict[str, str]:
-        """The progress bar's numbers."""
-        return {
-            "loss": f"{self.loss / self.batches:.3f}",
-            "acc": f"{100 * self.correct / self.seen:.1f}",
-            "img_s": f"{(self.seen - seen_at_start) / (time.perf_counter() - started):.0f}",
-        }
-
-
-@dataclass
-class Progress:
-    """Where a run stands; saved in the checkpoint (as plain values, see state())."""
-
-    epoch: int = 0  # next epoch to run
-    batch: int = 0  # next batch of that epoch
-    step: int = 0  # optimizer steps taken
-    test_acc: list[float] = field(default_factory=list)  # one per finished epoch
-    train_loss: list[float] = field(default_factory=list)
-    partial: EpochSums = field(default_factory=EpochSums)
-    # Seconds of training up to the last checkpoint (0 in an older version's checkpoint).
-    elapsed: float = 0.0
-    val_acc: list[float] = field(default_factory=list)  # per epoch, with dataset.val_size
-    val_loss: list[float] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.partial, dict):  # from a checkpoint
-            self.partial = EpochSums(**self.partial)
-
-    def state(self) -> dict[str, Any]:
-        """For the checkpoint: plain values only (it is loaded with weights_only)."""
-        return {**self.__dict__, "partial": dict(self.partial.__dict__)}
-
-
 def lr_at(base_lr: float, epoch: int, lr_step: int) -> float:
     """Step schedule: divided by 10 every ``lr_step`` epochs."""
     return base_lr * 0.1 ** (epoch // lr_step)
-
-
-class Evaluation(NamedTuple):
-    loss: float
-    acc: float  # %
-    images: int  # test images it was measured on
-    acc5: float | None = None  # top-5 %, for more than TOP5_FROM classes (ImageNet, CIFAR-100)
-
-
-# Top-5 is reported above 10 classes only: on CIFAR-10 (or fake data) a random guess is already
-# 50% top-5, so the number says nothing there and its metrics stay as they were.
-TOP5_FROM = 10
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: BatchSource,
-    *,
-    progress: bool = False,
-    desc: str = "test",
-) -> Evaluation:
-    """Test loss and accuracy (%) with the current (quantized) weights on every image of
-    ``loader`` (a limited evaluation passes ``test.sample(limit)``: a fixed class-stratified
-    sample, since the first batches of a test set stored class by class hold one class).
-    ``progress``: a bar on stderr."""
-    model.eval()
-    weights = None
-    if isinstance(model, QuantizedModel):  # quantize once, not once per batch
-        weights = model.quantize_weights()
-    loss_sum = torch.zeros((), device=_device(model))
-    correct = torch.zeros((), device=_device(model), dtype=torch.long)
-    correct5 = torch.zeros((), device=_device(model), dtype=torch.long)
-    count, classes = 0, 0
-    bar = tqdm(
-        total=len(loader),
-        desc=desc,
-        unit="batch",
-        disable=not progress,
-        file=sys.stderr,
-        leave=False,
-        mininterval=1.0,
-    )
-    with bar:
-        for x, y in loader.epoch(0):
-            logits = model(x, weights) if weights is not None else model(x)
-            loss_sum += F.cross_entropy(logits, y, reduction="sum")
-            correct += (logits.argmax(1) == y).sum()
-            classes = logits.shape[1]
-            if classes > TOP5_FROM:
-                correct5 += (logits.topk(5, 1).indices == y[:, None]).any(1).sum()
-            count += y.numel()
-            bar.update(1)
-    model.train()
-    acc5 = 100.0 * correct5.item() / max(count, 1) if classes > TOP5_FROM else None
-    return Evaluation(
-        loss_sum.item() / max(count, 1), 100.0 * correct.item() / max(count, 1), count, acc5
-    )
-
-
-def tested_on(images: int, total: int, limit: int | None) -> str:
-    """How much of the test set a measurement saw, for logs: "" when all of it."""
-    if images >= total:
-        return ""
-    return f"{images} of {total} test images (limit_test_batches={limit}, class-stratified)"
-
-
-def evaluate_only(
-    model: nn.Module, test_data: BatchSource, limit: int | None, progress: bool
-) -> dict[str, Any]:
-    """task=eval: one evaluation, logged before (it can take a minute) and after; returns the
-    summary, which says what it was measured on."""
-    start = time.time()
-    part = test_data if limit is None else test_data.sample(limit)
-    where = tested_on(part.num_samples, test_data.num_samples, limit)
-    log.info("testing on %s", where or f"all {test_data.num_samples} test images")
-    loss, acc, images, acc5 = evaluate(model, part, progress=progress)
-    log.info("test loss %.4f, test accuracy %.2f%%%s", loss, acc, f" on {where}" if where else "")
-    return {
-        "status": "completed",
-        "test_loss": loss,
-        "final_test_acc": acc,
-        **({"final_test_acc5": acc5} if acc5 is not None else {}),
-        "limit_test_batches": limit,
-        "test_images": images,
-        "test_images_total": test_data.num_samples,
-        "started": start,
-        "updated": time.time(),
-        "elapsed": time.time() - start,
-    }
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def summarize(
-    progress: Progress,
-    status: str,
-    error: str | None = None,
-    measured: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """summary.json's numbers; ``measured``: what the numbers were measured on (limits, test
-    images), so a limited run says so wherever it is shown."""
-    accs = progress.test_acc
-    last = accs[-10:]
-    return {
-        "status": status,
-        "error": error,
-        "epochs_completed": len(accs),
-        "steps": progress.step,
-        "final_test_acc": accs[-1] if accs else None,
-        "best_test_acc": max(accs) if accs else None,
-        "last10_mean_test_acc": statistics.fmean(last) if last else None,
-        "last10_std_test_acc": statistics.pstdev(last) if last else None,
-        "last10_epochs": len(last),  # the "last 10" of a shorter run are all it has
-        "test_acc": accs,
-        **_val_summary(progress),
-        "updated": time.time(),
-        "elapsed": progress.elapsed,
-        **(measured or {}),
-    }
-
-
-def _val_summary(progress: Progress) -> dict[str, Any]:
-    """The validation metrics (model selection reads these, never the test set's)."""
-    accs, losses = progress.val_acc, progress.val_loss
-    if not accs:
-        return {}
-    return {
-        "final_val_acc": accs[-1],
-        "best_val_acc": max(accs),
-        "last10_mean_val_acc": statistics.fmean(accs[-10:]),
-        "final_val_loss": losses[-1],
-        "best_val_loss": min(losses),
-        "last10_mean_val_loss": statistics.fmean(losses[-10:]),
-        "val_acc": accs,
-    }
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    # The checkpoint is loaded onto the training device; RNG states must be CPU byte tensors.
-    torch.set_rng_state(state["torch"].cpu())
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 @dataclass

@@ -23,7 +23,7 @@ from mq.data import (
     imagenet_loaders,
 )
 from mq.errors import ConfigError
-from mq.train import evaluate
+from mq.evaluation import evaluate
 
 MEAN = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)

@@ -16,8 +16,8 @@ from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
 from mq.data import IMAGENET_MEAN, IMAGENET_STD
 from mq.errors import ConfigError
+from mq.evaluation import evaluate
 from mq.imagenet import RATIO, SCALE, ImageNetLoader, crop_box, imagenet_loaders, list_folder
-from mq.train import evaluate
 
 
 def write_tree(root: Path, classes: int, train: int, val: int) -> Path:

@@ -330,8 +330,8 @@ def test_checkpoints_of_every_step_kind_load_with_weights_only(tmp_path, meta, o
     from hydra.utils import instantiate
 
     from mq.models import build_model
+    from mq.progress import rng_state
     from mq.quant.layers import plain_state_dict, quantize_model
-    from mq.train import rng_state
 
     extra = {"ste": [], "lstmfc": ["meta.net.hidden_size=8", "meta.net.compile=false"]}
     cfg = compose_config([f"meta={meta}", f"optimizer={optimizer}", *extra.get(meta, [])])
