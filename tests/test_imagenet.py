@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -241,3 +242,27 @@ def test_loader_benchmark_measures_both_pipelines_on_a_generated_folder(tmp_path
     assert result["workers_per_gpu"] >= 1 and all(r["img_s"] > 0 for r in saved["rows"])
     with pytest.raises(SystemExit, match="has 20 train images; allowed: at least"):
         main([str(tmp_path / "gen"), "--batch-size", "16", "--batches", "2"])
+
+
+class SlowItems(torch.utils.data.Dataset):
+    """Each item takes SLEEP seconds of a worker's time (sleeping: no CPU needed)."""
+
+    SLEEP = 0.1
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        time.sleep(self.SLEEP)
+        return torch.zeros(1), 0
+
+
+def test_loader_benchmark_times_the_steady_state_not_a_prefetched_queue():
+    """4 workers at 10 items/s each make 40 items/s. Timing 2 batches after 1 warm-up batch
+    (the first wave made all 4 at once) measured a queue: several times too fast."""
+    from mq.bench_loader import _rate, waves
+
+    assert waves(0, 3) == (1, 3) and waves(4, 2) == (4, 4) and waves(4, 5) == (4, 8)
+    loader = torch.utils.data.DataLoader(SlowItems(), batch_size=1, num_workers=4)
+    rate = _rate(loader, workers=4, batches=2)
+    assert 25 < rate < 60, rate
