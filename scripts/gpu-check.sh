@@ -29,7 +29,7 @@ run env "$py" -c "import torch; print(torch.__version__, torch.cuda.get_device_n
 run tests "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_data.py \
     tests/test_imagenet.py -k cuda
 # ImageNet input: nvJPEG batched decode against libjpeg-turbo workers and PIL (docs/imagenet.md)
-run bench-loader bash -c "'$py' -m mq.bench_loader make '$out/inet-like' --files 1000 >/dev/null \
+run bench-loader bash -c "'$py' -m mq.bench_loader make '$out/inet-like' --files 2500 >/dev/null \
     && '$py' -m mq.bench_loader '$out/inet-like' --workers 0,4,8 --batch-size 128 --batches 4 \
     --rounds 1 --device cuda --out '$out/bench-loader.json'; rc=\$?; rm -rf '$out/inet-like'; exit \$rc"
 run bench "$py" -m mq.bench --device cuda --out "$out/bench-cuda.json"
