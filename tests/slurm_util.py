@@ -26,6 +26,14 @@ from typing import Any
 import pytest
 
 PARTITION = os.environ.get("MQ_SLURM_PARTITION", "debug")
+# The launcher overrides every SLURM test starts from: small jobs on the local test cluster.
+SLURM = [
+    "hydra/launcher=slurm",
+    f"hydra.launcher.partition={PARTITION}",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=1",
+    "hydra.launcher.timeout_min=10",
+]
 START_HINT = "start it with scripts/slurm-cluster.sh start"
 _READY_NODE_STATES = {"idle", "mixed", "allocated"}
 

@@ -13,15 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_util import PARTITION, require_slurm_cluster, wait_for
+from slurm_util import SLURM, require_slurm_cluster, wait_for
 from test_sweeps_slurm import finish, job_log, slurm_job_id, start, steps, summary, the_run_dir
 
 DDP = [
-    "hydra/launcher=slurm",
-    f"hydra.launcher.partition={PARTITION}",
-    "hydra.launcher.cpus_per_task=1",
-    "hydra.launcher.mem_gb=2",
-    "hydra.launcher.timeout_min=10",
+    *(o for o in SLURM if not o.startswith("hydra.launcher.mem_gb=")),
+    "hydra.launcher.mem_gb=2",  # two ranks per job
     "hydra.launcher.gpus_per_node=0",
     "hydra.launcher.tasks_per_node=2",
 ]

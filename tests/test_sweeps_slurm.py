@@ -14,15 +14,8 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, SMOKE, launch
-from slurm_util import PARTITION, require_slurm_cluster, wait_for
+from slurm_util import SLURM, require_slurm_cluster, wait_for
 
-SLURM = [
-    "hydra/launcher=slurm",
-    f"hydra.launcher.partition={PARTITION}",
-    "hydra.launcher.cpus_per_task=1",
-    "hydra.launcher.mem_gb=1",
-    "hydra.launcher.timeout_min=10",
-]
 TINY = [*SMOKE, "meta=ste"]
 
 

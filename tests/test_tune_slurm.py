@@ -13,15 +13,8 @@ import time
 import optuna
 import pytest
 from conftest import SMOKE, launch, start_launch
-from slurm_util import PARTITION, require_slurm_cluster, wait_for
+from slurm_util import SLURM, require_slurm_cluster, wait_for
 
-SLURM = [
-    "hydra/launcher=slurm",
-    f"hydra.launcher.partition={PARTITION}",
-    "hydra.launcher.cpus_per_task=1",
-    "hydra.launcher.mem_gb=1",
-    "hydra.launcher.timeout_min=10",
-]
 STUDY = [
     "-m",
     *SLURM,
