@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from mq.checkpoint import read_json, write_json
 from mq.errors import ConfigError
 from mq.sweep import ledger
-from mq.sweep.sweeper import IN_SLURM, Point, Sweeper
+from mq.sweep.sweeper import IN_SLURM, Point, Sweeper, grid
 from mq.sweep.tune_space import Dist, check_objective, override_value, rounded, space_for
 
 log = logging.getLogger(__name__)
@@ -86,14 +86,12 @@ class TuneSweeper(Sweeper):
 
         assert self.config is not None and self.hydra_context is not None
         direction = self._checked(lambda: check_objective(self.objective, self.direction))
-        parser_params = self._parse_config() + list(arguments)
+        params = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        grid = [
-            j for b in self.split_arguments(parser.parse_overrides(parser_params), None) for j in b
-        ]
-        groups = [list(job) + g.split() for job in grid for g in self.groups]
+        jobs = grid(parser.parse_overrides(params))  # the grid sweeper's expansion
+        groups = [list(job) + g.split() for job in jobs for g in self.groups]
         spaces = [self._group_space(g) for g in groups]
         for group, space in zip(groups, spaces, strict=True):  # every corner is a valid job
             corners = [[f"{k}={override_value(c)}"] for k, d in space.items() for c in d.corners()]
