@@ -55,7 +55,13 @@ def check_split(dataset: DictConfig, batch_size: int) -> None:
     """val_size must leave at least one training batch (checked before a job is submitted)."""
     val_size, _ = split_options(dataset)
     total = train_size(dataset) if val_size else None
-    if total is not None and val_size > total - batch_size:
+    if total is not None:
+        check_val_size(val_size, total, batch_size)
+
+
+def check_val_size(val_size: int, total: int, batch_size: int) -> None:
+    """The held-out images must leave at least one batch of ``total`` training images."""
+    if val_size > total - batch_size:
         raise ConfigError(
             f"dataset.val_size={val_size} is too large: the training set has {total} images "
             f"and batch_size={batch_size}; allowed: 0..{max(total - batch_size, 0)}"
@@ -90,11 +96,7 @@ def hold_out(data: Loaders, val_size: int, split_seed: int) -> Loaders:
         return data
     train = data.train
     total = train.num_samples
-    if val_size > total - train.batch_size:
-        raise ConfigError(
-            f"dataset.val_size={val_size} is too large: the training set has {total} images "
-            f"and batch_size={train.batch_size}; allowed: 0..{max(total - train.batch_size, 0)}"
-        )
+    check_val_size(val_size, total, train.batch_size)
     labels = train._labels()  # type: ignore[attr-defined]
     held = val_indices(labels, val_size, split_seed)
     keep = torch.ones(total, dtype=torch.bool)
