@@ -24,6 +24,7 @@ from torch import Tensor
 from mq.errors import ConfigError, first_line
 from mq.imagefolder import decode_all as _decode_all  # tests replace it here
 from mq.imagefolder import read_cache, scan, write_cache
+from mq.rundir import missing_dirs, remove_created
 from mq.split import with_split  # dataset.val_size / split_seed: every loader below takes them
 
 log = logging.getLogger(__name__)
@@ -289,11 +290,14 @@ def cifar_loaders(
             f"dataset.root={root} has no {label} data (expected {folder}/); set "
             "dataset.download=true or point dataset.root at a folder that has it"
         )
+    cls = getattr(torchvision.datasets, name.upper())
+    created = missing_dirs(Path(root))  # what a failed download must not leave behind
     try:
-        cls = getattr(torchvision.datasets, name.upper())
         sets = [cls(root, train=t, download=download) for t in (True, False)]
     except (OSError, RuntimeError) as e:
         # Download failures and md5 mismatches both land here; torchvision's text is multi-line.
+        # A folder this call made holds only its (partial) download: take both away again.
+        remove_created(Path(root), created, extra=(cls.filename,))
         raise ConfigError(f"dataset.root={root}: could not load {label} ({first_line(e)})") from e
     train, test = ((torch.from_numpy(s.data), torch.tensor(s.targets)) for s in sets)
     return _device_loaders(

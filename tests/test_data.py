@@ -211,6 +211,22 @@ def test_cifar_loaders_missing_files(tmp_path, name, folder):
     assert folder in msg
 
 
+def test_a_failed_download_leaves_no_folder_it_made(tmp_path, monkeypatch):
+    """dataset.download=true without a network (a proxy on a closed port stands in for the
+    offline machine): one line, and the folders the download made are gone again; a folder
+    that existed before stays, with what it held."""
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    before = tmp_path / "kept"
+    before.mkdir()
+    (before / "mine.txt").write_text("x")
+    root = before / "new" / "data"
+    with pytest.raises(ConfigError, match="could not load CIFAR-10") as err:
+        cifar_loaders("cifar10", str(root), download=True, batch_size=128, device="cpu")
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in before.iterdir()) == ["mine.txt"]
+
+
 def test_cifar_loaders_unknown_name(tmp_path):
     with pytest.raises(ConfigError, match="cifar10.*cifar100") as err:
         cifar_loaders("mnist", str(tmp_path), download=False, batch_size=128, device="cpu")
