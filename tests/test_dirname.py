@@ -72,9 +72,10 @@ def test_folder_names_leave_out_mq_keys_volatile_keys_and_the_same_keys_as_befor
     }
 
 
-def test_a_name_over_the_limit_is_cut_and_hashed():
-    """Tuning trials with many keys: a name over MAX_NAME bytes keeps its start and a hash of
-    the whole name (the file system refuses names over 255 bytes); shorter names unchanged."""
+def test_a_name_over_the_limit_is_shortened_and_hashed():
+    """Tuning trials with many keys: a name over MAX_NAME bytes keeps its first whole items and
+    a hash of the whole name (the file system refuses names over 255 bytes); shorter names
+    unchanged."""
     from mq.sweep.dirname import MAX_NAME
 
     keys = [f"key{i}.with.a.long.name={i / 7:.6f}" for i in range(12)]
@@ -83,3 +84,45 @@ def test_a_name_over_the_limit_is_cut_and_hashed():
     assert len(name.encode()) <= MAX_NAME + 9 and name != other
     assert name.startswith("key0.with.a.long.name=0.000000,key1")
     assert override_dirname(keys[:2], []) == ",".join(sorted(keys[:2]))
+
+
+def test_a_long_name_shows_each_value_whole_or_not_at_all():
+    """A name over MAX_NAME never cuts a value into a string that reads as another number:
+    long floats become their rounding plus a hash of the value, then whole items are left out
+    (their count and a hash of the whole name take their place)."""
+    from mq.sweep.dirname import MAX_NAME
+
+    trial = [
+        "+sweep=fair_compare",
+        "meta=multifc",
+        "optimizer=sgdm",
+        "model=resnet20",
+        "dataset.val_size=5000",
+        "optimizer.lr=0.0017906784086",
+        "meta.lr=0.00061084512345",
+        "optimizer.momentum=0.9234567",
+        "optimizer.weight_decay=0.000123456789",
+        "meta.net.hidden_size=100",
+        "meta.net.num_layers=3",
+        "lr_step=30",
+        "quant.calibration=exact",
+    ]
+    name = override_dirname(trial, ["sweep"])
+    assert len(name.encode()) <= MAX_NAME
+    assert "optimizer.lr=1.79e-3~" in name and "meta.lr=6.11e-4~" in name, name
+    assert "model=resnet20" in name and "0.0017" not in name
+    whole = {o for o in trial}
+    for item in name.split(","):
+        key, _, value = item.partition("=")
+        if item in whole or item.startswith("+"):
+            continue
+        assert "~" in value and float(value.split("~")[0]) > 0, item  # a rounding, labelled
+    # many long keys: whole items are left out, never cut
+    keys = [f"key{i}.with.a.long.name=v{i}x" for i in range(12)]
+    name = override_dirname(keys, [])
+    assert len(name.encode()) <= MAX_NAME
+    *kept, tail = name.split(",")
+    assert all(k in keys for k in kept) and tail.startswith(f"+{12 - len(kept)}~"), name
+    assert name != override_dirname([*keys[:-1], "key11.with.a.long.name=0"], [])
+    # a short name is Hydra's, whatever its values (existing sweeps keep their folders)
+    assert override_dirname(["optimizer.lr=0.0017906784086"], []) == "optimizer.lr=0.0017906784086"

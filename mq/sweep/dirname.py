@@ -24,9 +24,14 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 RESOLVER = "mq.subdir"
 HASH_CHARS = 8
-# File systems refuse names over 255 bytes (ENAMETOOLONG); a longer name (a tuning trial with
-# many keys) keeps its first MAX_NAME characters and a hash of the whole name.
+# File systems refuse names over 255 bytes (ENAMETOOLONG). A longer name (a tuning trial with
+# many keys) is shortened without cutting any value: long floats become their own rounding plus
+# a hash of the value (1.79e-3~0678), then whole items are left out from the end and replaced
+# by their count and a hash of the whole name (+2~1a2b3c4d). A value is shown whole or not at
+# all, so no cut reads as another number.
 MAX_NAME = 200
+LONG_FLOAT = 8  # a float spelled with more characters than this is rounded when names are long
+VALUE_HASH_CHARS = 4
 
 
 def short_value(value: str) -> str:
@@ -53,11 +58,49 @@ def override_dirname(
             line = f"{key}={short_value(value)}"
         lines.append(line)
     lines.sort()
-    name = re.sub(pattern="[=]", repl=kv_sep, string=item_sep.join(lines))
-    if len(name.encode()) > MAX_NAME:
-        digest = hashlib.sha256(name.encode()).hexdigest()[:HASH_CHARS]
-        name = f"{name.encode()[:MAX_NAME].decode(errors='ignore')}-{digest}"
-    return name
+    items = [re.sub("[=]", kv_sep, line) for line in lines]
+    return _fit(items, item_sep, kv_sep)
+
+
+def _digest(text: str, chars: int) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:chars]
+
+
+def short_float(value: str) -> str:
+    """``0.0017906784`` -> ``1.79e-3~0678``: three significant digits and a hash of the value as
+    written, so two values that round alike still get two names; other values unchanged."""
+    if len(value) <= LONG_FLOAT:
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    if number.is_integer() and "e" not in value.lower() and "." not in value:
+        return value  # a long integer is exact as written: not a float to round
+    mantissa, _, exponent = f"{number:.2e}".partition("e")
+    text = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{text}~{_digest(value, VALUE_HASH_CHARS)}"
+
+
+def _fit(items: list[str], item_sep: str, kv_sep: str) -> str:
+    """``items`` joined, shortened to MAX_NAME bytes without cutting a key or a value."""
+    name = item_sep.join(items)
+    if len(name.encode()) <= MAX_NAME:
+        return name
+    digest = _digest(name, HASH_CHARS)
+    rounded = []
+    for item in items:
+        key, sep, value = item.partition(kv_sep)
+        rounded.append(f"{key}{sep}{short_float(value)}" if sep else item)
+    shorter = item_sep.join(rounded)
+    if len(shorter.encode()) <= MAX_NAME:
+        return shorter
+    for keep in range(len(rounded) - 1, -1, -1):
+        tail = f"+{len(rounded) - keep}~{digest}"
+        name = item_sep.join([*rounded[:keep], tail])
+        if len(name.encode()) <= MAX_NAME:
+            return name
+    return f"+{len(rounded)}~{digest}"
 
 
 def _resolve(overrides: Any, options: Any) -> str:
