@@ -171,10 +171,13 @@ def test_a_differing_key_splits_rows_or_columns(tmp_path):
     assert float(got["0.001", "multifc", "50"]["mean"]) == 30.0
     assert all(r["n"] == "2" for r in rows)
     md = (tmp_path / "out" / "table.md").read_text()
-    assert "| optimizer.lr | ste | multifc (hidden_size=100) | multifc (hidden_size=50) |" in md
     assert (
-        "no runs: resnet20 cifar10 dorefa w1 sgd, optimizer.lr=0.01 | multifc (hidden_size=50)"
-        in md
+        "| optimizer.lr | ste | multifc (meta.net.hidden_size=100) "
+        "| multifc (meta.net.hidden_size=50) |" in md
+    )
+    assert (
+        "no runs: resnet20 cifar10 dorefa w1 sgd, optimizer.lr=0.01 "
+        "| multifc (meta.net.hidden_size=50)" in md
     )
 
 

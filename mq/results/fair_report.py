@@ -2,8 +2,9 @@
 next to defaults vs defaults, each method against the best STE, and a plot of each study.
 
 Reads the sweep folder's tune.json (the studies and which runs are final) and each final run's
-summary.json; needs neither Optuna nor the study database. A final run's number is its test
-accuracy averaged over its last 10 epochs (all of them when it has fewer), as in mq.results.report.
+folder; needs neither Optuna nor the study database. A final run's number is the one
+mq.results.report's table gives that run (its final test accuracy, or the mean over its last N
+epochs with ``--last N``), and limited runs carry the same footnote.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from mq.checkpoint import read_json
+from mq.results.runs import Run, read_run
 from mq.results.stats import welch
+from mq.results.table import Cell, Table
 
 TUNE_FILE = "tune.json"
-METRIC = "last10_mean_test_acc"
+TUNING = "tuning"  # the pseudo config key that keeps trials and final runs in separate rows
 
 
 def _label(study: dict[str, Any]) -> str:
@@ -32,23 +35,55 @@ def _optimizer(study: dict[str, Any]) -> str:
     return next((o.split("=", 1)[1] for o in study["group"] if o.startswith("optimizer=")), "?")
 
 
-def final_accuracies(data: dict[str, Any], sweep_dir: Path) -> dict[tuple[str, str], list[float]]:
-    """(study name, "tuned" | "default") -> the test accuracies of its completed final runs
-    (found by folder name in ``sweep_dir``, so a copied sweep reports the same)."""
-    out: dict[tuple[str, str], list[float]] = {}
-    for run in data.get("final", []):
-        summary = read_json(sweep_dir / Path(run["run_dir"]).name / "summary.json") or {}
-        value = summary.get(METRIC)
-        if summary.get("status") == "completed" and isinstance(value, (int, float)):
-            out.setdefault((run["study"], run["kind"]), []).append(float(value))
-    return out
+def final_cells(data: dict[str, Any], sweep_dir: Path, last: int) -> Table:
+    """The final runs as a Table whose cells are keyed (study name, "tuned" | "default"): each
+    completed run's test accuracy averaged over its last ``last`` epochs, one value per seed.
+    Runs are found by folder name in ``sweep_dir``, so a copied sweep reports the same."""
+    cells: dict[Any, Cell] = {}
+    runs: list[Run] = []
+    for entry in data.get("final", []):
+        folder = sweep_dir / Path(entry["run_dir"]).name
+        if not folder.is_dir():
+            continue
+        run = read_run(folder)
+        runs.append(run)
+        value = run.last_mean(last)
+        cell = cells.setdefault((entry["study"], entry["kind"]), Cell())
+        if run.status == "completed" and value is not None:
+            cell.runs.append(run)
+            cell.run_values.append(value)
+            cell.windows.append((min(last, len(run.test_acc)), len(run.test_acc)))
+        else:
+            cell.others.append(run)
+    return Table([], [], cells, runs, last, [], [])
 
 
-def _cell(values: list[float] | None) -> str:
-    if not values:
-        return "-"
-    std = f"{statistics.stdev(values):.2f}" if len(values) > 1 else "-"
-    return f"{statistics.fmean(values):.2f} ({std}) n={len(values)}"
+def mark_tuning_runs(sweep_dir: Path, runs: list[Run]) -> bool:
+    """In a tuned sweep (tune.json), give each run the pseudo config key ``tuning`` (trial or
+    final), so that the report's table never averages a trial with the final runs of the same
+    configuration. False (runs unchanged) for any other sweep."""
+    data = read_json(sweep_dir / TUNE_FILE)
+    if not data:
+        return False
+    finals = {Path(f["run_dir"]).name for f in data.get("final", [])}
+    for run in runs:
+        run.config[TUNING] = "final" if run.path.name in finals else "trial"
+    return True
+
+
+def missing_finals(sweep_dir: Path) -> list[str]:
+    """One line per final run tune.json lists whose folder is not in ``sweep_dir``."""
+    data = read_json(sweep_dir / TUNE_FILE) or {}
+    return [
+        f"no runs: final run ({f['kind']}) {' '.join(f.get('overrides') or [])}"
+        for f in data.get("final", [])
+        if not (sweep_dir / Path(f["run_dir"]).name).is_dir()
+    ]
+
+
+def _cell(table: Table, study: str, kind: str) -> str:
+    cell = table.cells.get((study, kind), Cell())  # type: ignore[call-overload]
+    return cell.text(table.marks(cell))
 
 
 def _versus(values: list[float] | None, ref: list[float] | None, same: bool) -> str:
@@ -72,13 +107,14 @@ def _best_ste(studies: list[dict], accs: dict, kind: str, optimizer: str | None 
     return max(candidates, key=lambda s: statistics.fmean(accs[(s["name"], kind)]), default=None)
 
 
-def fair_markdown(sweep_dir: Path, out_dir: Path, plots: bool = True) -> str:
+def fair_markdown(sweep_dir: Path, out_dir: Path, plots: bool = True, last: int = 1) -> str:
     """The section for table.md ("" when ``sweep_dir`` holds no tune.json)."""
     data = read_json(sweep_dir / TUNE_FILE)
     if not data:
         return ""
     studies = data.get("studies", [])
-    accs = final_accuracies(data, sweep_dir)
+    table = final_cells(data, sweep_dir, last)
+    accs = {key: cell.values for key, cell in table.cells.items() if cell.values}
     best_tuned = _best_ste(studies, accs, "tuned")
     lines = [
         "## Tuned vs tuned, defaults vs defaults",
@@ -86,9 +122,9 @@ def fair_markdown(sweep_dir: Path, out_dir: Path, plots: bool = True) -> str:
         f"Each method tuned on the validation split ({data.get('objective')}, "
         f"{data.get('trials_per_study')} trials per study; the test set is never read by the "
         f"objective), then its best and its default config trained with seeds "
-        f"{data.get('final_seeds')}. Test accuracy (%): mean (std) over seeds of each run's "
-        "last-10-epoch mean. Δ: difference of means with its 95% CI (Welch) and two-sided p; "
-        "tuned rows against the best tuned STE"
+        f"{data.get('final_seeds')}. Test accuracy (%): mean (std) over seeds of "
+        f"{table.averaged_label()}. Δ: difference of means with its 95% CI (Welch) and "
+        "two-sided p; tuned rows against the best tuned STE"
         + (f" ({_label(best_tuned)})" if best_tuned else "")
         + ", default rows against STE with the same optimizer at its defaults (the paper's "
         "comparison).",
@@ -110,12 +146,15 @@ def fair_markdown(sweep_dir: Path, out_dir: Path, plots: bool = True) -> str:
         done = [t["value"] for t in s["trials"] if t["state"] == "COMPLETE"]
         best_val = (max if s.get("direction") == "maximize" else min)(done) if done else None
         lines.append(
-            f"| {_label(s)} | {_cell(default)} | "
+            f"| {_label(s)} | {_cell(table, name, 'default')} | "
             f"{_versus(default, ref_d, ste_default is not None and ste_default is s)} | "
-            f"{_cell(tuned)} | {_versus(tuned, ref_t, best_tuned is s)} | {config or '-'} | "
+            f"{_cell(table, name, 'tuned')} | {_versus(tuned, ref_t, best_tuned is s)} | "
+            f"{config or '-'} | "
             f"{'-' if best_val is None else f'{best_val:.2f}'} |"
         )
     failed = sum(t["state"] == "FAIL" for s in studies for t in s["trials"])
+    notes = table.footnotes()
+    lines += ["", *notes] if notes else []
     lines += [
         "",
         f"Trials: {sum(len(s['trials']) for s in studies)}, failed or diverged: "

@@ -4,12 +4,15 @@ python -m mq.report SWEEP_DIR [--out DIR] [--last N] [--wandb [--wandb-mode offl
 
 Reads only the files each job writes (config.yaml, summary.json, metrics.jsonl), so it works
 on a half-finished sweep, on a copy from a cluster, and without wandb. A cell of the table is
-``mean (std) n=K`` over K distinct seeds of each run's mean test accuracy over its last N
-epochs (the paper's protocol; all of them when a run has fewer, and the report says so). Runs
+``mean (std) n=K`` over K distinct seeds of each run's final test accuracy (the number
+``python -m mq.runs`` lists), or with ``--last N`` of its mean test accuracy over its last N
+epochs (the paper's protocol is ``--last 10``; all epochs when a run has fewer, and the report
+says so). Runs
 are grouped by their whole config but the seed: keys that differ (1, 1.0 and "1" are one
 value) become part of the row (or, for ``meta.*`` keys, the column), so different configs are
-never averaged together. Cells of limited runs (limit_test_batches, limit_train_batches) are
-marked, with a footnote saying what they were measured on.
+never averaged together; in a tuned sweep, trials and final runs are separate rows. Cells of
+limited runs (limit_test_batches, limit_train_batches) are marked, with a footnote saying what
+they were measured on.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ import re
 import sys
 from pathlib import Path
 
-from mq.results.fair_report import fair_markdown
+from mq.results.fair_report import fair_markdown, mark_tuning_runs, missing_finals
 from mq.results.plots import plot_row
 from mq.results.runs import collect_runs
 from mq.results.table import RowKey, Table, make_table
 
 __all__ = ["NoRunsError", "make_table", "write_report"]
+FINAL = 1  # the default --last: each run's final test accuracy, as python -m mq.runs shows
 
 
 class NoRunsError(Exception):
@@ -37,7 +41,11 @@ def _slug(text: str) -> str:
 
 
 def render_markdown(
-    table: Table, sweep_dir: Path, plots: list[tuple[RowKey, Path]], top5: Table | None = None
+    table: Table,
+    sweep_dir: Path,
+    plots: list[tuple[RowKey, Path]],
+    top5: Table | None = None,
+    tuned: bool = False,
 ) -> str:
     lines = [
         f"# Report: {sweep_dir}",
@@ -55,7 +63,10 @@ def render_markdown(
     notes = table.footnotes()
     if notes:
         lines += [*notes, ""]
-    missing = table.missing(sweep_dir)
+    # A tuned sweep is no grid: only the runs it defined (final runs listed in tune.json) can
+    # be missing, not every combination of its trials' values.
+    missing = table.missing(sweep_dir, grid=not tuned)
+    missing += missing_finals(sweep_dir) if tuned else []
     lines += ["## Missing or incomplete", ""]
     lines += [f"- {m}" for m in missing] if missing else ["Nothing: every cell is complete."]
     if plots:
@@ -94,7 +105,7 @@ def log_wandb(
 def write_report(
     sweep_dir: str | Path,
     out_dir: str | Path | None = None,
-    last: int = 10,
+    last: int = FINAL,
     *,
     plots: bool = True,
     wandb_project: str | None = None,
@@ -107,6 +118,7 @@ def write_report(
     runs = collect_runs(sweep_dir)
     if not runs:
         raise NoRunsError(f"no runs under {sweep_dir} (looked for summary.json files)")
+    tuned = mark_tuning_runs(sweep_dir, runs)
     table = make_table(runs, last, sweep_dir)
     # Top-5 where runs logged it (more than 10 classes: ImageNet, CIFAR-100), as a second table.
     top5 = (
@@ -127,8 +139,9 @@ def write_report(
             images.append((row, plot_row(table, row, out / f"{i:02d}_{_slug(row.label)}.png")))
     path = out / "table.md"
     # A tuned comparison (tune.json): tuned vs tuned next to defaults vs defaults first.
-    fair = fair_markdown(sweep_dir, out, plots)
-    path.write_text((fair + "\n" if fair else "") + render_markdown(table, sweep_dir, images, top5))
+    fair = fair_markdown(sweep_dir, out, plots, last)
+    body = render_markdown(table, sweep_dir, images, top5, tuned)
+    path.write_text((fair + "\n" if fair else "") + body)
     if wandb_project:
         log_wandb(table, sweep_dir, out, wandb_project, wandb_mode, [p for _, p in images])
     return path
@@ -140,7 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("sweep_dir", type=Path, help="folder holding run directories")
     parser.add_argument("--out", type=Path, help="output folder (default: SWEEP_DIR/report)")
-    parser.add_argument("--last", type=int, default=10, help="epochs averaged per run (10)")
+    parser.add_argument(
+        "--last",
+        type=int,
+        default=FINAL,
+        help="epochs averaged per run (1: its final test accuracy, as mq.runs lists; the "
+        "paper's protocol: 10)",
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     parser.add_argument("--wandb", action="store_true", help="also log the table to wandb")
     parser.add_argument("--wandb-project", default="mq")

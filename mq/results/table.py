@@ -53,11 +53,6 @@ class RowKey:
         return f"{self.model} {self.dataset} {self.quant} w{self.bits} {self.optimizer}{extra}"
 
 
-def _short(key: str) -> str:
-    """A meta key as a column label says it: meta.net.hidden_size -> hidden_size."""
-    return key.removeprefix("meta.").removeprefix("net.")
-
-
 @dataclass(frozen=True)
 class ColKey:
     method: str
@@ -65,8 +60,9 @@ class ColKey:
 
     @property
     def label(self) -> str:
-        # A key another method lacks (ste has no hidden_size) is left out of that label.
-        extra = ", ".join(f"{_short(k)}={v}" for k, v in self.extra if v != "-")
+        # A key another method lacks (ste has no hidden_size) is left out of that label. The
+        # whole key is named: a bare "lr" beside an optimizer.lr column reads as the wrong one.
+        extra = ", ".join(f"{k}={v}" for k, v in self.extra if v != "-")
         return f"{self.method} ({extra})" if extra else self.method
 
 
@@ -163,14 +159,20 @@ class Table:
         if tasks == {"eval"}:
             return "each run's test accuracy (task=eval)"
         counts = {k for k, _ in windows}
-        if not counts or counts == {self.last}:
-            return f"each run's mean test accuracy over its last {self.last} epochs"
+        totals = sorted({total for _, total in windows})
+        if not counts:
+            return (
+                "each run's final test accuracy"
+                if self.last == 1
+                else (f"each run's mean test accuracy over its last {self.last} epochs")
+            )
+        if counts == {1}:
+            runs = "-".join(map(str, sorted({totals[0], totals[-1]})))
+            return f"each run's final test accuracy (its last epoch, of {runs})"
         if len(windows) == 1:
             ((k, total),) = windows
-            return (
-                f"each run's mean test accuracy over its last {k} of {total} epochs "
-                f"(fewer than --last {self.last})"
-            )
+            fewer = f" (fewer than --last {self.last})" if k < self.last else ""
+            return f"each run's mean test accuracy over its last {k} of {total} epochs{fewer}"
         return (
             f"each run's mean test accuracy over its last {self.last} epochs, or all it has "
             f"when fewer ({min(counts)} to {max(counts)} here; {FEWER}: cells with fewer)"
@@ -182,9 +184,10 @@ class Table:
             for text, mark in self.limit_notes().items()
         ]
 
-    def missing(self, root: Path | None = None) -> list[str]:
-        """One line per run left out of the means and per cell short of seeds; run paths are
-        shown relative to ``root`` when given."""
+    def missing(self, root: Path | None = None, grid: bool = True) -> list[str]:
+        """One line per run left out of the means and, for a grid (``grid``: every row meant
+        to have every column), per cell short of seeds or without runs; run paths are shown
+        relative to ``root`` when given."""
         lines = []
         for run in self.runs:
             if run.status == "completed" and run.test_acc:
@@ -205,6 +208,8 @@ class Table:
                             f"{len(values)} completed runs of one config, counted once "
                             "(their mean)"
                         )
+                if not grid:
+                    continue
                 if not cell.runs and not cell.others:
                     lines.append(f"no runs: {row.label} | {col.label}")
                 elif cell.n < most:

@@ -1,0 +1,120 @@
+"""Numbers with what they stand on: every table of mq.report says what it averaged and marks
+limited runs; one configuration has one number in every table of a report; the report's
+default number is the one python -m mq.runs lists."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from test_report import make_run
+
+from mq.results.report import write_report
+from mq.results.runs import listing
+
+LIMITED = {
+    "limit_test_batches": 16,
+    "limit_train_batches": 10,
+    "test_images": 2000,
+    "test_images_total": 10000,
+    "train_batches": 10,
+    "train_batches_total": 375,
+}
+
+
+def limit(run_dir: Path) -> Path:
+    path = run_dir / "summary.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | LIMITED))
+    return run_dir
+
+
+def tuned_sweep(root: Path) -> Path:
+    """A tuned sweep as hydra/sweeper=tune leaves it: one-epoch limited trials (seed 0) and
+    final runs (seeds 1, 2) of the best (tuned) and the default configuration per study."""
+    final = []
+
+    def add(study: str, kind: str, run_dir: Path) -> None:
+        final.append({"study": study, "kind": kind, "run_dir": f"x/{run_dir.name}"})
+
+    # STE: trials lr=0.01 (the best) and lr=0.1; the tuned final runs repeat lr=0.01.
+    limit(make_run(root, "ste", 0, [11.0], lr=0.01))
+    limit(make_run(root, "ste", 0, [5.0], lr=0.1))
+    for seed, acc in ((1, 11.5), (2, 11.44)):
+        add("s:meta=ste", "tuned", limit(make_run(root, "ste", seed, [acc], lr=0.01)))
+        add("s:meta=ste", "default", limit(make_run(root, "ste", seed, [acc - 1], lr=0.001)))
+    # MultiFC: trials hidden_size=50 and 100 (the default, and the best)
+    limit(make_run(root, "multifc", 0, [12.0], hidden_size=50))
+    limit(make_run(root, "multifc", 0, [13.0], hidden_size=100, lr=0.002))
+    for seed, acc in ((1, 13.0), (2, 13.5)):
+        add("s:meta=multifc", "tuned", limit(make_run(root, "multifc", seed, [acc], lr=0.002)))
+        add("s:meta=multifc", "default", limit(make_run(root, "multifc", seed, [acc - 2])))
+    studies = [
+        {
+            "name": f"s:meta={meta}",
+            "group": [f"meta={meta}", "optimizer=sgd"],
+            "direction": "maximize",
+            "trials": [{"number": 0, "state": "COMPLETE", "value": 40.0, "values": {}}],
+            "best": {"optimizer.lr": 0.01},
+        }
+        for meta in ("ste", "multifc")
+    ]
+    tune = {"objective": "best_val_acc", "trials_per_study": 2, "final_seeds": [1, 2]}
+    tune |= {"studies": studies, "final": final, "storage": "sqlite:///x"}
+    (root / "tune.json").write_text(json.dumps(tune))
+    return root
+
+
+def test_every_table_of_a_tuned_sweep_marks_limited_runs_and_says_what_it_averaged(tmp_path):
+    text = write_report(tuned_sweep(tmp_path / "s"), plots=False).read_text()
+    fair, generic = text.split("# Report:")
+    assert "last-10-epoch mean" not in text and "last 10 epochs" not in text
+    assert "each run's final test accuracy (its last epoch, of 1)" in fair
+    assert "each run's final test accuracy (its last epoch, of 1)" in generic
+    note = (
+        "* limited run: tested on 2,000 of 10,000 images; trained on 10 of 375 batches per "
+        "epoch; not comparable with a full run"
+    )
+    assert note in fair and note in generic
+    (ste,) = [ln for ln in fair.splitlines() if ln.startswith("| meta=ste |")]
+    assert "| 10.47 (0.04) n=2 * |" in ste and "| 11.47 (0.04) n=2 * |" in ste
+
+
+def test_one_configuration_has_one_number_in_a_tuned_report(tmp_path):
+    text = write_report(tuned_sweep(tmp_path / "s"), plots=False).read_text()
+    generic = text.split("# Report:")[1]
+    table = [ln for ln in generic.splitlines() if ln.startswith("| resnet20 ")]
+    # The tuned STE config (lr=0.01): its final runs as in the fair table, its trial apart.
+    (final,) = [ln for ln in table if "| 0.01 | final |" in ln]
+    (trial,) = [ln for ln in table if "| 0.01 | trial |" in ln]
+    assert "11.47 (0.04) n=2 *" in final and "11.00 (-) n=1 *" in trial
+    assert "n=3" not in generic
+    # A meta key names itself: never a bare "lr" or "hidden_size" beside optimizer.lr.
+    header = next(ln for ln in generic.splitlines() if ln.startswith("| model |"))
+    assert "| optimizer.lr | tuning |" in header
+    assert "multifc (meta.net.hidden_size=50)" in header and "(hidden_size=" not in header
+    # Only what the sweep defined can be missing: no cross product of trial values.
+    missing = generic.split("## Missing or incomplete")[1]
+    assert "no runs:" not in missing and "fewer seeds" not in missing
+    assert "Nothing: every cell is complete." in missing
+
+
+def test_a_missing_final_run_is_listed(tmp_path):
+    sweep = tuned_sweep(tmp_path / "s")
+    tune = json.loads((sweep / "tune.json").read_text())
+    tune["final"].append(
+        {"study": "s:meta=ste", "kind": "tuned", "run_dir": "x/gone", "overrides": ["seed=3"]}
+    )
+    (sweep / "tune.json").write_text(json.dumps(tune))
+    missing = write_report(sweep, plots=False).read_text().split("## Missing or incomplete")[1]
+    assert "no runs: final run (tuned) seed=3" in missing
+
+
+def test_the_report_default_is_the_final_accuracy_mq_runs_lists(tmp_path):
+    sweep = tmp_path / "s"
+    make_run(sweep, "ste", 0, [10.9, 27.5])
+    ((status, epochs, final, *_),) = listing(sweep)
+    assert (status, epochs, final) == ("completed", "2/2", "27.50")
+    text = write_report(sweep, tmp_path / "out", plots=False).read_text()
+    assert "| 27.50 (-) n=1 |" in text and "each run's final test accuracy" in text
+    text = write_report(sweep, tmp_path / "out", last=10, plots=False).read_text()
+    assert "| 19.20 (-) n=1 |" in text and "over its last 2 of 2 epochs" in text
