@@ -178,6 +178,27 @@ class RunLock:
             self.file = None
 
 
+def wait_for_holder(run_dir: Path) -> bool:
+    """Wait while another process holds ``run_dir``'s :class:`RunLock` (a concurrent launch of
+    the same sweep running this job); True when one did. Never creates the lock file."""
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False  # never locked: nobody runs it
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                return False  # no locks on this filesystem: nothing to wait for
+        log.info("%s is run by another process; waiting for it to end", run_dir)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # returns when the holder ends, however it ends
+        return True
+    finally:
+        os.close(fd)  # drops the shared lock at once
+
+
 @dataclass
 class Started:
     """What :class:`Guard` did for the run folder before Hydra made it."""

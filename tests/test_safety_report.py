@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+from conftest import SMOKE, start_launch
 from test_report import make_run
 
 from mq.results.report import write_report
@@ -118,3 +120,19 @@ def test_the_report_default_is_the_final_accuracy_mq_runs_lists(tmp_path):
     assert "| 27.50 (-) n=1 |" in text and "each run's final test accuracy" in text
     text = write_report(sweep, tmp_path / "out", last=10, plots=False).read_text()
     assert "| 19.20 (-) n=1 |" in text and "over its last 2 of 2 epochs" in text
+
+
+@pytest.mark.slow
+def test_two_concurrent_launches_of_one_sweep_both_exit_0_when_every_job_completed(tmp_path):
+    """The second launch finds a job's folder locked by the first: it waits for that job and
+    counts its result instead of calling it failed."""
+    args = ["-m", *SMOKE, "meta=ste", "seed=0,1", "sweep_name=both"]
+    first, second = start_launch(*args, cwd=tmp_path), start_launch(*args, cwd=tmp_path)
+    outs = [p.communicate(timeout=300) for p in (first, second)]
+    for proc, (out, err) in zip((first, second), outs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+        assert "failed: " not in err and "0 failed" in out + err
+    assert any("completed by another launch of this sweep" in o + e for o, e in outs)
+    runs = [r for r in (tmp_path / "outputs/sweeps/both").iterdir() if r.is_dir()]
+    statuses = [json.loads((r / "summary.json").read_text())["status"] for r in runs]
+    assert statuses == ["completed", "completed"]

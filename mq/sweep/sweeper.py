@@ -9,7 +9,9 @@ needs, for every launcher (basic, submitit local, SLURM):
 3. sweep.json records the launch and fixes the sweep's wandb group.
 
 After the jobs, a failed one is listed with its error and the exit code is 1; the other jobs
-of the sweep have run regardless.
+of the sweep have run regardless. A job another launch of the same sweep was running at the
+time (its folder locked) is waited for and counted by its own result, so two concurrent
+launches that complete every job both exit 0.
 """
 
 from __future__ import annotations
@@ -206,16 +208,33 @@ class Sweeper(HydraSweeper):
                 p.status = IN_SLURM
 
     @staticmethod
-    def _report(results: list[JobReturn], sweep_dir: Path) -> None:
+    def _report(results: list[JobReturn], sweep_dir: Path, trials: int = 0) -> None:
         """One line per failed job; exit 1 if any failed (a diverged run is a result, not a
-        failure). Jobs that raised, were cancelled or died all count."""
-        failed = [r for r in results if r.status != JobStatus.COMPLETED]
-        log.info(
-            "sweep done: %d jobs ran, %d failed; results in %s",
-            len(results),
-            len(failed),
-            sweep_dir,
-        )
+        failure). Jobs that raised, were cancelled or died all count, except a job whose
+        folder another process held: it is waited for, and its own final status counts.
+        ``trials``: tuning trials this launch ran besides ``results`` (their failures are
+        results of the study)."""
+        from mq.rundir import wait_for_holder
+
+        failed, elsewhere = [], 0
+        for r in results:
+            if r.status == JobStatus.COMPLETED:
+                continue
+            out = OmegaConf.select(r.hydra_cfg, "hydra.runtime.output_dir") if r.hydra_cfg else None
+            run_dir = Path(str(out)) if out else None
+            if run_dir is not None:
+                wait_for_holder(run_dir)
+                # A job that fails here never leaves a final status: another process ran it.
+                if ledger.job_status(run_dir) in ledger.FINAL:
+                    elsewhere += 1
+                    continue
+            failed.append(r)
+        ran = f"{len(results) + trials} jobs ran"
+        if trials:
+            ran += f" ({trials} trials, {len(results)} final runs)"
+        if elsewhere:
+            ran += f", {elsewhere} of them completed by another launch of this sweep"
+        log.info("sweep done: %s, %d failed; results in %s", ran, len(failed), sweep_dir)
         if not failed:
             return
         for r in failed:

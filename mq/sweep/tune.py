@@ -77,6 +77,7 @@ class TuneSweeper(Sweeper):
         self.final_seeds = [int(s) for s in (final_seeds or [])]
         self.final_defaults = bool(final_defaults)
         self.job_idx = 0
+        self.trials_ran = 0  # trials this launch ran (not those told from an earlier launch)
 
     # -- set-up: everything checked before the storage is opened or a job submitted ----------
     def sweep(self, arguments: list[str]) -> Any:
@@ -127,7 +128,8 @@ class TuneSweeper(Sweeper):
             log.warning("%d trials failed (recorded as FAIL in their study)", failed_trials)
         finals, returns = self._final_runs(studies) if self.final_seeds else ([], [])
         self._write_tune_json(sweep_dir, shown(url), studies, finals)
-        self._report(returns, sweep_dir)  # a failed final run: listed, exit code 1
+        # a failed final run: listed, exit code 1
+        self._report(returns, sweep_dir, trials=self.trials_ran)
         return []
 
     @staticmethod
@@ -200,10 +202,20 @@ class TuneSweeper(Sweeper):
             if to_run:
                 self.launcher.launch([b[2].overrides for b in to_run], self.job_idx)
                 self.job_idx += len(to_run)
+                self.trials_ran += len(to_run)
             for _, _, point in waiting:
                 self._wait_for(point)
             for study, trial, point in batch:
-                failed += tell(study, trial, point.run_dir, self.objective) is None
+                value = tell(study, trial, point.run_dir, self.objective)
+                failed += value is None
+                log.info(
+                    "study %s: trial %d ended: %s",
+                    study.study_name,
+                    trial.number,
+                    f"{self.objective} = {value:.4g}"
+                    if value is not None
+                    else f"failed ({ledger.job_status(point.run_dir)}), recorded as FAIL",
+                )
 
     def _points_of(self, overrides: list[str]) -> Point:
         (point,) = self._compose_all([overrides])
