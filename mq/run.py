@@ -51,7 +51,8 @@ def resolve_device(name: str) -> torch.device:
 def validate(cfg: DictConfig) -> None:
     """Checks of plain values; group options and constructor arguments check themselves."""
     check_name("run_name", cfg.get("run_name"))
-    check_name("sweep_name", cfg.get("sweep_name"))
+    if cfg.get("sweep_name") is not None:  # null: a sweep names itself (mq.sweep.sweepname)
+        check_name("sweep_name", cfg.get("sweep_name"))
     if cfg.task.name not in TASKS:
         raise ConfigError(f"task.name={cfg.task.name} is not known; allowed: {', '.join(TASKS)}")
     for key in ("epochs", "batch_size", "lr_step", "log_every"):

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SMOKE, start_launch
+from conftest import SMOKE, launch, start_launch
 from test_report import make_run
 
 from mq.results.report import write_report
@@ -136,3 +136,46 @@ def test_two_concurrent_launches_of_one_sweep_both_exit_0_when_every_job_complet
     runs = [r for r in (tmp_path / "outputs/sweeps/both").iterdir() if r.is_dir()]
     statuses = [json.loads((r / "summary.json").read_text())["status"] for r in runs]
     assert statuses == ["completed", "completed"]
+
+
+def test_a_sweep_without_a_name_is_named_from_what_it_sweeps():
+    from mq.conf import exclude_keys
+    from mq.sweep.sweepname import sweep_name
+
+    def name(*task: str, hydra: tuple[str, ...] = ()) -> str:
+        return sweep_name(list(task), list(hydra), exclude_keys())
+
+    one = name("meta=ste,multifc", "bits=1,2", "epochs=1", "logger=none")
+    assert one.startswith("bits=1,2+meta=ste,multifc-") and len(one) < 100
+    # the same sweep, spelled in another order or with keys that change no result: same name
+    assert name("epochs=1", "progress=false", "bits=1,2", "meta=ste,multifc") == one
+    # any other override, swept or fixed: another sweep
+    assert name("meta=ste,multifc", "bits=1,2", "epochs=2") != one
+    assert name("meta=ste,multifc", "bits=1,3", "epochs=1") != one
+    tune = ("hydra/sweeper=tune", "hydra.sweeper.space=[]", "hydra.launcher.cpus_per_task=2")
+    assert name("meta=ste", hydra=tune) != name("meta=ste")
+    more = (*tune, "hydra.sweeper.trials=9")  # a relaunch with a larger budget: the same study
+    assert name("meta=ste", hydra=more) == name("meta=ste", hydra=tune)
+    assert name("meta=glob(*)").startswith("meta=glob_x_-")
+    from mq.rundir import check_name
+
+    check_name("sweep_name", one)  # a valid folder name
+
+
+@pytest.mark.slow
+def test_unnamed_sweeps_get_their_own_folders_and_a_relaunch_finds_its_own(tmp_path):
+    first = launch("-m", *SMOKE, "meta=ste", "seed=0", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    other = launch("-m", *SMOKE, "meta=ste", "seed=1", cwd=tmp_path)
+    assert other.returncode == 0, other.stderr[-3000:]
+    sweeps = sorted(p for p in (tmp_path / "outputs/sweeps").iterdir())
+    assert len(sweeps) == 2 and "adhoc" not in str(sweeps)
+    groups = {json.loads((s / "sweep.json").read_text())["group"] for s in sweeps}
+    assert len(groups) == 2  # one wandb group each
+    for sweep in sweeps:
+        assert len(json.loads((sweep / "sweep.json").read_text())["launches"]) == 1
+    # the first command again (reordered): its own folder, its completed job skipped
+    again = launch("-m", "seed=0", "meta=ste", *SMOKE, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "launching 0, skipping 1" in again.stdout + again.stderr
+    assert sorted(p for p in (tmp_path / "outputs/sweeps").iterdir()) == sweeps

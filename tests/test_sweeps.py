@@ -82,15 +82,15 @@ def test_every_preset_point_composes_and_checks(preset):
 
 @pytest.mark.parametrize("launcher", ["slurm", "local"])
 def test_launcher_configs_extend_the_submitit_plugin(launcher):
-    cfg = compose_config([f"hydra/launcher={launcher}"]).hydra.launcher
+    cfg = compose_config([f"hydra/launcher={launcher}", "sweep_name=s"]).hydra.launcher
     assert cfg._target_ == f"hydra_plugins.mq_plugins.{launcher.capitalize()}Launcher"
-    assert cfg.submitit_folder == "outputs/sweeps/adhoc/.submitit/%j"  # one per sweep
+    assert cfg.submitit_folder == "outputs/sweeps/s/.submitit/%j"  # one per sweep
     if launcher == "slurm":
         assert cfg.max_num_timeout > 0 and cfg.gpus_per_node == 1 and cfg.signal_delay_s > 0
         assert "additional_parameters" in cfg and "array_parallelism" in cfg
-    default = compose_config([]).hydra
+    default = compose_config(["sweep_name=s"]).hydra
     assert default.launcher._target_.endswith("BasicLauncher")
-    assert default.sweep.dir == "outputs/sweeps/adhoc"  # no timestamp: relaunches find it
+    assert default.sweep.dir == "outputs/sweeps/s"  # no timestamp: relaunches find it
 
 
 @pytest.mark.slow  # launches runs: in the slow suite, which CI runs too

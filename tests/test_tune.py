@@ -120,6 +120,11 @@ def test_local_study_resumes_without_repeating_trials(tmp_path):
         summary = json.loads((tmp_path / t.user_attrs["run_dir"] / "summary.json").read_text())
         assert t.value == summary["best_val_acc"] and summary["status"] == "completed"
     assert "trial 2" in again.stdout and "trial 0" not in again.stdout
+    # what ran, said truly: trials count, and each trial's value is logged when it ends
+    assert "sweep done: 6 jobs ran (2 trials, 4 final runs), 0 failed" in first.stdout
+    assert "sweep done: 1 jobs ran (1 trials, 0 final runs), 0 failed" in again.stdout
+    value = study.trials[2].value
+    assert f"trial 2 ended: best_val_acc = {value:.4g}" in again.stdout
     tune = json.loads((sweep / "tune.json").read_text())
     kinds = sorted((f["kind"], f["seed"]) for f in tune["final"])
     assert kinds == [("default", 1), ("default", 2), ("tuned", 1), ("tuned", 2)]

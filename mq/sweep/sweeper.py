@@ -83,6 +83,7 @@ def grid(overrides: list[Override]) -> list[list[str]]:
 class Sweeper(HydraSweeper):
     def __init__(self, max_batch_size: int | None = None, params: dict | None = None) -> None:
         super().__init__()
+        self.auto_name: str | None = None
         self.max_batch_size = max_batch_size
         self.params = params or {}
         self.hydra_context: HydraContext | None = None
@@ -95,14 +96,36 @@ class Sweeper(HydraSweeper):
         from hydra.core.plugins import Plugins
 
         self.hydra_context, self.config = hydra_context, config
+        self.auto_name = self._name_sweep(config)
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
 
+    @staticmethod
+    def _name_sweep(config: DictConfig) -> str | None:
+        """Without a sweep_name, name the sweep from its overrides (mq.sweep.sweepname) before
+        anything resolves the sweep folder (the launcher's submitit folder and job name do,
+        when it is instantiated); None when the command or a preset named it."""
+        from mq.conf import exclude_keys
+        from mq.sweep.sweepname import sweep_name
+
+        if config.get("sweep_name") is not None:
+            return None
+        name = sweep_name(config.hydra.overrides.task, config.hydra.overrides.hydra, exclude_keys())
+        with read_write(config), open_dict(config):
+            config.sweep_name = name
+        return name
+
+    def _job_params(self, arguments: list[str]) -> list[str]:
+        """The grid's overrides: the sweeper's params, the command line, and the sweep's
+        name when it was chosen here (each job composes its folder from it)."""
+        params = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
+        return params + ([f"sweep_name='{self.auto_name}'"] if self.auto_name else [])
+
     def sweep(self, arguments: list[str]) -> Any:
         assert self.config is not None and self.launcher is not None
         assert self.hydra_context is not None
-        params = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
+        params = self._job_params(arguments)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         jobs = grid(parser.parse_overrides(params))
 

@@ -87,7 +87,7 @@ class TuneSweeper(Sweeper):
 
         assert self.config is not None and self.hydra_context is not None
         direction = self._checked(lambda: check_objective(self.objective, self.direction))
-        params = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
+        params = self._job_params(arguments)
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
