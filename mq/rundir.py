@@ -181,6 +181,9 @@ class RunLock:
 def wait_for_holder(run_dir: Path) -> bool:
     """Wait while another process holds ``run_dir``'s :class:`RunLock` (a concurrent launch of
     the same sweep running this job); True when one did. Never creates the lock file."""
+    seen = started(run_dir)
+    if seen is not None and seen.lock is not None:
+        return False  # this process holds it: waiting would never end
     try:
         fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
     except OSError:
