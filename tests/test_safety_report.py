@@ -170,6 +170,7 @@ def test_a_sweep_without_a_name_is_named_from_what_it_sweeps():
 def test_unnamed_sweeps_get_their_own_folders_and_a_relaunch_finds_its_own(tmp_path):
     first = launch("-m", *SMOKE, "meta=ste", "seed=0", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
+    (first_dir,) = (tmp_path / "outputs/sweeps").iterdir()
     other = launch("-m", *SMOKE, "meta=ste", "seed=1", cwd=tmp_path)
     assert other.returncode == 0, other.stderr[-3000:]
     sweeps = sorted(p for p in (tmp_path / "outputs/sweeps").iterdir())
@@ -183,3 +184,10 @@ def test_unnamed_sweeps_get_their_own_folders_and_a_relaunch_finds_its_own(tmp_p
     assert again.returncode == 0, again.stderr[-3000:]
     assert "launching 0, skipping 1" in again.stdout + again.stderr
     assert sorted(p for p in (tmp_path / "outputs/sweeps").iterdir()) == sweeps
+    # a sweep launched into the earlier default folder (adhoc) by the same command: found there
+    legacy = tmp_path / "outputs/sweeps/adhoc"
+    (other_dir,) = [s for s in sweeps if s != first_dir]
+    other_dir.rename(legacy)
+    again = launch("-m", *SMOKE, "meta=ste", "seed=1", cwd=tmp_path)
+    assert "launching 0, skipping 1" in again.stdout + again.stderr, again.stderr[-3000:]
+    assert not other_dir.exists()

@@ -40,6 +40,7 @@ from mq.sweep import ledger
 
 log = logging.getLogger(__name__)
 IN_SLURM = "in SLURM"  # running or pending (requeued) under an earlier launch: not again
+LEGACY_NAME = "adhoc"  # mq's earlier default sweep_name: sweeps launched with it are there
 
 
 @dataclass
@@ -113,6 +114,16 @@ class Sweeper(HydraSweeper):
             return None
         name = sweep_name(config.hydra.overrides.task, config.hydra.overrides.hydra, exclude_keys())
         with read_write(config), open_dict(config):
+            # The same command launched into LEGACY_NAME finds its jobs there (multirun.yaml
+            # records the last command launched into that folder).
+            config.sweep_name = LEGACY_NAME
+            legacy = Path(str(config.hydra.sweep.dir)) / "multirun.yaml"
+            task = list(config.hydra.overrides.task)
+            if (
+                legacy.is_file()
+                and OmegaConf.select(OmegaConf.load(legacy), "hydra.overrides.task") == task
+            ):
+                name = LEGACY_NAME
             config.sweep_name = name
         return name
 
