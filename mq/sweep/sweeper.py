@@ -263,11 +263,11 @@ class Sweeper(HydraSweeper):
                     elsewhere += 1
                     continue
             failed.append(r)
-        ran = f"{len(results) + trials} jobs ran"
+        ran = f"{len(results) - elsewhere + trials} jobs ran"
         if trials:
-            ran += f" ({trials} trials, {len(results)} final runs)"
+            ran += f" ({trials} trials, {len(results) - elsewhere} final runs)"
         if elsewhere:
-            ran += f", {elsewhere} of them completed by another launch of this sweep"
+            ran += f", {elsewhere} more completed by another launch of this sweep"
         log.info("sweep done: %s, %d failed; results in %s", ran, len(failed), sweep_dir)
         if not failed:
             return
