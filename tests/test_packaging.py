@@ -90,7 +90,7 @@ def test_the_package_builds_without_warnings(tmp_path):
 
 
 STEP_STUB = """#!/usr/bin/env bash
-echo "$*" >> "$(dirname "$0")/calls"
+echo "$* PYTHONWARNINGS=${PYTHONWARNINGS:-}" >> "$(dirname "$0")/calls"
 # "not installed yet" until pip has installed mq; then the final import check passes
 [[ $1 == -c ]] && ! grep -q -- "-e" "$(dirname "$0")/calls" && exit 1
 exit 0
@@ -135,6 +135,9 @@ def test_setup_says_each_step_and_how_to_get_the_cpu_build_before_the_install(tm
         return [line for line in lines if "MQ_TORCH_INDEX=" in line]
 
     lines = setup()
+    # setuptools' notice on every editable install is filtered out (pip's output stays quiet)
+    (install,) = [c for c in (python.parent / "calls").read_text().splitlines() if " -e " in c]
+    assert "PYTHONWARNINGS=ignore:Editable installation" in install
     steps = ["upgrading pip", "installing mq", "checking the install", "done"]
     at = [next(i for i, line in enumerate(lines) if step in line) for step in steps]
     assert at == sorted(at), lines
