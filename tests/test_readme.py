@@ -6,7 +6,8 @@ Toy size: every ``python launch.py`` gets TOY's keys instead of the README's val
 (a shell function stands in for ``python``; nothing else of a command changes). The offline data
 the README reads from ../shared/data is generated next to the copy in the same on-disk format:
 a small CIFAR-10-like JPEG tar (train/<class>/*.jpg, test/<class>/*.jpg) and a full-precision
-ResNet20 in the released checkpoints' key layout. Blocks that need a network, a wandb account
+ResNet20 in the released checkpoints' key layout (MQ_README_DATA=real reads the real
+../shared/data instead: CIFAR-10's 60,000 JPEGs and the released ResNet20). Blocks that need a network, a wandb account
 or SLURM are left out (SKIPPED says why); the quick start's set-up is tests/test_setup.py's.
 """
 
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = {
@@ -108,8 +110,14 @@ def test_readme_commands_run_in_order(tmp_path):
     blocks = bash_blocks((ROOT / "README.md").read_text())
     assert len(blocks) >= 8, "README.md's ```bash blocks were not found"
     shared = tmp_path / "shared" / "data"
-    shared.mkdir(parents=True)
-    make_offline_data(shared)
+    shared.parent.mkdir()
+    if os.environ.get("MQ_README_DATA") == "real":  # the real ../shared/data, read in place
+        if not (SHARED_DATA / "cifar10-jpeg.tar.gz").is_file():
+            pytest.skip(f"MQ_README_DATA=real: no {SHARED_DATA}/cifar10-jpeg.tar.gz")
+        shared.symlink_to(SHARED_DATA.resolve())
+    else:
+        shared.mkdir()
+        make_offline_data(shared)
     repo = tmp_path / "mq"
     copy_repository(repo)
     env = {k: v for k, v in os.environ.items() if k not in ("MQ_CHECKPOINTS", "PYTHONPATH")}
