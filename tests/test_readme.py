@@ -7,8 +7,9 @@ Toy size: every ``python launch.py`` gets TOY's keys instead of the README's val
 the README reads from ../shared/data is generated next to the copy in the same on-disk format:
 a small CIFAR-10-like JPEG tar (train/<class>/*.jpg, test/<class>/*.jpg) and a full-precision
 ResNet20 in the released checkpoints' key layout (MQ_README_DATA=real reads the real
-../shared/data instead: CIFAR-10's 60,000 JPEGs and the released ResNet20). Blocks that need a network, a wandb account
-or SLURM are left out (SKIPPED says why); the quick start's set-up is tests/test_setup.py's.
+../shared/data instead: CIFAR-10's 60,000 JPEGs and the released ResNet20). Blocks that need a
+network, a wandb account or SLURM are left out (SKIPPED says why); the quick start's set-up is
+checked by tests/test_packaging.py.
 """
 
 from __future__ import annotations
