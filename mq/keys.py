@@ -15,6 +15,7 @@ VOLATILE = (
     "run_name",
     "sweep_name",
     "distributed",  # backend and timeouts: how ranks talk, not what they compute
+    "checkpoints_dir",  # where model.pretrained=original is read; the file's path is recorded
 )
 # decode: where JPEGs are decoded (CPU workers or the GPU), like device, not what is trained.
 VOLATILE_DATASET = ("root", "download", "cache", "workers", "decode")

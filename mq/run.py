@@ -20,7 +20,7 @@ from mq.conf import upgrade
 from mq.errors import ConfigError, first_line
 from mq.evaluation import evaluate_only
 from mq.keys import VOLATILE, VOLATILE_DATASET
-from mq.models import check_model, checkpoint_file
+from mq.models import check_model, checkpoint_file, resolve_original
 from mq.progress import summarize
 from mq.quant.layers import quantize_model
 from mq.results.runs import flatten
@@ -131,6 +131,7 @@ def check(cfg: DictConfig, run_dir: Path | None = None) -> None:
     plain values, every interpolation, the constructors of the quantizer, optimizer and meta
     net (on a two-layer stand-in model), the model name, that model.pretrained exists, and that
     ``run_dir`` holds no other run. Not the data (it may only exist on the compute nodes)."""
+    resolve_original(cfg)  # model.pretrained=original -> the released file, in cfg itself
     validate(cfg)
     OmegaConf.to_container(cfg, resolve=True)  # an interpolation that fails, fails here
     check_model(cfg.model.name, cfg.model.pretrained)

@@ -259,6 +259,10 @@ class Guard(Callback):
 
         HydraConfig.instance().set_config(config)  # ${hydra:...} in the run folder's name
         try:
+            from mq.models import resolve_original  # imports torch
+
+            # In the config Hydra then runs: the eval folder's name and the job see the file.
+            resolve_original(config)
             run_dir = Path(str(config.hydra.run.dir))
             self._check(config, run_dir)
         except Exception as exc:

@@ -69,6 +69,7 @@ def test_folder_names_leave_out_mq_keys_volatile_keys_and_the_same_keys_as_befor
         *("dataset.root", "dataset.cache", "dataset.download", "dataset.workers", "sweep_name"),
         "dataset.decode",
         *("distributed.backend", "distributed.timeout_s"),  # new with data-parallel runs
+        "checkpoints_dir",  # where model.pretrained=original is read (the file is recorded)
     }
 
 
