@@ -19,6 +19,8 @@ from fake_wandb import fake_wandb
 from test_sync import SEGMENT, segment
 from wandb_records import read_records
 
+from mq.results.sync import Report, find_segments, upload_each
+
 
 def offline_runs(folders: list[Path]) -> list[str]:
     """One offline wandb run in each folder (made at once); their run ids."""
@@ -126,3 +128,22 @@ def test_jobs_below_one_is_refused_in_one_line(tmp_path):
     result = sync(str(tmp_path), "--jobs", "0", cwd=tmp_path, env={})
     assert result.returncode == 2
     assert result.stderr == "error: --jobs=0 is not allowed; allowed: 1 or more\n"
+
+
+@pytest.mark.slow  # makes three offline runs
+def test_a_wandb_sync_per_run_as_for_the_legacy_sync_runs_at_once(tmp_path, monkeypatch, capsys):
+    # The legacy sync (no -n) gets one chain of calls per run; the installed wandb-core sync
+    # runs the same path here with its own command lines.
+    jobs = [tmp_path / f"seed={i}" for i in range(3)]
+    ids = offline_runs(jobs)
+    runs = find_segments([tmp_path])
+    with fake_wandb(delay=0.2, refuse={ids[1]}) as server:
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        report = Report(runs, "synced")
+        upload_each(runs, [], 3, dry_run=False, legacy=False, report=report)
+    assert set(report.failed) == {ids[1]} and "refused" in report.failed[ids[1]]
+    assert server.max_runs_at_once >= 2
+    assert [synced(j) for j in jobs] == [True, False, True]
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("synced")]
+    assert len(progress) == 2

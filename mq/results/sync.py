@@ -2,19 +2,22 @@
 
 Finds every ``wandb/offline-run-*`` folder below the given folders (no shell globstar needed),
 groups them by run id (a requeued or resumed job writes one folder per segment, all with the
-job's id) and orders each run's segments by start time. Each run is uploaded by its own
-``wandb sync`` process, ``--jobs`` of them at once (wandb#10220: one after the other takes
-longer than the training); a run that fails is reported and the others go on. How a run's
-segments are uploaded depends on the installed wandb's ``wandb sync`` (checked against wandb's
-source):
+job's id) and orders each run's segments by start time. ``--jobs`` runs are uploaded at once
+(wandb#10220: one after the other takes longer than the training), each run is reported as it
+ends, and a run that fails does not stop the others. How depends on the installed wandb's
+``wandb sync`` (checked against wandb's source):
 
-- wandb-core's sync (wandb >= 0.30; no ``--append`` option): one ``wandb sync`` call with all of
-  the run's folders; wandb replays them one after the other in order of start time
-  (core/internal/runsync/runsyncoperation.go, ``initAndPlan``). It exits 0 also when the server
-  refused the run, so a run counts as synced once wandb has marked each of its files synced.
-- the legacy Python sync (``--append`` not marked "legacy only"): a second plain ``wandb sync``
-  of a run id replaces the run (wandb#3841, #4624), so the first segment is synced plainly and
-  each later one with ``--id ID --append``, in time order.
+- wandb-core's sync (wandb >= 0.30; no ``--append`` option): one ``wandb sync -n JOBS`` call
+  with every folder; wandb uploads JOBS runs at once and replays the files of one run one after
+  the other in order of start time (core/internal/runsync/runsyncoperation.go,
+  ``initAndPlan``). One call, not one per run: each call starts a Python and a wandb-core
+  process, which took longer than the uploads in a measurement on 12 runs. It exits 0 also
+  when the server refused a run: a run counts as uploaded once wandb has written
+  ``run-ID.wandb.synced`` next to each of its files.
+- the legacy Python sync (``--append`` not marked "legacy only"; no ``-n``): a second plain
+  ``wandb sync`` of a run id replaces the run (wandb#3841, #4624), so the first segment is
+  synced plainly and each later one with ``--id ID --append``, in time order; JOBS runs' chains
+  of calls run at once.
 
 ``--dry-run`` prints the commands and runs wandb's own ``wandb sync --dry-run`` on the same
 folders (no network, nothing uploaded).
@@ -27,15 +30,16 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
+import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 # offline-run-20261129_210150-abc123xy (wandb's run folder: start time, then the run id)
 RUN_DIR = re.compile(r"^offline-run-(\d{8}_\d{6})-([A-Za-z0-9_-]+)$")
-# Runs uploaded at once: each is a wandb sync process (Python and wandb-core, ~150 MB) that
-# mostly waits on the network.
+# Runs uploaded at once: uploads mostly wait on the network (wandb's own default is 5).
 JOBS = 8
 
 
@@ -77,6 +81,13 @@ def legacy_append() -> bool:
     return append is not None and "legacy only" not in str(getattr(append, "help", "") or "")
 
 
+def parallel_option() -> bool:
+    """Whether the installed ``wandb sync`` uploads several runs at once (``-n``)."""
+    from wandb.cli.cli import sync
+
+    return any(p.name == "parallelism" for p in sync.params)
+
+
 def commands(segments: list[Segment], extra: list[str], legacy: bool) -> list[list[str]]:
     """The ``wandb sync`` command lines that upload one run's ``segments``, in this order."""
     if not legacy:  # wandb-core orders a run's segments itself
@@ -87,41 +98,134 @@ def commands(segments: list[Segment], extra: list[str], legacy: bool) -> list[li
     return [["wandb", "sync", *extra, str(first.path)], *rest]
 
 
-def sync_run(
-    cmds: list[list[str]], segments: list[Segment], dry_run: bool, legacy: bool
-) -> tuple[str, str]:
-    """Run one run's ``wandb sync`` commands in order: (``""`` when it synced, else why not;
-    what wandb printed).
-
-    wandb-core's ``wandb sync`` exits 0 also when the server refused the run: it marks each file
-    it uploaded with ``run-ID.wandb.synced``, so a missing mark is a failure too."""
-    out = []
-    for cmd in cmds:
-        dry = ["--dry-run"] if dry_run else []
-        full = [sys.executable, "-m", "wandb", "sync", *dry, *cmd[2:]]  # this venv's wandb
-        # No stdin: a login prompt would wait unseen behind the captured output; without a key
-        # wandb says so and exits 1.
-        done = subprocess.run(
-            full, check=False, capture_output=True, text=True, stdin=subprocess.DEVNULL
-        )
-        out.append((done.stdout + done.stderr).strip())
-        if done.returncode != 0:
-            return f"wandb sync exited with {done.returncode}: {_reason(out[-1])}", "\n".join(out)
-    unmarked = [s for s in segments for f in s.path.glob("*.wandb") if not _synced(f)]
-    if unmarked and not (dry_run or legacy):
-        return f"not uploaded: {_reason(out[-1])}", "\n".join(out)
-    return "", "\n".join(out)
+def _wandb(cmd: list[str], dry_run: bool) -> list[str]:
+    dry = ["--dry-run"] if dry_run else []
+    return [sys.executable, "-m", "wandb", "sync", *dry, *cmd[2:]]  # this venv's wandb
 
 
-def _synced(run_file: Path) -> bool:
-    return run_file.with_name(run_file.name + ".synced").exists()
+def _synced(segments: list[Segment]) -> bool:
+    files = [f for s in segments for f in s.path.glob("*.wandb")]
+    return all(f.with_name(f.name + ".synced").exists() for f in files)
 
 
-def _reason(output: str) -> str:
-    """wandb's last error line (or last line) of a ``wandb sync`` call."""
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
+def _reason(lines: list[str], run_id: str = "") -> str:
+    """wandb's last error line about ``run_id`` (else its last error line, else last line)."""
+    lines = [line.strip() for line in lines if line.strip()]
     errors = [line for line in lines if "ERROR" in line or "Error" in line]
-    return (errors or lines or ["no output"])[-1]
+    about = [line for line in errors if run_id and run_id in line]
+    return (about or errors or lines or ["no output"])[-1]
+
+
+class Report:
+    """The progress lines (``synced 3/12: ID (folder)``) and the failed runs, from any thread."""
+
+    def __init__(self, runs: dict[str, list[Segment]], verb: str) -> None:
+        self.runs, self.verb, self.done, self.failed = runs, verb, 0, {}
+        self.lock = threading.Lock()
+
+    def where(self, run_id: str) -> Path:
+        return self.runs[run_id][0].path.parent.parent  # the job's folder (above wandb/)
+
+    def say(self, text: str, err: bool = False) -> None:
+        with self.lock:
+            print(text, file=sys.stderr if err else sys.stdout, flush=True)
+
+    def ok(self, run_id: str) -> None:
+        with self.lock:
+            self.done += 1
+            print(f"{self.verb} {self.done}/{len(self.runs)}: {run_id} ({self.where(run_id)})")
+            sys.stdout.flush()
+
+    def fail(self, run_id: str, why: str) -> None:
+        with self.lock:
+            self.failed[run_id] = why
+            print(f"error: run {run_id} ({self.where(run_id)}) failed: {why}", file=sys.stderr)
+            sys.stderr.flush()
+
+
+def upload_together(
+    runs: dict[str, list[Segment]], extra: list[str], jobs: int, dry_run: bool, report: Report
+) -> None:
+    """wandb-core: one ``wandb sync -n JOBS`` call, which uploads that many runs at once and
+    each run's segments in order; a run is reported as wandb marks its files synced."""
+    paths = [str(s.path) for segments in runs.values() for s in segments]
+    cmd = ["wandb", "sync", *(["-n", str(jobs)] if parallel_option() else []), *extra, *paths]
+    report.say(shlex.join(cmd))
+    # No stdin: wandb would ask for a login there; without a key it says so and exits 1.
+    proc = subprocess.Popen(
+        _wandb(cmd, dry_run),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+
+    def relay() -> None:
+        for line in proc.stdout or []:
+            lines.append(line)
+            report.say(line.rstrip())
+
+    reader = threading.Thread(target=relay, daemon=True)
+    reader.start()
+    pending = dict(runs)
+    while pending:
+        ended = proc.poll() is not None  # before the marks: none is written after the end
+        for run_id in [r for r, segments in pending.items() if dry_run or _synced(segments)]:
+            del pending[run_id]
+            if not dry_run:
+                report.ok(run_id)
+        if ended:
+            break
+        time.sleep(0.2)
+    proc.wait()
+    reader.join()
+    if dry_run and proc.returncode != 0:
+        for run_id in runs:
+            report.fail(run_id, f"wandb sync --dry-run exited with {proc.returncode}")
+    elif dry_run:
+        report.say(f"{report.verb} {len(runs)}/{len(runs)}")
+    for run_id in pending:  # wandb-core exits 0 also when the server refused a run
+        report.fail(run_id, f"not uploaded: {_reason(lines, run_id)}")
+
+
+def upload_each(
+    runs: dict[str, list[Segment]],
+    extra: list[str],
+    jobs: int,
+    dry_run: bool,
+    legacy: bool,
+    report: Report,
+) -> None:
+    """A ``wandb sync`` chain per run (the legacy sync has no ``-n``), ``jobs`` runs at once."""
+    plans = {run_id: commands(segments, extra, legacy) for run_id, segments in runs.items()}
+    report.say("\n".join(shlex.join(cmd) for cmds in plans.values() for cmd in cmds))
+    if dry_run and legacy:
+        return  # the legacy sync has no --dry-run
+
+    def upload(run_id: str) -> None:
+        for cmd in plans[run_id]:
+            done = subprocess.run(
+                _wandb(cmd, dry_run),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            output = (done.stdout + done.stderr).strip()
+            if output:
+                report.say(output)
+            if done.returncode != 0:
+                why = f"wandb sync exited with {done.returncode}: {_reason(output.splitlines())}"
+                report.fail(run_id, why)
+                return
+        if legacy or dry_run or _synced(runs[run_id]):
+            report.ok(run_id)
+        else:
+            report.fail(run_id, f"not uploaded: {_reason(output.splitlines(), run_id)}")
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # each thread waits on its processes
+        list(pool.map(upload, runs))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         "--jobs",
         type=int,
         default=JOBS,
-        help=f"runs uploaded at once, each by its own wandb sync (default {JOBS})",
+        help=f"runs uploaded at once (default {JOBS})",
     )
     parser.add_argument("--project", help="wandb project to upload to (wandb sync --project)")
     parser.add_argument("--entity", help="wandb entity (user or team) (wandb sync --entity)")
@@ -163,35 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     segments = sum(len(s) for s in runs.values())
     resumed = sum(len(s) > 1 for s in runs.values())
     print(f"{len(runs)} runs, {segments} offline segments ({resumed} runs with several)")
-    legacy = legacy_append()
-    plans = {run_id: commands(segs, extra, legacy) for run_id, segs in runs.items()}
-    for cmds in plans.values():
-        for cmd in cmds:
-            print(shlex.join(cmd))
-    if args.dry_run and legacy:
-        return 0  # the legacy sync has no --dry-run
-    verb = "checked" if args.dry_run else "synced"
-    failed = []
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each job waits on a process
-        todo = {
-            pool.submit(sync_run, plans[run_id], segs, args.dry_run, legacy): run_id
-            for run_id, segs in runs.items()
-        }
-        for done, future in enumerate(as_completed(todo), 1):
-            run_id, (error, output) = todo[future], future.result()
-            if output:
-                print(output, flush=True)
-            where = runs[run_id][0].path.parent.parent  # the job's folder (above wandb/)
-            if error:
-                failed.append(run_id)
-                print(f"error: run {run_id} ({where}) failed: {error}", file=sys.stderr, flush=True)
-            else:
-                print(f"{verb} {done - len(failed)}/{len(runs)}: {run_id} ({where})", flush=True)
-    if failed:
-        print(
-            f"error: {len(failed)} of {len(runs)} runs failed: {', '.join(sorted(failed))}",
-            file=sys.stderr,
-        )
+    report = Report(runs, "checked" if args.dry_run else "synced")
+    if legacy_append():
+        upload_each(runs, extra, args.jobs, args.dry_run, True, report)
+    else:
+        upload_together(runs, extra, args.jobs, args.dry_run, report)
+    if report.failed:
+        failed = ", ".join(sorted(report.failed))
+        print(f"error: {len(report.failed)} of {len(runs)} runs failed: {failed}", file=sys.stderr)
         return 1
     return 0
 
