@@ -147,3 +147,14 @@ def test_a_wandb_sync_per_run_as_for_the_legacy_sync_runs_at_once(tmp_path, monk
     assert [synced(j) for j in jobs] == [True, False, True]
     progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("synced")]
     assert len(progress) == 2
+
+
+def test_a_run_folder_without_its_wandb_file_is_a_failed_run_not_a_synced_one(tmp_path):
+    folder = tmp_path / "wandb/offline-run-20261203_000000-abc123"  # wandb.init died early
+    folder.mkdir(parents=True)
+    result = sync(str(tmp_path), cwd=tmp_path, env={"WANDB_API_KEY": "a" * 40})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: run abc123 ({tmp_path}) failed: no run-*.wandb file in {folder}",
+        "error: 1 of 1 runs failed: abc123",
+    ]

@@ -103,9 +103,19 @@ def _wandb(cmd: list[str], dry_run: bool) -> list[str]:
     return [sys.executable, "-m", "wandb", "sync", *dry, *cmd[2:]]  # this venv's wandb
 
 
+def _files(segments: list[Segment]) -> list[Path]:
+    return [f for s in segments for f in s.path.glob("*.wandb")]
+
+
 def _synced(segments: list[Segment]) -> bool:
-    files = [f for s in segments for f in s.path.glob("*.wandb")]
-    return all(f.with_name(f.name + ".synced").exists() for f in files)
+    files = _files(segments)  # a folder without one (wandb.init died) has nothing uploaded
+    return bool(files) and all(f.with_name(f.name + ".synced").exists() for f in files)
+
+
+def _why_not(segments: list[Segment], lines: list[str]) -> str:
+    if not _files(segments):
+        return f"no run-*.wandb file in {segments[0].path}"
+    return f"not uploaded: {_reason(lines, segments[0].run_id)}"
 
 
 def _reason(lines: list[str], run_id: str = "") -> str:
@@ -168,25 +178,27 @@ def upload_together(
 
     reader = threading.Thread(target=relay, daemon=True)
     reader.start()
+    if dry_run:
+        proc.wait()
+        reader.join()
+        for run_id in runs:
+            if proc.returncode:
+                report.fail(run_id, f"wandb sync --dry-run exited with {proc.returncode}")
+            else:
+                report.ok(run_id)
+        return
     pending = dict(runs)
     while pending:
         ended = proc.poll() is not None  # before the marks: none is written after the end
-        for run_id in [r for r, segments in pending.items() if dry_run or _synced(segments)]:
+        for run_id in [r for r, segments in pending.items() if _synced(segments)]:
             del pending[run_id]
-            if not dry_run:
-                report.ok(run_id)
+            report.ok(run_id)
         if ended:
             break
         time.sleep(0.2)
-    proc.wait()
     reader.join()
-    if dry_run and proc.returncode != 0:
-        for run_id in runs:
-            report.fail(run_id, f"wandb sync --dry-run exited with {proc.returncode}")
-    elif dry_run:
-        report.say(f"{report.verb} {len(runs)}/{len(runs)}")
-    for run_id in pending:  # wandb-core exits 0 also when the server refused a run
-        report.fail(run_id, f"not uploaded: {_reason(lines, run_id)}")
+    for run_id, segments in pending.items():  # wandb-core exits 0 also on a refused run
+        report.fail(run_id, _why_not(segments, lines))
 
 
 def upload_each(
@@ -222,7 +234,7 @@ def upload_each(
         if legacy or dry_run or _synced(runs[run_id]):
             report.ok(run_id)
         else:
-            report.fail(run_id, f"not uploaded: {_reason(output.splitlines(), run_id)}")
+            report.fail(run_id, _why_not(runs[run_id], output.splitlines()))
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # each thread waits on its processes
         list(pool.map(upload, runs))
