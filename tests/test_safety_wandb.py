@@ -19,8 +19,6 @@ from fake_wandb import fake_wandb
 from test_sync import SEGMENT, segment
 from wandb_records import read_records
 
-from mq.results.sync import Report, find_segments, upload_each
-
 
 def offline_runs(folders: list[Path]) -> list[str]:
     """One offline wandb run in each folder (made at once); their run ids."""
@@ -134,6 +132,8 @@ def test_jobs_below_one_is_refused_in_one_line(tmp_path):
 def test_a_wandb_sync_per_run_as_for_the_legacy_sync_runs_at_once(tmp_path, monkeypatch, capsys):
     # The legacy sync (no -n) gets one chain of calls per run; the installed wandb-core sync
     # runs the same path here with its own command lines.
+    from mq.results.sync import Report, find_segments, upload_each
+
     jobs = [tmp_path / f"seed={i}" for i in range(3)]
     ids = offline_runs(jobs)
     runs = find_segments([tmp_path])
