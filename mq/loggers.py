@@ -47,6 +47,14 @@ class MetricsFile:
         self.file.close()
 
 
+def choice_config(choices: dict[str, str | None]) -> dict[str, str | None]:
+    """Each config group's option as the user typed it (``choice/meta: multifc``), for wandb's
+    run config. The nested nodes (``meta: {_target_: ..., net: {...}}``) hold what an option
+    resolves to, not its name, and a dashboard groups and filters by config keys; the ``/``
+    keeps these keys apart from the nested nodes and from every key of conf/."""
+    return {f"choice/{group}": option for group, option in choices.items()}
+
+
 class WandbLogger:
     """One wandb run per job. Offline by default; falls back to offline, then to no wandb, when
     ``wandb.init`` fails or times out (compute nodes often have no internet)."""

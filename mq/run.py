@@ -20,6 +20,7 @@ from mq.conf import upgrade
 from mq.errors import ConfigError, first_line
 from mq.evaluation import evaluate_only
 from mq.keys import VOLATILE, VOLATILE_DATASET
+from mq.loggers import choice_config
 from mq.models import check_model, checkpoint_file, resolve_original
 from mq.progress import summarize
 from mq.quant.layers import quantize_model
@@ -334,7 +335,7 @@ def _run(
             name=extra.pop("name", cfg.run_name),
             **extra,
             run_dir=run_dir,
-            run_config=OmegaConf.to_container(cfg, resolve=True),
+            run_config={**OmegaConf.to_container(cfg, resolve=True), **choice_config(choices)},
             run_id=run_id,
         )
         run_id = logger.run_id or run_id
