@@ -22,7 +22,7 @@ from test_safety import one_line_error, rows, snapshot, summary
 
 from mq.checkpoint import read_json
 from mq.loggers import MetricsFile
-from mq.rundir import LOCK_FILE, RunLock, lock_held
+from mq.rundir import LOCK_FILE, RunLock
 from mq.sweep.ledger import job_status
 
 F = [
@@ -120,6 +120,8 @@ def test_a_run_killed_by_sigkill_is_stopped_not_running(tmp_path):
 
 
 def test_lock_probe_never_follows_a_symlink_nor_blocks_on_a_fifo(tmp_path):
+    from mq.rundir import lock_held
+
     outside = tmp_path / "outside.lock"
     outside.write_text("not ours\n")
     (tmp_path / LOCK_FILE).symlink_to(outside)
@@ -132,11 +134,13 @@ def test_lock_probe_never_follows_a_symlink_nor_blocks_on_a_fifo(tmp_path):
 
 
 # ----------------------------------------------------------- 2. summary.json lost ----
-def test_completed_run_whose_summary_was_lost_is_rebuilt_not_failed(completed, tmp_path):
+def lose_summary(completed: Path, tmp_path: Path, damages: tuple[str, ...]) -> Path:
+    """Damage the copied run's summary.json each way in turn; each relaunch must rebuild it
+    from checkpoint.pt and metrics.jsonl, in one log line, touching neither."""
     run_dir = copy_run(completed, tmp_path)
     original = summary(run_dir)
     kept = {n: (run_dir / n).read_bytes() for n in ("checkpoint.pt", "metrics.jsonl")}
-    for damage in ("missing", '{"status": "compl', "[1, 2]"):
+    for damage in damages:
         if damage == "missing":
             (run_dir / "summary.json").unlink()
         else:
@@ -154,8 +158,18 @@ def test_completed_run_whose_summary_was_lost_is_rebuilt_not_failed(completed, t
             assert rebuilt[key] == original[key], key
         assert abs(rebuilt["started"] - original["started"]) < 60
         assert {n: (run_dir / n).read_bytes() for n in kept} == kept  # weights and rows kept
+    return run_dir
+
+
+def test_completed_run_whose_summary_was_lost_is_rebuilt_not_failed(completed, tmp_path):
+    lose_summary(completed, tmp_path, ("missing",))
     repeat = launch(*F, cwd=tmp_path)
     assert "is already completed" in repeat.stdout + repeat.stderr
+
+
+@pytest.mark.slow
+def test_completed_run_whose_summary_is_garbage_is_rebuilt(completed, tmp_path):
+    lose_summary(completed, tmp_path, ('{"status": "compl', "[1, 2]"))
 
 
 # --------------------------------------------------- 2b. checkpoints that cannot resume ----
@@ -163,7 +177,11 @@ def test_completed_run_whose_summary_was_lost_is_rebuilt_not_failed(completed, t
     "kind, message",
     [
         ("progress-only", "lacks model, step_state, rng, metrics_offset: it cannot resume"),
-        ("weights-only", "holds weights only (0 of 1 epochs, no training state)"),
+        pytest.param(
+            "weights-only",
+            "holds weights only (0 of 1 epochs, no training state)",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_checkpoint_that_cannot_resume_is_one_line(completed, tmp_path, kind, message):
@@ -208,24 +226,29 @@ def test_metrics_file_checks_the_rows_before_the_offset(tmp_path, caplog):
         return text.encode()
 
     path = tmp_path / "metrics.jsonl"
-    clean = write(0, 1, 2)
     offset = len(write(0, 1))  # the checkpoint after step 1; step 2 is replayed
-    path.write_bytes(clean)
-    MetricsFile(path, offset, steps=2).close()
+    path.write_bytes(write(0, 1, 2))
+    MetricsFile(path, offset).close()
     assert path.read_bytes() == write(0, 1) and not list(tmp_path.glob("*.damaged-*"))
-    # A line taken out before the offset: the cut would keep step 2, which is replayed.
-    path.write_bytes(write(1, 2, 3))
-    metrics = MetricsFile(path, offset, steps=2)
+    # A line put in before the offset: the cut falls inside a row; nothing is merged.
+    damaged = write(0) + b"not a row\n" + write(1, 2)
+    path.write_bytes(damaged)
+    metrics = MetricsFile(path, offset)
     metrics.write([{"kind": "step", "step": 2}])
     metrics.close()
-    assert [r["step"] for r in rows(tmp_path)] == [1, 2]  # step 2 once
-    assert (tmp_path / "metrics.jsonl.damaged-1").read_bytes() == write(1, 2, 3)
-    # A row of another type inserted: moved aside again (a new name), the valid rows kept.
-    path.write_bytes(write(0) + b"[1, 2]\n" + write(1, 2))
-    MetricsFile(path, offset, steps=2).close()
-    assert [r["step"] for r in rows(tmp_path)] == [0, 1]
-    assert (tmp_path / "metrics.jsonl.damaged-2").exists()
-    assert caplog.text.count("does not match its checkpoint") == 2
+    assert [r["step"] for r in rows(tmp_path)] == [0, 2]  # the rows before the cut, then on
+    assert (tmp_path / "metrics.jsonl.damaged-1").read_bytes() == damaged
+    # Knowing the checkpoint's steps, the rows are kept by step: a line taken out (the cut
+    # would keep step 2, which is replayed) or a row of another type put in.
+    cases = [(write(1, 2, 3), [1, 2]), (write(0) + b"[1, 2]\n" + write(1, 2), [0, 1, 2])]
+    for n, (text, steps) in enumerate(cases, 2):
+        path.write_bytes(text)
+        metrics = MetricsFile(path, offset, steps=2)
+        metrics.write([{"kind": "step", "step": 2}])
+        metrics.close()
+        assert [r["step"] for r in rows(tmp_path)] == steps  # step 2 once
+        assert (tmp_path / f"metrics.jsonl.damaged-{n}").read_bytes() == text
+    assert caplog.text.count("does not match its checkpoint") == 3
 
 
 # ----------------------------------------------------------------- 4. bad rows ----
