@@ -91,8 +91,8 @@ def rebuild_summary(
     write_json(summary, run_dir / "summary.json")
     said = f"said {previous['status']}" if previous.get("status") else "was missing or unreadable"
     log.warning(
-        "%s %s, but checkpoint.pt holds the completed run (%d epochs): rebuilt it from checkpoint.pt and "
-        "metrics.jsonl (completed, test acc %s)",
+        "%s %s, but checkpoint.pt holds the completed run (%d epochs): rebuilt it from "
+        "checkpoint.pt and metrics.jsonl (completed, test acc %s)",
         run_dir / "summary.json",
         said,
         progress.epoch,

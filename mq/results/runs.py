@@ -1,8 +1,9 @@
 """Run directories read back from the files each job writes (config.yaml, summary.json,
 metrics.jsonl): what the sweep report and anything else that compares runs start from.
 
-python -m mq.runs [DIR ...]   lists the runs under DIR (default outputs/): status, epochs,
-final and best test accuracy, whether the run was limited, when it last wrote, its folder.
+python -m mq.runs [DIR ...]   lists the runs under DIR (default outputs/): status (stopped: it
+says running, but no process holds its run.lock), epochs, final and best test accuracy, whether
+the run was limited, when it last wrote, its folder.
 """
 
 from __future__ import annotations
@@ -308,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "dirs", nargs="*", type=Path, default=[Path("outputs")], help="folders (outputs/)"
     )
-    parser.add_argument("--status", help="only runs with this status (e.g. failed, running)")
+    parser.add_argument(
+        "--status", help="only runs with this status (e.g. failed, running, stopped)"
+    )
     args = parser.parse_args(argv)
     warn_to_stderr()
     for root in args.dirs:
