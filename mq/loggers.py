@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,27 +15,52 @@ log = logging.getLogger(__name__)
 
 class MetricsFile:
     """Append-only JSON lines. Resuming truncates it to the checkpoint's offset, so rows written
-    after the last checkpoint (and replayed after the restart) are not duplicated."""
+    after the last checkpoint (and replayed after the restart) are not duplicated. ``steps``:
+    the checkpoint's step count (rows before it have smaller steps), to check the cut by."""
 
-    def __init__(self, path: Path, offset: int | None = None) -> None:
+    def __init__(self, path: Path, offset: int | None = None, steps: int | None = None) -> None:
         self.path = path
         if offset is not None and path.exists():
-            with open(path, "r+b") as f:
-                size = f.seek(0, 2)
-                if size < offset:
-                    # Torn by a crash (the checkpoint is newer than the rows on disk): extending
-                    # to the offset would pad with NUL bytes; keep the complete lines instead.
-                    f.seek(0)
-                    offset = f.read().rfind(b"\n") + 1
-                    log.warning(
-                        "%s is shorter than the checkpoint says (%d bytes): keeping its %d "
-                        "bytes of complete rows; the rows of the lost end are not replayed",
-                        path,
-                        size,
-                        offset,
-                    )
-                f.truncate(offset)
+            self._cut(offset, steps)
         self.file = open(path, "a", buffering=1)
+
+    def _cut(self, offset: int, steps: int | None) -> None:
+        data = self.path.read_bytes()
+        if len(data) < offset:
+            # Torn by a crash (the checkpoint is newer than the rows on disk): extending to the
+            # offset would pad with NUL bytes; keep the complete lines instead.
+            size, offset = len(data), data.rfind(b"\n") + 1
+            log.warning(
+                "%s is shorter than the checkpoint says (%d bytes): keeping its %d bytes of "
+                "complete rows; the rows of the lost end are not replayed",
+                self.path,
+                size,
+                offset,
+            )
+        problem = _damage(data[:offset], steps)
+        if problem is None:
+            with open(self.path, "r+b") as f:
+                f.truncate(offset)
+            return
+        # Edited or mixed up since the checkpoint: cutting at the offset would merge rows.
+        # The file as it was goes aside; the valid rows from before the checkpoint stay.
+        aside = _free_name(self.path, "damaged")
+        with open(aside, "xb") as f:
+            f.write(data)
+        # By step when known: a line put in or taken out moves the rows across the offset.
+        source = data if steps is not None else data[:offset]
+        kept = [line for line in source.split(b"\n") if _row(line, steps) is not None]
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(b"".join(line + b"\n" for line in kept))
+        os.replace(tmp, self.path)
+        log.warning(
+            "%s does not match its checkpoint (%s): moved it to %s and kept its %d valid rows "
+            "from before the checkpoint",
+            self.path,
+            problem,
+            aside.name,
+            len(kept),
+        )
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         self.file.write("".join(json.dumps(row) + "\n" for row in rows))
@@ -53,6 +79,39 @@ def choice_config(choices: dict[str, str | None]) -> dict[str, str | None]:
     resolves to, not its name, and a dashboard groups and filters by config keys; the ``/``
     keeps these keys apart from the nested nodes and from every key of conf/."""
     return {f"choice/{group}": option for group, option in choices.items()}
+
+
+def _row(line: bytes, steps: int | None) -> dict[str, Any] | None:
+    """``line`` as a metrics row from before a checkpoint at ``steps`` steps; None if not."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(row, dict):
+        return None
+    step = row.get("step")
+    if steps is not None and (not isinstance(step, int) or isinstance(step, bool) or step >= steps):
+        return None
+    return row
+
+
+def _damage(head: bytes, steps: int | None) -> str | None:
+    """Why ``head`` (the file up to the checkpoint's offset) is not the rows the checkpoint
+    saw; None when it is."""
+    if head and not head.endswith(b"\n"):
+        return "its offset falls inside a row"
+    for number, line in enumerate(head.split(b"\n")[:-1], 1):
+        if _row(line, steps) is None:
+            return f"line {number} is not a row from before the checkpoint"
+    return None
+
+
+def _free_name(path: Path, kind: str) -> Path:
+    """``path`` + ``.kind-N`` for the first N that does not exist."""
+    n = 1
+    while path.with_name(f"{path.name}.{kind}-{n}").exists():
+        n += 1
+    return path.with_name(f"{path.name}.{kind}-{n}")
 
 
 class WandbLogger:

@@ -25,6 +25,7 @@ from mq.models import check_model, checkpoint_file, resolve_original
 from mq.progress import summarize
 from mq.quant.layers import quantize_model
 from mq.results.runs import flatten
+from mq.resume import completed_progress, rebuild_summary
 from mq.rundir import FolderRefused, check_location, check_name, remove_created, started, take_lock
 from mq.split import check_split
 from mq.sweep.ledger import FINAL
@@ -317,6 +318,11 @@ def _run(
     checkpoint_path = run_dir / "checkpoint.pt"
     if checkpoint_path.exists():
         resume = load_checkpoint(checkpoint_path, device)
+        done = completed_progress(resume, checkpoint_path, cfg.epochs)
+        if done is not None:  # completed, but summary.json was lost: nothing to train
+            if not ranks.main:
+                return {}
+            return rebuild_summary(cfg, run_dir, done, data, previous or {}, choices)
     if not ranks.main:
         return _train(cfg, run_dir, model, step, data, resume, ranks, None, None)
     if resume is None:

@@ -2,7 +2,7 @@
 
 import sys
 
-from mq.results.runs import main
+from mq.results.runs import main, quiet_broken_pipe
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(quiet_broken_pipe(main))

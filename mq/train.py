@@ -107,24 +107,14 @@ class Training:
         self.interrupt = interrupt or (lambda: None)
         self.progress = self._resume(resume) if resume else Progress()
         offset = resume["metrics_offset"] if resume else None
-        self.metrics = MetricsFile(run_dir / "metrics.jsonl", offset) if ranks.main else None
+        steps = self.progress.step if resume else None
+        self.metrics = MetricsFile(run_dir / "metrics.jsonl", offset, steps) if ranks.main else None
         self.segment_start, self.elapsed_before = time.monotonic(), self.progress.elapsed
         self.last_checkpoint = time.monotonic()
         self._asked = 0  # the strongest stop request since the ranks last agreed (ACTIONS)
-        limit = settings.limit_train_batches
-        self.batches = len(train_data) if limit is None else min(len(train_data), limit)
-        # Every epoch tests the same images: all of them, or a fixed class-stratified sample.
+        self.test_data, self.measured = measure(settings, train_data, test_data, val_data)
+        self.batches = self.measured["train_batches"]
         limit = settings.limit_test_batches
-        self.test_data = test_data if limit is None else test_data.sample(limit)
-        self.measured = {
-            "limit_train_batches": settings.limit_train_batches,
-            "limit_test_batches": limit,
-            "train_batches": self.batches,  # per epoch
-            "train_batches_total": len(train_data),
-            "test_images": self.test_data.num_samples,
-            "test_images_total": test_data.num_samples,
-            **({"val_images": val_data.num_samples} if val_data is not None else {}),
-        }
         self.limited = tested_on(self.test_data.num_samples, test_data.num_samples, limit)
         if self.limited:
             log.info("every epoch is tested on the same %s", self.limited)
@@ -370,6 +360,29 @@ class Training:
             leave=False,
             mininterval=1.0,
         )
+
+
+def measure(
+    settings: Settings,
+    train_data: BatchSource,
+    test_data: BatchSource,
+    val_data: BatchSource | None = None,
+) -> tuple[BatchSource, dict[str, Any]]:
+    """The images every epoch tests (all, or a fixed class-stratified sample of
+    ``limit_test_batches`` batches' worth), and what a run's numbers are measured on."""
+    limit = settings.limit_train_batches
+    batches = len(train_data) if limit is None else min(len(train_data), limit)
+    limit = settings.limit_test_batches
+    tested = test_data if limit is None else test_data.sample(limit)
+    return tested, {
+        "limit_train_batches": settings.limit_train_batches,
+        "limit_test_batches": limit,
+        "train_batches": batches,  # per epoch
+        "train_batches_total": len(train_data),
+        "test_images": tested.num_samples,
+        "test_images_total": test_data.num_samples,
+        **({"val_images": val_data.num_samples} if val_data is not None else {}),
+    }
 
 
 ACTIONS = (None, CHECKPOINT, STOP)  # by severity: ranks agree on the largest request

@@ -18,6 +18,7 @@ from test_report import make_run
 from mq.checkpoint import load_checkpoint
 from mq.data import fake_loaders
 from mq.results.runs import collect_runs, listing, normalize, read_run
+from mq.rundir import RunLock
 from mq.train import train
 
 
@@ -42,9 +43,13 @@ def test_listing_shows_status_epochs_accuracy_limits_and_path(tmp_path):
     done = make_run(out / "sweeps" / "a", "ste", 0, [50.0, 70.0, 60.0])
     limit(done, test_images=1000, test_images_total=10000, train_batches=3)
     limit(done, train_batches_total=390, updated=time.time() - 300)
-    make_run(out / "sweeps" / "a", "multifc", 1, [40.0], status="running", epochs=4)
+    live = make_run(out / "sweeps" / "a", "multifc", 1, [40.0], status="running", epochs=4)
     make_run(out / "sweeps" / "a", "ste", 2, [], status="failed", error="ValueError: x")
-    result = runs_cli(cwd=tmp_path)  # outputs/ by default
+    lock = RunLock(live).acquire()  # as the live job holds it (without: "stopped")
+    try:
+        result = runs_cli(cwd=tmp_path)  # outputs/ by default
+    finally:
+        lock.release()
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["status", "epochs", "final", "best", "limited", "updated", "path"]

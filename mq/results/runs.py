@@ -1,26 +1,34 @@
 """Run directories read back from the files each job writes (config.yaml, summary.json,
 metrics.jsonl): what the sweep report and anything else that compares runs start from.
 
-python -m mq.runs [DIR ...]   lists the runs under DIR (default outputs/): status, epochs,
-final and best test accuracy, whether the run was limited, when it last wrote, its folder.
+python -m mq.runs [DIR ...]   lists the runs under DIR (default outputs/): status (stopped: it
+says running, but no process holds its run.lock), epochs, final and best test accuracy, whether
+the run was limited, when it last wrote, its folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import signal
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mq.conf import upgrade
 from mq.keys import VOLATILE, VOLATILE_DATASET
+from mq.results.rows import clean_summary, read_epochs
+from mq.rundir import lock_held
 
 RUN_MARKERS = ("summary.json", "metrics.jsonl")
+# What a job writes as it goes: the newest of these is when a stopped run last wrote.
+STOPPED_FILES = ("metrics.jsonl", "checkpoint.pt", "summary.json")
 # summary.json keys that say what a run's numbers were measured on (written since 0.6.0).
 MEASURED = (
     "limit_train_batches",
@@ -37,7 +45,9 @@ class Run:
     """One job's directory, read back."""
 
     path: Path
-    status: str  # completed | running | failed | diverged | unfinished (no summary.json)
+    # completed | running | stopped (said running, but no process holds its lock) | failed |
+    # diverged | preempted | unfinished (no summary.json)
+    status: str
     error: str | None
     model: str
     dataset: str
@@ -126,32 +136,6 @@ def normalize(value: Any) -> Any:
     return value
 
 
-def _read_epochs(path: Path) -> tuple[dict[int, dict[str, Any]], float | None]:
-    """Epoch rows by epoch number (1-based: epochs completed), and the time of the last row.
-    A killed job can leave a torn last line (skipped), and the later of two rows for one epoch
-    is the one that counts (a replay after a restart). Rows without a time are from before
-    0.6.0, which counted epochs from 0; a run resumed across versions has both kinds."""
-    epochs: dict[int, dict[str, Any]] = {}
-    last_time = None
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return epochs, last_time
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(row, dict):
-            continue
-        if isinstance(row.get("time"), (int, float)):
-            last_time = float(row["time"])
-        if row.get("kind") == "epoch" and "epoch" in row:
-            epoch = int(row["epoch"]) + (0 if "time" in row else 1)
-            epochs[epoch] = {**row, "epoch": epoch}
-    return epochs, last_time
-
-
 def _read_config(path: Path) -> dict[str, Any]:
     """The flattened result config: config.yaml, or for a run that has none (task=eval) the
     resolved Hydra record in .hydra/config.yaml minus the keys that do not change results."""
@@ -192,8 +176,10 @@ def read_run(path: Path) -> Run:
     missing (a job killed before its first write) they are rebuilt from config.yaml."""
     config = {key: normalize(value) for key, value in _read_config(path).items()}
     summary = _read_json(path / "summary.json")
+    if summary is not None:
+        summary = clean_summary(summary, path / "summary.json")
     choices = (summary or {}).get("choices") or {}
-    rows, last_time = _read_epochs(path / "metrics.jsonl")
+    rows, last_time = read_epochs(path / "metrics.jsonl")
     ordered = [rows[e] for e in sorted(rows)]
     test_acc = [float(r["test_acc"]) for r in ordered if r.get("test_acc") is not None]
     train_loss = [float(r["train_loss"]) for r in ordered if r.get("train_loss") is not None]
@@ -222,9 +208,14 @@ def read_run(path: Path) -> Run:
     times = [float(t) for t in times if isinstance(t, (int, float))] or [
         t for t in map(_mtime, (path / "summary.json", path / "metrics.jsonl")) if t is not None
     ]
+    status = (summary or {}).get("status") or "unfinished"
+    if status == "running" and lock_held(path) is False:
+        # Killed (SIGKILL, OOM killer, lost node) before it could say so: when it last wrote.
+        status = "stopped"
+        times = [t for t in map(_mtime, (path / n for n in STOPPED_FILES)) if t is not None]
     return Run(
         path=path,
-        status=(summary or {}).get("status") or "unfinished",
+        status=status,
         error=(summary or {}).get("error"),
         model=choices.get("model") or config.get("model.name") or "?",
         dataset=choices.get("dataset")
@@ -318,8 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "dirs", nargs="*", type=Path, default=[Path("outputs")], help="folders (outputs/)"
     )
-    parser.add_argument("--status", help="only runs with this status (e.g. failed, running)")
+    parser.add_argument(
+        "--status", help="only runs with this status (e.g. failed, running, stopped)"
+    )
     args = parser.parse_args(argv)
+    warn_to_stderr()
     for root in args.dirs:
         if not root.is_dir():
             print(f"error: {root} is not a folder; give one holding run folders", file=sys.stderr)
@@ -336,6 +330,30 @@ def main(argv: list[str] | None = None) -> int:
         tally = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
         print(f"{len(rows)} runs under {root}" + (f": {tally}" if tally else ""))
     return 0
+
+
+def warn_to_stderr() -> None:
+    """Show the readers' warnings (a skipped row, a field ignored) as ``warning: ...`` lines."""
+    logger = logging.getLogger("mq.results")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def quiet_broken_pipe(main: Callable[[], int]) -> int:
+    """``main()`` for a command whose output may go to ``head``: when the reader closes the
+    pipe, stop quietly (exit status 141, as a Unix tool killed by SIGPIPE) rather than with a
+    traceback; stdout goes to /dev/null so that Python's final flush fails no more."""
+    try:
+        code = main()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 def _limit(

@@ -3,8 +3,10 @@
 SLURM reports a Hydra job that raised as COMPLETED (the error is inside submitit's result
 pickle), so the truth is each run directory's summary.json, written by the job itself:
 running, completed, failed (with the error), diverged (the loss turned NaN) or preempted
-(checkpointed and requeued). A sweep directory also holds sweep.json, created by the first
-launch: its wandb group (name + time of that launch) stays the same across relaunches.
+(checkpointed and requeued); a job that says running while no process holds its folder's lock
+was killed without a word (SIGKILL, a lost node): stopped. A sweep directory also holds
+sweep.json, created by the first launch: its wandb group (name + time of that launch) stays the
+same across relaunches.
 """
 
 from __future__ import annotations
@@ -26,9 +28,13 @@ SWEEP_FILE = "sweep.json"
 
 
 def job_status(run_dir: Path) -> str:
-    """The job's own status; "new" when it never started (no summary.json)."""
+    """The job's own status; "new" when it never started (no summary.json); "stopped" when it
+    says running but no process holds its folder's lock (killed by SIGKILL, say)."""
+    from mq.rundir import lock_held
+
     summary = read_json(run_dir / "summary.json")
-    return str(summary.get("status", "unknown")) if summary else "new"
+    status = str(summary.get("status", "unknown")) if summary else "new"
+    return "stopped" if status == "running" and lock_held(run_dir) is False else status
 
 
 def slurm_job(run_dir: Path) -> str | None:
@@ -52,7 +58,16 @@ def live_slurm_jobs() -> set[str] | None:
 
 def count(statuses: list[str]) -> str:
     """``"3 completed, 1 failed"``, in a fixed order."""
-    order = ["completed", "diverged", "failed", "preempted", "running", "in SLURM", "new"]
+    order = [
+        "completed",
+        "diverged",
+        "failed",
+        "preempted",
+        "running",
+        "stopped",
+        "in SLURM",
+        "new",
+    ]
     counts = Counter(statuses)
     keys = sorted(counts, key=lambda s: (order.index(s) if s in order else len(order), s))
     return ", ".join(f"{counts[k]} {k}" for k in keys)

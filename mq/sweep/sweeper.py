@@ -229,7 +229,9 @@ class Sweeper(HydraSweeper):
     def _mark_live(points: list[Point]) -> None:
         """A running or preempted job whose SLURM job is still queued or running belongs to
         an earlier launch: launching it again would run it twice into one folder."""
-        unfinished = [p for p in points if p.status in ("running", "preempted")]
+        # "stopped" too: a filesystem whose locks are local to a node (Lustre's localflock)
+        # shows a job on another node as stopped
+        unfinished = [p for p in points if p.status in ("running", "stopped", "preempted")]
         ids = {id(p): ledger.slurm_job(p.run_dir) for p in unfinished}
         if not any(ids.values()):
             return
