@@ -40,7 +40,9 @@ def test_original_in_a_run_and_a_sweep(released, tmp_path, monkeypatch):
         cwd=tmp_path,
     )  # fmt: skip
     assert sweep.returncode == 0, sweep.stderr[-2000:]
-    (job,) = [p for p in (tmp_path / "outputs/sweeps/adhoc").iterdir() if p.is_dir()]
+    (sweep_dir,) = (tmp_path / "outputs/sweeps").iterdir()  # named from what it sweeps
+    assert "checkpoints_dir" not in sweep_dir.name
+    (job,) = [p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert "model.pretrained=original" in job.name and "checkpoints_dir" not in job.name
     assert f"pretrained: {file}" in (job / "config.yaml").read_text()
     assert json.loads((job / "summary.json").read_text())["status"] == "completed"
