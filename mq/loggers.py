@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from mq.errors import first_line
 
 log = logging.getLogger(__name__)
+
+
+def _no_link(path: str, flags: int) -> int:
+    """Open without following a link planted in the run folder (ELOOP instead)."""
+    return os.open(path, flags | os.O_NOFOLLOW, 0o666)
 
 
 class MetricsFile:
@@ -19,7 +25,7 @@ class MetricsFile:
     def __init__(self, path: Path, offset: int | None = None) -> None:
         self.path = path
         if offset is not None and path.exists():
-            with open(path, "r+b") as f:
+            with open(path, "r+b", opener=_no_link) as f:
                 size = f.seek(0, 2)
                 if size < offset:
                     # Torn by a crash (the checkpoint is newer than the rows on disk): extending
@@ -34,7 +40,7 @@ class MetricsFile:
                         offset,
                     )
                 f.truncate(offset)
-        self.file = open(path, "a", buffering=1)
+        self.file = open(path, "a", buffering=1, opener=_no_link)  # noqa: SIM115
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         self.file.write("".join(json.dumps(row) + "\n" for row in rows))
