@@ -62,8 +62,12 @@ def main(cfg: DictConfig) -> dict:
             error = ConfigError(disk_full_message(full, run_dir))
         if error is None:
             raise
-        if int(os.environ.get("RANK", "0")) == 0:  # every rank meets it; one says so
+        if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {error}", file=sys.stderr)
+        else:  # every rank meets it; rank 0 says so and removes what its start created
+            from mq.rundir import wait_for_lock
+
+            wait_for_lock(run_dir, held=False)
         sys.exit(2)
 
 

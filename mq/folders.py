@@ -137,8 +137,7 @@ def disk_full(exc: BaseException) -> OSError | None:
 
 def disk_full_message(exc: OSError, folder: Path | str) -> str:
     """One line naming the folder and the reason."""
-    where = exc.filename or folder
-    return (
-        f"no space left in {folder} ({exc.strerror or exc} writing {where}); free some space, "
-        "then run the same command again"
-    )
+    reason = exc.strerror or str(exc)
+    if exc.filename:
+        reason += f": {exc.filename}"
+    return f"no space left in {folder} ({reason}); free some space, then run the same command again"

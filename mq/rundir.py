@@ -22,6 +22,7 @@ import os
 import re
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -345,7 +346,10 @@ class Guard(Callback):
             print(finished_message(run_dir, previous))
             sys.exit(0)
         if int(os.environ.get("RANK", "0")) != 0:
-            return  # a data-parallel job's other ranks: rank 0 makes and locks the folder
+            # A data-parallel job's other ranks: rank 0 makes and locks the folder. Hydra makes
+            # it here too, so wait for rank 0 first: it must see which folders are new.
+            wait_for_lock(run_dir, held=True)
+            return
         created = missing_dirs(run_dir)
         check_free_space(run_dir, created)
         record = Started(Path(os.path.abspath(run_dir)), created)
@@ -385,11 +389,36 @@ def check_free_space(run_dir: Path, created: list[Path]) -> None:
 def _quiet_rank(config: DictConfig) -> None:
     """A data-parallel job's other ranks (torchrun): Hydra writes no record or log file for
     them into rank 0's run folder (rank 0 writes both; their lines go to their stderr)."""
-    with read_write(config), open_dict(config):
-        config.hydra.output_subdir = None
-        root = config.hydra.job_logging.get("root") if config.hydra.get("job_logging") else None
+    hydra = config.hydra
+    with read_write(hydra), open_dict(hydra):  # Hydra's node is read-only by its own flag
+        hydra.output_subdir = None
+        root = hydra.job_logging.get("root") if hydra.get("job_logging") else None
         if root is not None and "handlers" in root:
             root.handlers = [h for h in root.handlers if h != "file"]
+
+
+def wait_for_lock(run_dir: Path, held: bool, timeout: float = 30.0) -> None:
+    """Wait (up to ``timeout`` s) until some process holds run_dir's lock (``held``), or until
+    none does; a data-parallel job's other ranks wait so for rank 0 (mq.distributed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            if not held:
+                return  # removed: rank 0 undid its start
+            time.sleep(0.05)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            locked = False
+        except OSError:
+            locked = True
+        finally:
+            os.close(fd)
+        if locked == held:
+            return
+        time.sleep(0.05)
 
 
 def undo_starts() -> list[Path]:
