@@ -25,7 +25,6 @@ from PIL import Image
 from test_safety import TINY, one_line_error, snapshot, summary, victim
 
 from mq.errors import ConfigError
-from mq.folders import is_mq_run, is_mq_sweep
 
 F = [*TINY, "meta=ste"]
 RUN = "outputs/quantize/fake/resnet20-dorefa-w1-ste-sgd-s0"
@@ -69,6 +68,8 @@ def test_a_folder_that_holds_no_mq_run_is_refused_untouched(tmp_path, make):
 
 
 def test_mq_runs_are_recognised_by_what_mq_and_hydra_wrote(tmp_path):
+    from mq.folders import is_mq_run, is_mq_sweep
+
     overrides = ["dataset=fake", "meta=ste"]
     record = tmp_path / "killed-before-training"  # Hydra's record of an mq job, a lock
     (record / ".hydra").mkdir(parents=True)
