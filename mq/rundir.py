@@ -40,7 +40,6 @@ CODE_ROOT = Path(__file__).resolve().parents[1]
 LOCK_FILE = "run.lock"
 # Written by Hydra into a job's folder before the job runs.
 HYDRA_FILES = (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "launch.log")
-# What an mq run folder may hold: an existing folder with none of these is someone else's.
 # The files mq and Hydra write into a run folder by name: none may be a link (or a folder).
 RUN_FILES = (
     "config.yaml",
@@ -348,7 +347,11 @@ class Guard(Callback):
         if int(os.environ.get("RANK", "0")) != 0:
             # A data-parallel job's other ranks: rank 0 makes and locks the folder. Hydra makes
             # it here too, so wait for rank 0 first: it must see which folders are new.
-            wait_for_lock(run_dir, held=True)
+            if not wait_for_lock(run_dir, held=True, timeout=120):  # rank 0 alive, but stuck
+                rank = os.environ.get("RANK")
+                error = f"error: rank {rank}: rank 0 did not lock {run_dir} in 120 s"
+                print(error, file=sys.stderr)
+                sys.exit(2)
             return
         created = missing_dirs(run_dir)
         check_free_space(run_dir, created)
@@ -397,16 +400,17 @@ def _quiet_rank(config: DictConfig) -> None:
             root.handlers = [h for h in root.handlers if h != "file"]
 
 
-def wait_for_lock(run_dir: Path, held: bool, timeout: float = 30.0) -> None:
+def wait_for_lock(run_dir: Path, held: bool, timeout: float = 30.0) -> bool:
     """Wait (up to ``timeout`` s) until some process holds run_dir's lock (``held``), or until
-    none does; a data-parallel job's other ranks wait so for rank 0 (mq.distributed)."""
+    none does; a data-parallel job's other ranks wait so for rank 0 (mq.distributed). False
+    when the time ran out. (Rank 0 exiting ends the other ranks: torchrun stops them.)"""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
             if not held:
-                return  # removed: rank 0 undid its start
+                return True  # removed: rank 0 undid its start
             time.sleep(0.05)
             continue
         try:
@@ -417,8 +421,9 @@ def wait_for_lock(run_dir: Path, held: bool, timeout: float = 30.0) -> None:
         finally:
             os.close(fd)
         if locked == held:
-            return
+            return True
         time.sleep(0.05)
+    return False
 
 
 def undo_starts() -> list[Path]:
