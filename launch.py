@@ -19,7 +19,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mq.conf import register_resolvers
-from mq.errors import find_config_error, first_line, hydra_error_line
+from mq.errors import ConfigError, find_config_error, first_line, hydra_error_line
+from mq.folders import disk_full, disk_full_message
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -56,9 +57,17 @@ def main(cfg: DictConfig) -> dict:
             extra = {"name": cfg.run_name, "choices": choices}
             record_failure(run_dir, first_line(error or exc), extra)
             raise
+        full = disk_full(exc)
+        if full is not None:
+            error = ConfigError(disk_full_message(full, run_dir))
         if error is None:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {error}", file=sys.stderr)
+        else:  # every rank meets it; rank 0 says so and removes what its start created
+            from mq.rundir import wait_for_lock
+
+            wait_for_lock(run_dir, held=False)
         sys.exit(2)
 
 
@@ -75,6 +84,12 @@ if __name__ == "__main__":
         sys.exit(128 + signal.SIGINT)
     except Exception as exc:
         line = None if full_error else hydra_error_line(exc)
+        full = disk_full(exc)
+        if full is not None:  # Hydra could not write its files into the run folder
+            from mq.rundir import undo_starts
+
+            undone = undo_starts()
+            line = disk_full_message(full, undone[0] if undone else Path(full.filename or "."))
         if line is None:
             raise
         print(f"error: {line}", file=sys.stderr)

@@ -56,15 +56,28 @@ def decode_all(paths: list[str], progress: bool = False) -> Tensor:
 
 
 def read_cache(cache: str, files: list[str], classes: list[str]) -> dict[str, Any] | None:
-    """The decoded images in ``cache`` when it holds exactly these files; None otherwise."""
-    if not os.path.isfile(cache):
+    """The decoded images in ``cache`` when it holds exactly these files; None when it does not
+    exist or is an mq cache of other files (rewritten then). Any other existing file is
+    someone else's (mq writes its cache atomically, so a torn one is not mq's): a ConfigError,
+    the file left as it is."""
+    if not os.path.lexists(cache):
         return None
+
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(
+            f"dataset.cache={cache} is an existing file that is not an mq image cache ({why}); "
+            "allowed: a new path, or a cache mq wrote (move this file away)"
+        )
+
+    if os.path.islink(cache) or not os.path.isfile(cache):
+        raise refuse("a link or not a regular file")
     try:
         data = torch.load(cache, weights_only=True)
-    except Exception as e:  # truncated, not a torch file, foreign pickle: all just a miss
-        log.warning("dataset.cache=%s is unreadable (%s); decoding again", cache, first_line(e))
-        return None
-    if not isinstance(data, dict) or data.get("files") != files or data.get("classes") != classes:
+    except Exception:  # torch's reasons run to several sentences; what matters is whose it is
+        raise refuse("not a file torch.load reads as tensors") from None
+    if not isinstance(data, dict) or not {"files", "classes", "train", "test"} <= set(data):
+        raise refuse("other content")
+    if data.get("files") != files or data.get("classes") != classes:
         log.info("dataset.cache=%s lists other files; decoding again", cache)
         return None
     images = [data.get(k) for k in ("train", "test")]

@@ -13,6 +13,11 @@ from mq.errors import first_line
 log = logging.getLogger(__name__)
 
 
+def _no_link(path: str, flags: int) -> int:
+    """Open without following a link planted in the run folder (ELOOP instead)."""
+    return os.open(path, flags | os.O_NOFOLLOW, 0o666)
+
+
 class MetricsFile:
     """Append-only JSON lines. Resuming truncates it to the checkpoint's offset, so rows written
     after the last checkpoint (and replayed after the restart) are not duplicated. ``steps``:
@@ -22,10 +27,11 @@ class MetricsFile:
         self.path = path
         if offset is not None and path.exists():
             self._cut(offset, steps)
-        self.file = open(path, "a", buffering=1)
+        self.file = open(path, "a", buffering=1, opener=_no_link)  # noqa: SIM115
 
     def _cut(self, offset: int, steps: int | None) -> None:
-        data = self.path.read_bytes()
+        with open(self.path, "rb", opener=_no_link) as f:
+            data = f.read()
         if len(data) < offset:
             # Torn by a crash (the checkpoint is newer than the rows on disk): extending to the
             # offset would pad with NUL bytes; keep the complete lines instead.
@@ -39,7 +45,7 @@ class MetricsFile:
             )
         problem = _damage(data[:offset], steps)
         if problem is None:
-            with open(self.path, "r+b") as f:
+            with open(self.path, "r+b", opener=_no_link) as f:
                 f.truncate(offset)
             return
         # Edited or mixed up since the checkpoint: cutting at the offset would merge rows.

@@ -19,6 +19,7 @@ from mq.checkpoint import json_text, load_checkpoint, read_json, save_checkpoint
 from mq.conf import upgrade
 from mq.errors import ConfigError, first_line
 from mq.evaluation import evaluate_only
+from mq.folders import disk_full, remove_stale_tmp
 from mq.keys import VOLATILE, VOLATILE_DATASET
 from mq.loggers import choice_config
 from mq.models import check_model, checkpoint_file, resolve_original
@@ -241,6 +242,8 @@ def run(
         check_location(run_dir, sweep_dir())
         if main:  # one process per run folder; the other ranks of a job write nothing
             lock = take_lock(run_dir)
+            for name in remove_stale_tmp(run_dir):  # a save killed mid-write left it
+                log.info("removed %s, left by an interrupted save", name)
         return _run(cfg, run_dir, choices, logger_args or {})
     except BaseException as exc:
         # Failed before training started: remove what this invocation created, and only that
@@ -427,7 +430,10 @@ def _train(
             if ranks.parallel and distributed.is_collective_error(exc):
                 error = f"another rank failed or hung (its log has the cause); {error}"
             mark_failed(error)
-            log.exception("run failed")  # the traceback, in launch.log and the job's stderr
+            if disk_full(exc) is not None:  # the files are safe; the cause is all there is
+                log.error("run failed: %s", error)
+            else:
+                log.exception("run failed")  # the traceback, in launch.log and the job's stderr
             if logger is not None:
                 logger.finish(exit_code=1)
             raise

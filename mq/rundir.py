@@ -31,6 +31,7 @@ from typing import IO, Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
+from mq import folders
 from mq.errors import ConfigError, find_config_error
 
 log = logging.getLogger(__name__)
@@ -40,16 +41,16 @@ CODE_ROOT = Path(__file__).resolve().parents[1]
 LOCK_FILE = "run.lock"
 # Written by Hydra into a job's folder before the job runs.
 HYDRA_FILES = (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "launch.log")
-# What an mq run folder may hold: an existing folder with none of these is someone else's.
+# The files mq and Hydra write into a run folder by name: none may be a link (or a folder).
 RUN_FILES = (
     "config.yaml",
     "summary.json",
     "checkpoint.pt",
     "metrics.jsonl",
     "launch.log",
-    ".hydra",
     LOCK_FILE,
 )
+HYDRA_RECORD = ("config.yaml", "hydra.yaml", "overrides.yaml")
 NAME = re.compile(r"[A-Za-z0-9_=,+-][A-Za-z0-9._=,+-]*")
 NAME_ALLOWED = "letters, digits and - _ . = , + (not starting with '.'), at most 200 characters"
 
@@ -70,34 +71,96 @@ def _is_within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def _hydra_subdir() -> str | None:
+    """Where Hydra writes its record of the job inside the job's folder (``.hydra``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return ".hydra"
+    subdir = HydraConfig.get().get("output_subdir")
+    return None if subdir is None else str(subdir)
+
+
+def check_output_subdir(value: Any) -> None:
+    """``hydra.output_subdir``: Hydra writes config.yaml, hydra.yaml and overrides.yaml into
+    run_dir/VALUE, so it must be one plain folder name inside the run folder (or null)."""
+    if value is None:
+        return
+    text = str(value)
+    if text in (".", "..") or not re.fullmatch(r"[A-Za-z0-9._=,+-]{1,200}", text):
+        raise FolderRefused(
+            f"hydra.output_subdir={text!r} is not allowed; allowed: null or one folder name "
+            "inside the run folder (letters, digits and - _ . = , +), e.g. .hydra"
+        )
+
+
+def _existing(kind: str, given: Path, folder: Path, keys: str) -> set[str]:
+    """The names in ``folder`` (empty when it does not exist); a file is refused."""
+    if not os.path.lexists(folder):
+        return set()
+    if not folder.is_dir():
+        raise FolderRefused(f"{kind} {given} is a file, not a folder; choose another {keys}")
+    return {p.name for p in folder.iterdir()}
+
+
+def _check_sweep_folder(sweep_dir: Path, sweep: Path) -> None:
+    keys = "sweep_name or hydra.sweep.dir"
+    names = _existing("sweep folder", sweep_dir, sweep, keys)
+    bad = folders.not_plain(sweep, ("sweep.json", "multirun.yaml"))
+    if bad:
+        raise FolderRefused(f"sweep folder {sweep_dir}: {bad}; mq does not write through it")
+    if names and not folders.is_mq_sweep(sweep):
+        shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+        raise FolderRefused(
+            f"sweep folder {sweep_dir} holds files that are not an mq sweep ({shown}); "
+            f"choose another {keys}"
+        )
+
+
 def check_location(run_dir: Path, sweep_dir: Path | None = None) -> None:
     """Refuse a run folder that is (or holds) the code, the current directory or a git
-    checkout, that is the sweep's own folder, or that exists and holds someone else's files."""
+    checkout, that is the sweep's own folder or outside it, that exists and holds no mq run
+    (someone else's files), or whose mq files are links; the same for the sweep folder."""
     where = Path(os.path.abspath(run_dir)).resolve()
-    folders = [("run folder", run_dir, where, "run_name or hydra.run.dir")]
+    folders_ = [("run folder", run_dir, where, "run_name or hydra.run.dir")]
     if sweep_dir is not None:  # sweep.json and multirun.yaml go there
         sweep = Path(os.path.abspath(sweep_dir)).resolve()
-        folders.append(("sweep folder", sweep_dir, sweep, "sweep_name or hydra.sweep.dir"))
-    for kind, given, folder, keys in folders:
+        folders_.append(("sweep folder", sweep_dir, sweep, "sweep_name or hydra.sweep.dir"))
+    for kind, given, folder, keys in folders_:
         for label, other in (("the code folder", CODE_ROOT), ("the current directory", Path.cwd())):
             if _is_within(other.resolve(), folder):
                 raise FolderRefused(
                     f"{kind} {given} is or contains {label} ({other}); choose another {keys}"
                 )
-    if sweep_dir is not None and where == Path(os.path.abspath(sweep_dir)).resolve():
-        raise FolderRefused(
-            f"this sweep job's folder would be the sweep folder {sweep_dir} itself (all its "
-            "overrides are left out of folder names); sweep over a key that names runs, "
-            "or launch without -m"
-        )
-    if not where.is_dir():
-        return
-    names = {p.name for p in where.iterdir()}
+    if sweep_dir is not None:
+        if where == sweep:
+            raise FolderRefused(
+                f"this sweep job's folder would be the sweep folder {sweep_dir} itself (all its "
+                "overrides are left out of folder names); sweep over a key that names runs, "
+                "or launch without -m"
+            )
+        if not _is_within(where, sweep):
+            raise FolderRefused(
+                f"this sweep job's folder {run_dir} is outside its sweep folder {sweep_dir}; "
+                "allowed: a hydra.sweep.subdir inside it"
+            )
+        _check_sweep_folder(sweep_dir, sweep)
+    names = _existing("run folder", run_dir, where, "run_name or hydra.run.dir")
+    if not names or (names == {"launch.log"} and _hydra_subdir() is None):
+        return  # new, or what Hydra writes for a job without its record (output_subdir=null)
     if sweep_dir is None and {"sweep.json", "multirun.yaml"} & names:
         raise FolderRefused(f"run folder {run_dir} is a sweep folder; choose another run_name")
     if ".git" in names:
         raise FolderRefused(f"run folder {run_dir} is a git checkout; choose another run_name")
-    if names and not names & set(RUN_FILES):
+    subdir = _hydra_subdir()
+    record = tuple(f"{d}/{f}" for d in {".hydra", subdir or ".hydra"} for f in HYDRA_RECORD)
+    bad = folders.not_plain(where, (*RUN_FILES, *record), tuple({".hydra", subdir or ".hydra"}))
+    if bad:
+        raise FolderRefused(
+            f"run folder {run_dir}: {bad}; mq does not write through it (move it away, or "
+            "choose another run_name)"
+        )
+    if not folders.is_mq_run(where, subdir):
         shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
         raise FolderRefused(
             f"run folder {run_dir} holds files that are not an mq run ({shown}); "
@@ -164,7 +227,17 @@ class RunLock:
         self.file: IO[str] | None = None
 
     def acquire(self) -> RunLock:
-        file = open(self.path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+        try:  # never through a planted link; held open for the lock's lifetime
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.EISDIR):
+                raise
+            what = "a symbolic link" if exc.errno == errno.ELOOP else "not a regular file"
+            raise FolderRefused(
+                f"run folder {self.run_dir}: {LOCK_FILE} is {what}; mq does not write through "
+                "it (move it away, or choose another run_name)"
+            ) from None
+        file = open(fd, "a+")  # noqa: SIM115
         try:
             _flock_exclusive(file.fileno())
         except OSError as exc:
@@ -300,18 +373,23 @@ class Guard(Callback):
         from hydra.core.hydra_config import HydraConfig
 
         HydraConfig.instance().set_config(config)  # ${hydra:...} in the run folder's name
+        rank = int(os.environ.get("RANK", "0"))
+        if rank != 0:
+            _quiet_rank(config)
         try:
             from mq.models import resolve_original  # imports torch
 
             # In the config Hydra then runs: the eval folder's name and the job see the file.
             resolve_original(config)
             run_dir = Path(str(config.hydra.run.dir))
+            check_output_subdir(config.hydra.output_subdir)
             self._check(config, run_dir)
         except Exception as exc:
             error = find_config_error(exc)
             if error is None:
                 raise
-            print(f"error: {error}", file=sys.stderr)
+            if rank == 0:  # every rank refuses the same input; one says so
+                print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
 
     @staticmethod
@@ -336,15 +414,95 @@ class Guard(Callback):
             print(finished_message(run_dir, previous))
             sys.exit(0)
         if int(os.environ.get("RANK", "0")) != 0:
-            return  # a data-parallel job's other ranks: rank 0 makes and locks the folder
+            # A data-parallel job's other ranks: rank 0 makes and locks the folder. Hydra makes
+            # it here too, so wait for rank 0 first: it must see which folders are new.
+            if not wait_for_lock(run_dir, held=True, timeout=120):  # rank 0 alive, but stuck
+                rank = os.environ.get("RANK")
+                error = f"error: rank {rank}: rank 0 did not lock {run_dir} in 120 s"
+                print(error, file=sys.stderr)
+                sys.exit(2)
+            return
         created = missing_dirs(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        check_free_space(run_dir, created)
         record = Started(Path(os.path.abspath(run_dir)), created)
         try:
+            run_dir.mkdir(parents=True, exist_ok=True)
             record.lock = RunLock(run_dir).acquire()
         except FolderRefused:
             raise  # the other process may have made the same folders: remove nothing
-        except Exception:
+        except Exception as exc:
             remove_created(run_dir, created)
+            full = folders.disk_full(exc)
+            if full is not None:
+                raise FolderRefused(folders.disk_full_message(full, run_dir)) from exc
             raise
         _started[record.run_dir] = record
+
+
+# Hydra's record and log of a job take a few KB, a checkpoint from ~1 MB up: below this much
+# free space a start is refused before anything is written (not left with empty files).
+MIN_FREE = 1 << 20
+
+
+def check_free_space(run_dir: Path, created: list[Path]) -> None:
+    existing = created[-1].parent if created else Path(os.path.abspath(run_dir))
+    try:
+        info = os.statvfs(existing)
+    except OSError:
+        return  # cannot tell: the writes themselves report a full disk
+    free = info.f_bavail * info.f_frsize
+    if free < MIN_FREE:
+        raise FolderRefused(
+            f"no space left in {run_dir} ({free // 1024} KB free; a run needs at least "
+            f"{MIN_FREE >> 20} MB); free some space, then run the same command again"
+        )
+
+
+def _quiet_rank(config: DictConfig) -> None:
+    """A data-parallel job's other ranks (torchrun): Hydra writes no record or log file for
+    them into rank 0's run folder (rank 0 writes both; their lines go to their stderr)."""
+    hydra = config.hydra
+    with read_write(hydra), open_dict(hydra):  # Hydra's node is read-only by its own flag
+        hydra.output_subdir = None
+        root = hydra.job_logging.get("root") if hydra.get("job_logging") else None
+        if root is not None and "handlers" in root:
+            root.handlers = [h for h in root.handlers if h != "file"]
+
+
+def wait_for_lock(run_dir: Path, held: bool, timeout: float = 30.0) -> bool:
+    """Wait (up to ``timeout`` s) until some process holds run_dir's lock (``held``), or until
+    none does; a data-parallel job's other ranks wait so for rank 0 (mq.distributed). False
+    when the time ran out. (Rank 0 exiting ends the other ranks: torchrun stops them.)"""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            if not held:
+                return True  # removed: rank 0 undid its start
+            time.sleep(0.05)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            locked = False
+        except OSError:
+            locked = True
+        finally:
+            os.close(fd)
+        if locked == held:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def undo_starts() -> list[Path]:
+    """A start that failed before the job ran (Hydra could not write its files): remove what
+    this process's Guard created; returns the run folders."""
+    undone = []
+    for record in list(_started.values()):
+        if record.lock is not None:
+            record.lock.release()
+        remove_created(record.run_dir, record.created)
+        _started.pop(record.run_dir, None)
+        undone.append(record.run_dir)
+    return undone

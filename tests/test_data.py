@@ -397,20 +397,17 @@ def test_fake_and_stream_loaders_sample_by_class(tmp_path):
     assert sorted(labels.tolist()) == [0, 0, 1, 1]  # the first batch alone was [0, 0, 0, 0]
 
 
-def test_corrupt_cache_is_a_miss_and_is_rewritten(folder_tree, tmp_path, caplog):
+def test_corrupt_cache_is_refused_and_kept(folder_tree, tmp_path):
+    # mq writes its cache atomically: a file it cannot read is not one it wrote
     cache = tmp_path / "cache.pt"
-    good = folder_loaders(str(folder_tree), 32, "cpu", cache=str(cache))
+    folder_loaders(str(folder_tree), 32, "cpu", cache=str(cache))
     whole = cache.read_bytes()
     for broken in (b"not a torch file", whole[: len(whole) // 2]):
         cache.write_bytes(broken)
-        with caplog.at_level(logging.WARNING, logger="mq"):
-            caplog.clear()
-            again = folder_loaders(str(folder_tree), 32, "cpu", cache=str(cache))
-        (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-        assert "\n" not in warning and "unreadable" in warning and str(cache) in warning
-        assert torch.equal(again.test.images, good.test.images)
-        assert torch.load(cache, weights_only=True)["files"]  # rebuilt, readable
-        assert not list(tmp_path.glob("*.tmp*"))
+        with pytest.raises(ConfigError, match="not an mq image cache") as info:
+            folder_loaders(str(folder_tree), 32, "cpu", cache=str(cache))
+        assert "\n" not in str(info.value) and str(cache) in str(info.value)
+        assert cache.read_bytes() == broken and not list(tmp_path.glob("*.tmp*"))
 
 
 def test_decoding_and_evaluation_show_progress(folder_tree, capsys, caplog):

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, SMOKE, compose_config, launch, start_launch
+from omegaconf import OmegaConf, open_dict, read_write
 
 from mq.checkpoint import load_checkpoint, save_checkpoint
 from mq.loggers import MetricsFile
@@ -60,6 +61,17 @@ def fake_run(folder: Path, status: str = "completed") -> Path:
     (folder / "checkpoint.pt").write_bytes(b"weights")
     (folder / "notes.txt").write_text("mine\n")
     return folder
+
+
+def started_run(run_dir: Path, overrides: list[str]) -> Path:
+    """A run folder as the start of training leaves it: mq's config.yaml of that run."""
+    from mq.run import result_config
+    from mq.rundir import _task_config
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = result_config(_task_config(compose_config(overrides)))
+    OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
+    return run_dir
 
 
 def one_line_error(result: subprocess.CompletedProcess, *parts: str) -> str:
@@ -161,7 +173,10 @@ def test_data_error_in_an_existing_unfinished_run_folder_removes_nothing(tmp_pat
     # An earlier attempt that failed before training (Hydra's files), and the user's notes.
     run_dir = tmp_path / "outputs/quantize/cifar10/mine"
     (run_dir / ".hydra").mkdir(parents=True)
-    (run_dir / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    job = compose_config(["dataset=cifar10", "run_name=mine"])  # Hydra's record of the job
+    with read_write(job), open_dict(job):
+        del job["hydra"]
+    (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(job))
     (run_dir / "launch.log").write_text("an earlier attempt\n")
     (run_dir / "notes.txt").write_text("mine\n")
     before = snapshot(run_dir)
@@ -291,7 +306,7 @@ class _Payload:
 
 def test_planted_checkpoint_cannot_run_code(tmp_path):
     run_dir = tmp_path / RUN
-    run_dir.mkdir(parents=True)
+    started_run(run_dir, TINY)
     marker = tmp_path / "pwned"
     payload = _Payload()
     payload.marker = marker
@@ -304,7 +319,7 @@ def test_planted_checkpoint_cannot_run_code(tmp_path):
 @pytest.mark.slow  # launches runs: in the slow suite, which CI runs too
 def test_corrupt_checkpoint_is_one_line_with_what_to_do(tmp_path):
     run_dir = tmp_path / RUN
-    run_dir.mkdir(parents=True)
+    started_run(run_dir, TINY)
     (run_dir / "checkpoint.pt").write_bytes(b"PK\x03\x04 torn")
     before = snapshot(run_dir)
     result = launch(*TINY, cwd=tmp_path)

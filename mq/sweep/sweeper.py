@@ -189,6 +189,7 @@ class Sweeper(HydraSweeper):
     def _compose_all(self, jobs: list[list[str]]) -> list[Point]:
         """Compose and check every job; exit 2 with one line at the first bad one."""
         from mq.run import check  # torch is imported only when a sweep is launched
+        from mq.rundir import check_output_subdir
 
         assert self.config is not None and self.hydra_context is not None
         loader = self.hydra_context.config_loader
@@ -201,6 +202,7 @@ class Sweeper(HydraSweeper):
                     # ${hydra:...} (run_name, the subdir) resolves against the job's own config.
                     HydraConfig.instance().set_config(cfg)
                     run_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+                    check_output_subdir(cfg.hydra.output_subdir)
                     task_cfg = copy.deepcopy(cfg)
                     with read_write(task_cfg), open_dict(task_cfg):
                         del task_cfg["hydra"]
