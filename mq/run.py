@@ -24,6 +24,7 @@ from mq.models import check_model, checkpoint_file
 from mq.progress import summarize
 from mq.quant.layers import quantize_model
 from mq.results.runs import flatten
+from mq.schema import check_config
 from mq.rundir import FolderRefused, check_location, check_name, remove_created, started, take_lock
 from mq.split import check_split
 from mq.sweep.ledger import FINAL
@@ -50,6 +51,7 @@ def resolve_device(name: str) -> torch.device:
 
 def validate(cfg: DictConfig) -> None:
     """Checks of plain values; group options and constructor arguments check themselves."""
+    check_config(cfg)  # the schemas' keys, every interpolation resolved
     check_name("run_name", cfg.get("run_name"))
     check_name("sweep_name", cfg.get("sweep_name"))
     if cfg.task.name not in TASKS:

@@ -246,7 +246,10 @@ class Guard(Callback):
 
     @staticmethod
     def _check(config: DictConfig, run_dir: Path) -> None:
+        from mq.schema import check_config
+
         task_cfg = _task_config(config)
+        check_config(task_cfg)  # keys added (+) or removed (~), interpolations that fail
         check_name("run_name", task_cfg.get("run_name"))  # before the folder it names
         check_location(run_dir)
         from mq.run import check, check_run_dir, finished_message  # imports torch
