@@ -70,7 +70,6 @@ def hydra_error_line(exc: BaseException) -> str | None:
         MissingConfigException,
         OverrideParseException,
     )
-
     from omegaconf.errors import (
         ConfigAttributeError,
         ConfigKeyError,

@@ -24,8 +24,8 @@ from mq.models import check_model, checkpoint_file
 from mq.progress import summarize
 from mq.quant.layers import quantize_model
 from mq.results.runs import flatten
-from mq.schema import check_config
 from mq.rundir import FolderRefused, check_location, check_name, remove_created, started, take_lock
+from mq.schema import check_config
 from mq.split import check_split
 from mq.sweep.ledger import FINAL
 from mq.sweep.preempt import GracefulStop
