@@ -223,8 +223,8 @@ def register_schemas() -> None:
 
 
 def _schema(node: DictConfig) -> type | None:
-    kind = OmegaConf.get_type(node)
-    return kind if dataclasses.is_dataclass(kind) else None
+    kind = OmegaConf.get_type(node)  # ours only: Hydra's own nodes are Hydra's business
+    return kind if dataclasses.is_dataclass(kind) and kind.__module__ == __name__ else None
 
 
 def check_keys(cfg: DictConfig, prefix: str = "", schema: type | None = None) -> None:
@@ -234,25 +234,30 @@ def check_keys(cfg: DictConfig, prefix: str = "", schema: type | None = None) ->
     if schema is not None:
         names = [f.name for f in dataclasses.fields(schema)]
         for key in cfg:
-            if str(key) not in names and not getattr(schema, "OPEN", False):
+            own = str(key) in names or (not prefix and key == "hydra")  # Hydra's own node
+            if not own and not getattr(schema, "OPEN", False):
                 raise ConfigError(unknown_key_line(f"{prefix}{key}", names, prefix))
         for name in names:
             if name not in cfg:
                 raise ConfigError(removed_key_line(f"{prefix}{name}"))
     for key in cfg:
+        if not prefix and key == "hydra":
+            continue
         child = cfg._get_node(key)
         if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
             check_keys(child, f"{prefix}{key}.")
 
 
 def check_config(cfg: DictConfig) -> None:
-    """The composed run config (without ``hydra``): its keys match the schemas and every
-    interpolation resolves to a value of its key's type; else a one-line ConfigError."""
+    """The composed run config: its keys match the schemas and every interpolation resolves
+    to a value of its key's type; else a one-line ConfigError. ``hydra`` is Hydra's."""
     from omegaconf.errors import OmegaConfBaseException
 
     check_keys(cfg, schema=_schema(cfg) or Config)
     try:
-        OmegaConf.to_container(cfg, resolve=True)
+        OmegaConf.to_container(
+            OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True
+        )
     except OmegaConfBaseException as exc:
         key = str(getattr(exc, "full_key", "") or "")
         reason = str(getattr(exc, "msg", "") or exc).strip().splitlines()[0]
