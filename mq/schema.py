@@ -260,9 +260,16 @@ def check_config(cfg: DictConfig) -> None:
         )
     except OmegaConfBaseException as exc:
         key = str(getattr(exc, "full_key", "") or "")
+        written = _written(cfg, key)
+        # quant.bit_width=${bits} fails because bits does: name the key that was written badly
+        while (plain := re.fullmatch(r"\$\{([\w.]+)\}", written)) and _written(
+            cfg, plain[1]
+        ) != "?":
+            key, written = plain[1], _written(cfg, plain[1])
         reason = str(getattr(exc, "msg", "") or exc).strip().splitlines()[0]
         reason = re.sub(r"^\w+ raised while resolving interpolation: ", "", reason)
-        raise ConfigError(f"{key}={_written(cfg, key)} cannot be resolved: {reason}") from None
+        reason = re.sub(r"^While dereferencing interpolation '.*?': ", "", reason)
+        raise ConfigError(f"{key}={written} cannot be resolved: {reason}") from None
 
 
 def _written(cfg: DictConfig, key: str) -> str:
