@@ -51,7 +51,8 @@ def unknown_key_line(full_key: str, keys: list[str], prefix: str = "") -> str:
     keys = [k for k in keys if k != "hydra" and not k.startswith("_")]
     key = full_key[len(prefix) :]
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
-    hint = f"did you mean {prefix}{close[0]}?" if close else f"allowed: {', '.join(keys)}"
+    allowed = ", ".join(keys) or f"none ({prefix.rstrip('.') or 'this node'} has no keys to set)"
+    hint = f"did you mean {prefix}{close[0]}?" if close else f"allowed: {allowed}"
     return f"{full_key} is not a config key; {hint}"
 
 

@@ -6,10 +6,12 @@ with nothing written."""
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONF, SMOKE, compose_config, launch
+from conftest import CONF, ROOT, SMOKE, compose_config, launch, launch_env
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
@@ -225,3 +227,21 @@ def test_launch_on_a_run_folder_with_broken_yaml_leaves_it_as_it_was(tmp_path):
     assert result.stderr.startswith(f"error: {Path('outputs/quantize/fake/x/config.yaml')} cannot")
     assert "invalid YAML" in result.stderr and result.stderr.count("\n") == 1, result.stderr
     assert tree(tmp_path) == before
+
+
+def test_schemas_are_registered_by_call_not_on_import_and_without_torch():
+    """Hydra's plugin scan imports mq.conf: it must stay quick and must not fill the
+    ConfigStore behind the caller's back; launch.py, jobs, mq.bench and tests call register."""
+    code = (
+        "import sys\n"
+        "from hydra.core.config_store import ConfigStore\n"
+        "import mq.conf, mq.schema\n"
+        "assert ConfigStore.instance().repo.get('schema') is None, 'registered on import'\n"
+        "mq.conf.register_resolvers()\n"
+        "assert 'config.yaml' in ConfigStore.instance().repo['schema']\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=launch_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
