@@ -1,5 +1,9 @@
 """Errors that end a run with one clear line instead of a traceback."""
 
+from __future__ import annotations
+
+from typing import Any
+
 
 class ConfigError(ValueError):
     """A user-facing configuration or input problem; its message is one line."""
@@ -136,8 +140,22 @@ def type_error_line(exc: BaseException) -> str:
     text = first_line(exc)
     full_key = getattr(exc, "full_key", None) or "?"
     found = next(filter(None, (re.match(p, text) for p in CONVERSION)), None)
-    if found is None:
-        return f"{full_key}: {text}"
-    value = {"True": "true", "False": "false", "None": "null"}.get(found["value"], found["value"])
-    allowed = TYPES.get(found["type"], found["type"])
-    return f"{full_key}={value} is not allowed; allowed: {allowed}"
+    if found is not None:
+        value = {"True": "true", "False": "false"}.get(found["value"], found["value"])
+        allowed = TYPES.get(found["type"], found["type"])
+        return f"{full_key}={value} is not allowed; allowed: {allowed}"
+    if "is not Optional" in text:  # null for a key that must have a value
+        kind = _field_type(getattr(exc, "object_type", None), str(getattr(exc, "key", "")))
+        return f"{full_key}=null is not allowed; allowed: {TYPES.get(kind, 'a value')}"
+    return f"{full_key}: {text}"
+
+
+def _field_type(schema: Any, key: str) -> str:
+    """The name TYPES knows a schema field's type by ("Integer", ...), or ""."""
+    import dataclasses
+    import typing
+
+    if not dataclasses.is_dataclass(schema):
+        return ""
+    kind = typing.get_type_hints(schema).get(key)
+    return {int: "Integer", float: "Float", bool: "bool", str: "String"}.get(kind, "")

@@ -233,8 +233,12 @@ class Guard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.hydra_config import HydraConfig
 
+        from mq.schema import check_config
+
         HydraConfig.instance().set_config(config)  # ${hydra:...} in the run folder's name
         try:
+            # keys added (+) or removed (~), interpolations that fail (the folder's name too)
+            check_config(config)
             run_dir = Path(str(config.hydra.run.dir))
             self._check(config, run_dir)
         except Exception as exc:
@@ -246,10 +250,7 @@ class Guard(Callback):
 
     @staticmethod
     def _check(config: DictConfig, run_dir: Path) -> None:
-        from mq.schema import check_config
-
         task_cfg = _task_config(config)
-        check_config(task_cfg)  # keys added (+) or removed (~), interpolations that fail
         check_name("run_name", task_cfg.get("run_name"))  # before the folder it names
         check_location(run_dir)
         from mq.run import check, check_run_dir, finished_message  # imports torch

@@ -259,17 +259,20 @@ def check_config(cfg: DictConfig) -> None:
             OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True
         )
     except OmegaConfBaseException as exc:
-        key = str(getattr(exc, "full_key", "") or "")
-        written = _written(cfg, key)
-        # quant.bit_width=${bits} fails because bits does: name the key that was written badly
-        while (plain := re.fullmatch(r"\$\{([\w.]+)\}", written)) and _written(
-            cfg, plain[1]
-        ) != "?":
-            key, written = plain[1], _written(cfg, plain[1])
+        key, written = _source(cfg, str(getattr(exc, "full_key", "") or ""))
         reason = str(getattr(exc, "msg", "") or exc).strip().splitlines()[0]
         reason = re.sub(r"^\w+ raised while resolving interpolation: ", "", reason)
         reason = re.sub(r"^While dereferencing interpolation '.*?': ", "", reason)
         raise ConfigError(f"{key}={written} cannot be resolved: {reason}") from None
+
+
+def _source(cfg: DictConfig, key: str) -> tuple[str, str]:
+    """``key`` and its written value; for a plain reference (``quant.bit_width=${bits}``) the
+    key it refers to, whose own value is what failed."""
+    written = _written(cfg, key)
+    while (ref := re.fullmatch(r"\$\{([\w.]+)\}", written)) and _written(cfg, ref[1]) != "?":
+        key, written = ref[1], _written(cfg, ref[1])
+    return key, written
 
 
 def _written(cfg: DictConfig, key: str) -> str:

@@ -82,6 +82,8 @@ def test_lr_decay_no_reaches_the_meta_step_as_false():
         (["quant=bwn", "quant.per_filter=sometimes"], "quant.per_filter=sometimes is not"),
         (["logger.init_timeout=soon"], "logger.init_timeout=soon is not allowed"),
         (["distributed.timeout_s=x"], "distributed.timeout_s=x is not allowed"),
+        (["bits=null"], "bits=null is not allowed; allowed: an integer"),
+        (["meta.lr_decay=null"], f"meta.lr_decay=null is not allowed; {BOOL}"),
         (
             ["~meta.net.hidden_size"],
             "~meta.net.hidden_size is not allowed: meta.net.hidden_size is a required key",
@@ -187,13 +189,14 @@ def tree(folder: Path) -> dict[str, str]:
     }
 
 
-FAST = [*SMOKE, "meta=ste", "run_name=x"]
+FAST = [*SMOKE, "meta=ste"]  # the default run_name: it interpolates bits, seed, ...
 
 
 @pytest.mark.parametrize(
     "args, line",
     [
         (["~bits"], "error: ~bits is not allowed: bits is a required key; allowed: bits=VALUE"),
+        (["bits=${oc.env:HOME}"], "error: bits=${oc.env:HOME} cannot be resolved: Value '"),
         (
             ["optimizer.lr=${oc.env:MQ_NO_SUCH_VARIABLE}"],
             "error: optimizer.lr=${oc.env:MQ_NO_SUCH_VARIABLE} cannot be resolved: "
@@ -217,14 +220,14 @@ def test_launch_refuses_in_one_line_with_exit_2_and_writes_nothing(tmp_path, arg
 
 
 def test_launch_on_a_run_folder_with_broken_yaml_leaves_it_as_it_was(tmp_path):
-    folder = tmp_path / "outputs" / "quantize" / "fake" / "x"
+    folder = tmp_path / "outputs" / "quantize" / "fake" / "resnet20-dorefa-w1-ste-sgd-s0"
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text("bits: [1\n")
     (folder / "metrics.jsonl").write_text('{"kind": "step", "step": 0}\n')
     before = tree(tmp_path)
     result = launch(*FAST, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith(f"error: {Path('outputs/quantize/fake/x/config.yaml')} cannot")
+    assert result.stderr.startswith(f"error: {folder.relative_to(tmp_path)}/config.yaml cannot")
     assert "invalid YAML" in result.stderr and result.stderr.count("\n") == 1, result.stderr
     assert tree(tmp_path) == before
 
