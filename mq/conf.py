@@ -38,11 +38,12 @@ def option_file(group: str, name: str) -> Any:
 def register_resolvers() -> None:
     """The resolvers conf/ uses: ``${mq.subdir:}`` (sweep folder names), ``${mq.exclude_keys:}``
     (the keys left out of them), ``${mq_checkpoint_tag:}`` (eval folders) and ``${mq.help:}``
-    (--help). Registered by the programs that compose conf/ (launch.py before Hydra starts,
-    each submitit job, mq.bench, the tests), never as a side effect of an import."""
+    (--help), and the schemas that type conf/'s keys (mq.schema). Registered by the programs
+    that compose conf/ (launch.py before Hydra starts, each submitit job, mq.bench, the tests),
+    never as a side effect of an import."""
     from omegaconf import OmegaConf
 
-    from mq import helptext, rundir
+    from mq import helptext, rundir, schema
     from mq.sweep import dirname
 
     resolvers = {
@@ -54,6 +55,7 @@ def register_resolvers() -> None:
     for name, function in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, function)
+    schema.register_schemas()
 
 
 def compose(overrides: list[str]) -> Any:

@@ -305,7 +305,18 @@ def cifar_loaders(
     )
 
 
+def check_num_classes(num_classes: int | None) -> None:
+    """``dataset.num_classes``: a positive integer (None: whatever the data holds)."""
+    if num_classes is not None and (
+        not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1
+    ):
+        raise ConfigError(
+            f"dataset.num_classes={num_classes} is not allowed; allowed: an integer >= 1"
+        )
+
+
 def _check_classes(expected: int | None, found: int, where: str) -> None:
+    check_num_classes(expected)
     if expected is not None and expected != found:
         raise ConfigError(
             f"dataset.num_classes={expected} but {where} has {found} classes; allowed: {found}"
@@ -393,6 +404,7 @@ def fake_loaders(
     world_size: int = 1,
 ) -> Loaders:
     """Random images from torchvision's FakeData, deterministic for a given seed."""
+    check_num_classes(num_classes)
     # FakeData seeds image i with i + random_offset; spacing the offsets keeps train, test and
     # different seeds from sharing images.
     offset = seed * 1_000_003

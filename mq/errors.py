@@ -1,5 +1,9 @@
 """Errors that end a run with one clear line instead of a traceback."""
 
+from __future__ import annotations
+
+from typing import Any
+
 
 class ConfigError(ValueError):
     """A user-facing configuration or input problem; its message is one line."""
@@ -44,28 +48,52 @@ def _constructor_error(exc: BaseException) -> ConfigError | None:
     return ConfigError(f"{node or 'config'} could not be built ({target}): {first_line(cause)}")
 
 
-def hydra_error_line(exc: BaseException) -> str | None:
-    """One line for an error Hydra raises while composing the config from the command line (a
-    key typo, a group without ``+``, bad override syntax); None for anything else."""
+def unknown_key_line(full_key: str, keys: list[str], prefix: str = "") -> str:
+    """``KEY is not a config key``, with the closest key of its node or the ones allowed."""
     import difflib
 
+    keys = [k for k in keys if k != "hydra" and not k.startswith("_")]
+    key = full_key[len(prefix) :]
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    allowed = ", ".join(keys) or f"none ({prefix.rstrip('.') or 'this node'} has no keys to set)"
+    hint = f"did you mean {prefix}{close[0]}?" if close else f"allowed: {allowed}"
+    return f"{full_key} is not a config key; {hint}"
+
+
+def removed_key_line(full_key: str) -> str:
+    """``~KEY`` on a key every run needs (conf/'s schemas name each one)."""
+    return f"~{full_key} is not allowed: {full_key} is a required key; allowed: {full_key}=VALUE"
+
+
+def hydra_error_line(exc: BaseException) -> str | None:
+    """One line for an error Hydra raises while composing the config from the command line (a
+    key typo, a value of the wrong type, a group without ``+``, bad override syntax); None for
+    anything else."""
     from hydra.errors import (
         ConfigCompositionException,
         HydraException,
         MissingConfigException,
         OverrideParseException,
     )
+    from omegaconf.errors import (
+        ConfigAttributeError,
+        ConfigKeyError,
+        ConfigTypeError,
+        ValidationError,
+    )
 
     cause = exc.__cause__
-    if isinstance(exc, ConfigCompositionException) and "not in struct" in str(cause):
+    composing = isinstance(exc, ConfigCompositionException)
+    if composing and isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
         key, full_key = getattr(cause, "key", None), getattr(cause, "full_key", None)
         parent = getattr(cause, "parent_node", None)
         keys = [str(k) for k in (parent.keys() if parent is not None else [])]
-        keys = [k for k in keys if k != "hydra" and not k.startswith("_")]
         prefix = full_key[: -len(str(key))] if full_key and key else ""
-        close = difflib.get_close_matches(str(key), keys, n=1, cutoff=0.6)
-        hint = f"did you mean {prefix}{close[0]}?" if close else f"allowed: {', '.join(keys)}"
-        return f"{full_key} is not a config key; {hint}"
+        return unknown_key_line(str(full_key), keys, prefix)
+    if composing and isinstance(cause, ValidationError):
+        return type_error_line(cause)
+    if composing and isinstance(cause, ConfigTypeError) and "support deletion" in str(cause):
+        return removed_key_line(str(getattr(cause, "full_key", None) or "?"))
     text = str(exc).strip()
     if "No match in the defaults list" in text:
         key = text.split("'")[1] if text.count("'") >= 2 else "?"
@@ -89,3 +117,45 @@ def hydra_error_line(exc: BaseException) -> str | None:
     if isinstance(exc, HydraException):
         return "; ".join(line.strip().rstrip(".") for line in text.splitlines() if line.strip())
     return None
+
+
+# What a typed key takes, by the name OmegaConf gives its type in a ValidationError.
+TYPES = {
+    "bool": "true, false (also yes, no, on, off, 1, 0)",
+    "Integer": "an integer",
+    "Float": "a number",
+    "String": "a string",
+}
+CONVERSION = (
+    r"Value '(?P<value>.*?)' of type '.*?' could not be converted to (?P<type>\w+)",
+    r"Value '(?P<value>.*?)' is not a valid (?P<type>bool)",
+)
+
+
+def type_error_line(exc: BaseException) -> str:
+    """``KEY=VALUE is not allowed; allowed: WHAT`` for a value OmegaConf could not convert to
+    its key's type (conf/'s schemas, mq/schema.py)."""
+    import re
+
+    text = first_line(exc)
+    full_key = getattr(exc, "full_key", None) or "?"
+    found = next(filter(None, (re.match(p, text) for p in CONVERSION)), None)
+    if found is not None:
+        value = {"True": "true", "False": "false"}.get(found["value"], found["value"])
+        allowed = TYPES.get(found["type"], found["type"])
+        return f"{full_key}={value} is not allowed; allowed: {allowed}"
+    if "is not Optional" in text:  # null for a key that must have a value
+        kind = _field_type(getattr(exc, "object_type", None), str(getattr(exc, "key", "")))
+        return f"{full_key}=null is not allowed; allowed: {TYPES.get(kind, 'a value')}"
+    return f"{full_key}: {text}"
+
+
+def _field_type(schema: Any, key: str) -> str:
+    """The name TYPES knows a schema field's type by ("Integer", ...), or ""."""
+    import dataclasses
+    import typing
+
+    if not dataclasses.is_dataclass(schema):
+        return ""
+    kind = typing.get_type_hints(schema).get(key)
+    return {int: "Integer", float: "Float", bool: "bool", str: "String"}.get(kind, "")

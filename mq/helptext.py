@@ -62,7 +62,8 @@ def keys(path: Path) -> list[tuple[str, str, str]]:
     assert isinstance(data, dict)
     out = []
     for entry in data.pop("defaults", None) or []:
-        if isinstance(entry, str) and entry.endswith("@_here_"):
+        # /schema/...: a ConfigStore schema (mq.schema), types only, no file
+        if isinstance(entry, str) and entry.endswith("@_here_") and not entry.startswith("/"):
             out += keys(path.parent / f"{entry.removesuffix('@_here_')}.yaml")
     comments = _comments(path)
     for key, value in flatten(data).items():

@@ -17,6 +17,7 @@ from mq import distributed
 from mq.allocator import keep_freed_memory
 from mq.checkpoint import json_text, load_checkpoint, read_json, save_checkpoint, write_json
 from mq.conf import upgrade
+from mq.data import check_num_classes
 from mq.errors import ConfigError, first_line
 from mq.evaluation import evaluate_only
 from mq.folders import disk_full, remove_stale_tmp
@@ -28,6 +29,7 @@ from mq.quant.layers import quantize_model
 from mq.results.runs import flatten
 from mq.resume import completed_progress, rebuild_summary
 from mq.rundir import FolderRefused, check_location, check_name, remove_created, started, take_lock
+from mq.schema import check_config
 from mq.split import check_split
 from mq.sweep.ledger import FINAL
 from mq.sweep.preempt import GracefulStop
@@ -39,6 +41,9 @@ TASKS = ("quantize", "pretrain", "eval")
 DEVICES = ("auto", "cpu", "cuda")
 ARTIFACTS = ("checkpoint.pt", "metrics.jsonl", "summary.json")
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+# numpy's seed range; torch takes 64 bits, but the fake data offsets each seed's images by
+# seed * 1_000_003, which must stay within them too.
+MAX_SEED = 2**32 - 1
 
 
 def resolve_device(name: str) -> torch.device:
@@ -53,6 +58,7 @@ def resolve_device(name: str) -> torch.device:
 
 def validate(cfg: DictConfig) -> None:
     """Checks of plain values; group options and constructor arguments check themselves."""
+    check_config(cfg)  # the schemas' keys, every interpolation resolved
     check_name("run_name", cfg.get("run_name"))
     if cfg.get("sweep_name") is not None:  # null: a sweep names itself (mq.sweep.sweepname)
         check_name("sweep_name", cfg.get("sweep_name"))
@@ -80,8 +86,8 @@ def validate(cfg: DictConfig) -> None:
         if isinstance(value, float) and not abs(value) <= FLOAT32_MAX:
             raise ConfigError(f"{key}={value} is not allowed; allowed: a finite number")
     seed = cfg.seed
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ConfigError(f"seed={seed} is not allowed; allowed: an integer >= 0")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed={seed} is not allowed; allowed: an integer in 0..{MAX_SEED}")
     every = cfg.checkpoint_every_min
     if not isinstance(every, (int, float)) or isinstance(every, bool) or every <= 0:
         raise ConfigError(f"checkpoint_every_min={every} is not allowed; allowed: a number > 0")
@@ -95,6 +101,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} is not allowed; allowed: null or an integer >= 1")
     if cfg.task.name == "eval" and not cfg.model.pretrained:
         raise ConfigError("task=eval needs model.pretrained=PATH (a checkpoint or run directory)")
+    check_num_classes(OmegaConf.select(cfg, "dataset.num_classes"))
     check_split(cfg.dataset, cfg.batch_size)
     validate_ranks(cfg, planned_ranks())
 
@@ -137,7 +144,7 @@ def check(cfg: DictConfig, run_dir: Path | None = None) -> None:
     resolve_original(cfg)  # model.pretrained=original -> the released file, in cfg itself
     validate(cfg)
     OmegaConf.to_container(cfg, resolve=True)  # an interpolation that fails, fails here
-    check_model(cfg.model.name, cfg.model.pretrained)
+    check_model(cfg.model.name, cfg.model.pretrained, cfg.model.num_classes)
     quantizer = instantiate(cfg.quant) if cfg.quant.get("_target_") else None
     if cfg.task.name != "eval":
         stand_in = quantize_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), quantizer)
@@ -204,7 +211,7 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     saved = run_dir / "config.yaml"
     if not saved.exists():
         return None
-    old = upgrade(OmegaConf.to_container(OmegaConf.load(saved)))  # runs from before meta.net.*
+    old = upgrade(read_run_config(saved))  # runs from before meta.net.*
     diff = _differences(old, result_config(cfg))
     if diff:
         raise ConfigError(
@@ -212,6 +219,27 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
             "set run_name=NAME for a new run, or delete that directory"
         )
     return read_json(run_dir / "summary.json") or {}
+
+
+def read_run_config(path: Path) -> dict[str, Any]:
+    """A run folder's config.yaml as a dict; a ConfigError when it is not one (broken YAML,
+    not a mapping): that folder's run cannot be compared with this one, so it is not touched."""
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
+
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path))
+    except YAMLError as exc:
+        data = f"invalid YAML: {first_line(exc)}"
+    except (OmegaConfBaseException, OSError, UnicodeDecodeError) as exc:
+        data = first_line(exc)
+    if not isinstance(data, dict):
+        reason = data if isinstance(data, str) else "not a mapping of config keys"
+        raise ConfigError(
+            f"{path} cannot be read ({reason}); that folder is left as it is: "
+            "set run_name=NAME for a new run, or move that folder away"
+        )
+    return data
 
 
 def finished_message(run_dir: Path, summary: dict[str, Any]) -> str:

@@ -372,11 +372,15 @@ class Guard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.hydra_config import HydraConfig
 
+        from mq.schema import check_config
+
         HydraConfig.instance().set_config(config)  # ${hydra:...} in the run folder's name
         rank = int(os.environ.get("RANK", "0"))
         if rank != 0:
             _quiet_rank(config)
         try:
+            # keys added (+) or removed (~), interpolations that fail (the folder's name too)
+            check_config(config)
             from mq.models import resolve_original  # imports torch
 
             # In the config Hydra then runs: the eval folder's name and the job see the file.

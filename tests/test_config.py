@@ -122,7 +122,6 @@ def test_wandb_logger_config_instantiates_disabled(tmp_path):
         ("meta.lr=-1", "meta.lr=-1"),
         ("epochs=0", "epochs=0"),
         ("device=tpu", "device=tpu"),
-        ("cudnn_benchmark=1", "cudnn_benchmark=1 is not allowed; allowed: true, false"),
     ],
 )
 def test_validate_rejects_bad_values(override, message):

@@ -58,11 +58,25 @@ def resolve_original(cfg: Any) -> None:
     cfg.model.pretrained = str(original_checkpoint(cfg.model.name, cfg.model.num_classes, folder))
 
 
-def check_model(name: str, pretrained: str | None = None) -> None:
-    """Fail on an unknown model name or a missing pretrained file, without building anything
-    (cheap enough to run on every sweep point before submission)."""
+# ImageNet-21k has 21,841 classes; far more is a typo that would allocate a huge last layer.
+MAX_CLASSES = 100_000
+
+
+def check_model(name: str, pretrained: str | None = None, num_classes: int | None = None) -> None:
+    """Fail on an unknown model name, a number of classes outside 1..MAX_CLASSES or a missing
+    pretrained file, without building anything (cheap enough for every sweep point before
+    submission)."""
     if name not in MODELS:
         raise ConfigError(f"model.name={name} is not known; allowed: {', '.join(MODELS)}")
+    if num_classes is not None and (
+        not isinstance(num_classes, int)
+        or isinstance(num_classes, bool)
+        or not 1 <= num_classes <= MAX_CLASSES
+    ):
+        raise ConfigError(
+            f"model.num_classes={num_classes} is not allowed; "
+            f"allowed: an integer in 1..{MAX_CLASSES}"
+        )
     if pretrained:
         checkpoint_file(pretrained)
 
@@ -88,7 +102,7 @@ def build_model(
     without reordering (on a 2-core CPU a ResNet20 step took 127 ms instead of 168 ms). Only the
     memory layout changes: state dicts, checkpoints and results are the same.
     """
-    check_model(name)
+    check_model(name, num_classes=num_classes)
     if name in CIFAR_DEPTHS:
         model: nn.Module = CifarResNet(CIFAR_DEPTHS[name], num_classes)
     else:
