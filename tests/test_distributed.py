@@ -238,7 +238,7 @@ def test_bad_distributed_input_is_one_line_and_writes_nothing(tmp_path, args, me
         ({"WORLD_SIZE": "4"}, ["batch_size=30"], "batch_size=30 does not divide evenly across 4"),
         ({"WORLD_SIZE": "2"}, ["distributed.backend=nccl", "device=cpu"], "needs CUDA"),
         ({"WORLD_SIZE": "2"}, ["distributed.backend=mpi"], "distributed.backend=mpi is not known"),
-        ({}, ["sync_bn=maybe"], "sync_bn=maybe is not allowed"),
+        ({}, ["distributed.timeout_s=0"], "distributed.timeout_s=0.0 is not allowed"),
     ],
 )
 def test_distributed_settings_are_checked(monkeypatch, env, args, message):

@@ -224,6 +224,8 @@ def test_launch_on_a_run_folder_with_broken_yaml_leaves_it_as_it_was(tmp_path):
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text("bits: [1\n")
     (folder / "metrics.jsonl").write_text('{"kind": "step", "step": 0}\n')
+    # The lock file an mq run leaves (what makes the folder an mq run despite its config).
+    (folder / "run.lock").write_text("pid 4242 on node1\n")
     before = tree(tmp_path)
     result = launch(*FAST, cwd=tmp_path)
     assert result.returncode == 2, result.stderr

@@ -123,7 +123,7 @@ def test_a_sweep_folder_of_user_files_is_refused_untouched(tmp_path):
 
 def test_a_sweep_job_folder_must_be_inside_the_sweep_folder(tmp_path):
     result = launch("-m", *F, "bits=1", "hydra.sweep.subdir=../../../x", cwd=tmp_path)
-    one_line_error(result, "is outside its sweep folder outputs/sweeps/adhoc")
+    one_line_error(result, "is outside its sweep folder outputs/sweeps/")
     result = launch("-m", *F, "bits=1", "hydra.output_subdir=../../x", cwd=tmp_path)
     one_line_error(result, "hydra.output_subdir='../../x' is not allowed")
     assert not list(tmp_path.iterdir())  # no outputs/, no x/

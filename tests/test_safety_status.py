@@ -193,12 +193,14 @@ def test_checkpoint_that_cannot_resume_is_one_line(completed, tmp_path, kind, me
         state["progress"]["epoch"] = 0
     run_dir = tmp_path / RUN
     run_dir.mkdir(parents=True)
+    # The run's own config.yaml: a lone checkpoint.pt is not recognised as an mq run folder.
+    (run_dir / "config.yaml").write_bytes((completed / RUN / "config.yaml").read_bytes())
     torch.save(state, run_dir / "checkpoint.pt")
-    before = (run_dir / "checkpoint.pt").read_bytes()
+    before = {n: (run_dir / n).read_bytes() for n in ("checkpoint.pt", "config.yaml")}
     result = launch(*F, cwd=tmp_path)
     one_line_error(result, f"{RUN}/checkpoint.pt {message}", "move it away to start the run over")
-    assert (run_dir / "checkpoint.pt").read_bytes() == before
-    for name in ("summary.json", "metrics.jsonl", "config.yaml"):
+    assert {n: (run_dir / n).read_bytes() for n in before} == before
+    for name in ("summary.json", "metrics.jsonl"):
         assert not (run_dir / name).exists(), name
 
 
