@@ -18,15 +18,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from mq.conf import register_resolvers
-from mq.errors import ConfigError, find_config_error, first_line, hydra_error_line
-from mq.folders import disk_full, disk_full_message
+from mq.cli.conf import register_resolvers
+from mq.core.errors import ConfigError, find_config_error, first_line, hydra_error_line
+from mq.core.folders import disk_full, disk_full_message
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
-    from mq.run import run  # torch is imported only once the config is known to compose
-    from mq.train import Interrupted
+    from mq.job.run import run  # torch is imported only once the config is known to compose
+    from mq.job.train import Interrupted
 
     hydra_cfg = HydraConfig.get()
     choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra")}
@@ -34,10 +34,10 @@ def main(cfg: DictConfig) -> dict:
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
     logger_args = {}
     if sweep:  # one wandb group per sweep, stable across relaunches; runs named by overrides
-        from mq.sweep.ledger import wandb_group
+        from mq.job.ledger import wandb_group
 
         group = wandb_group(Path(hydra_cfg.sweep.dir), fallback=str(cfg.get("sweep_name")))
-        # The job's folder name (path values shortened, mq/sweep/dirname.py), not Hydra's raw one.
+        # The job's folder name (path values shortened, mq/cli/dirname.py), not Hydra's raw one.
         logger_args = {"group": group, "name": str(hydra_cfg.sweep.subdir) or cfg.run_name}
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
@@ -48,8 +48,8 @@ def main(cfg: DictConfig) -> dict:
     except Exception as exc:
         error = find_config_error(exc)
         if sweep:  # the ledger says failed; raising (not exiting) lets the other jobs run
-            from mq.rundir import FolderRefused
-            from mq.sweep.ledger import record_failure
+            from mq.job.ledger import record_failure
+            from mq.job.rundir import FolderRefused
 
             if isinstance(error, FolderRefused):  # not its folder (or another job's): no write
                 raise
@@ -65,7 +65,7 @@ def main(cfg: DictConfig) -> dict:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {error}", file=sys.stderr)
         else:  # every rank meets it; rank 0 says so and removes what its start created
-            from mq.rundir import wait_for_lock
+            from mq.job.rundir import wait_for_lock
 
             wait_for_lock(run_dir, held=False)
         sys.exit(2)
@@ -86,7 +86,7 @@ if __name__ == "__main__":
         line = None if full_error else hydra_error_line(exc)
         full = disk_full(exc)
         if full is not None:  # Hydra could not write its files into the run folder
-            from mq.rundir import undo_starts
+            from mq.job.rundir import undo_starts
 
             undone = undo_starts()
             line = disk_full_message(full, undone[0] if undone else Path(full.filename or "."))

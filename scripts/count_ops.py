@@ -5,7 +5,7 @@
 
 A launch costs host time on a GPU, so for ResNet20 this count bounds a step in eager mode.
 The CUDA paths are forced on the CPU: the count does not need a GPU. The steps are the bench's
-(mq.bench.build_step), counted as the bench counts them (mq.bench.count_ops).
+(mq.tools.bench.build_step), counted as the bench counts them (mq.tools.bench.count_ops).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import functools
 
 import torch
 
-from mq.bench import Variant, build_step, count_ops
-from mq.bench import parse as bench_args
 from mq.quant.flat import FlatLayout
+from mq.tools.bench import Variant, build_step, count_ops
+from mq.tools.bench import parse as bench_args
 
 VARIANTS = [Variant("none", "ste")] + [
     Variant(q, n) for q in ("dorefa", "bwn") for n in ("ste", "multifc", "fcgrad")

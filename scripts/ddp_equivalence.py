@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import test_distributed as t  # noqa: E402
 
-from mq import data as mqdata  # noqa: E402
+from mq.data import loaders as mqdata  # noqa: E402
 from mq.models import build_model  # noqa: E402
 from mq.quant import DorefaWeight  # noqa: E402
 from mq.quant.layers import quantize_model  # noqa: E402

@@ -15,7 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mq.conf import register_resolvers
+from mq.cli.conf import register_resolvers
 
 register_resolvers()  # conf/'s ${mq.subdir:} etc., as launch.py does before Hydra starts
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def meta_net(name: str, **overrides: object):
     costs seconds per test)."""
     from hydra.utils import instantiate
 
-    from mq.conf import option_file
+    from mq.cli.conf import option_file
 
     node = option_file("meta", name).net
     overrides = {"compile": False, **overrides}
@@ -109,7 +109,7 @@ def build_quantizer(quant: str, bits: int):
     of its constructor where it refuses (not Hydra's wrapper)."""
     from hydra.utils import instantiate
 
-    from mq.errors import find_config_error
+    from mq.core.errors import find_config_error
 
     cfg = copy.deepcopy(_quant_config(quant))
     cfg.bits = bits  # what bits=BITS on the command line sets; quant's ${bits} reads it
@@ -126,7 +126,7 @@ def build_quantizer(quant: str, bits: int):
 
 def lowest_bits(quant: str) -> int:
     """The lowest bit width in 1..8 that ``quant`` accepts (1 for most)."""
-    from mq.errors import ConfigError
+    from mq.core.errors import ConfigError
 
     for bits in range(1, 9):
         try:

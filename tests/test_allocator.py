@@ -1,4 +1,5 @@
-"""mq.allocator: freed memory stays in the process, so a step does not page-fault it back in."""
+"""mq.core.allocator: freed memory stays in the process, so a step does not page-fault it
+back in."""
 
 import statistics
 import subprocess
@@ -6,14 +7,14 @@ import sys
 
 import pytest
 
-from mq.allocator import keep_freed_memory
+from mq.core.allocator import keep_freed_memory
 
 # Minor page faults of each of 18 real training steps (ResNet20, DoReFa, MultiFC, batch 128 as
 # in training) in a fresh process, with glibc's defaults or after keep_freed_memory(). At batch
 # 32 or 64 glibc's own behaviour is erratic (a whole run without faults happens).
 PROBE = """
 import functools, resource, sys, torch
-from mq.allocator import keep_freed_memory
+from mq.core.allocator import keep_freed_memory
 from mq.meta import MetaQuantStep, MultiFC
 from mq.models import build_model
 from mq.quant import DorefaWeight, quantize_model

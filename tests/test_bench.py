@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from mq.conf import options
+from mq.cli.conf import options
 
 
 @pytest.mark.slow  # runs every benchmark once (about 20 s)
@@ -54,7 +54,7 @@ def test_bench_writes_table_and_json(tmp_path):
     ],
 )
 def test_bench_bad_arguments_exit_with_one_line(args, message, capsys):
-    from mq.bench import parse
+    from mq.tools.bench import parse
 
     with pytest.raises(SystemExit) as exit_info:
         parse(args)
@@ -68,7 +68,7 @@ def test_bench_bad_arguments_exit_with_one_line(args, message, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
 def test_bench_cuda_without_a_gpu_is_a_clear_error(capsys):
-    from mq.bench import parse
+    from mq.tools.bench import parse
 
     with pytest.raises(SystemExit):
         parse(["--device", "cuda"])
@@ -76,7 +76,7 @@ def test_bench_cuda_without_a_gpu_is_a_clear_error(capsys):
 
 
 def test_every_bench_option_has_a_help_text(monkeypatch):
-    from mq.bench import parse
+    from mq.tools.bench import parse
 
     parsers = []
     parse_args = argparse.ArgumentParser.parse_args

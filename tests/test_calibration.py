@@ -5,7 +5,7 @@ against autograd through A, per tensor and on the flat vector of several layers.
 import pytest
 import torch
 
-from mq.errors import ConfigError
+from mq.core.errors import ConfigError
 from mq.quant import BWNWeight, DorefaWeight
 from mq.quant.flat import FlatLayout
 

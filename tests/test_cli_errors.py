@@ -10,9 +10,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from mq.conf import options
-from mq.errors import ConfigError, find_config_error, hydra_error_line
-from mq.run import check, validate
+from mq.cli.conf import options
+from mq.core.errors import ConfigError, find_config_error, hydra_error_line
+from mq.job.run import check, validate
 
 METAS = ", ".join(options("meta"))  # conf/meta/'s options, as the errors list them
 
@@ -40,7 +40,7 @@ def composition_error(overrides: list[str]) -> str | None:
         (["meta=nosuch"], f"meta=nosuch is not known; allowed: {METAS}"),
         (["meta=ste,multifc"], "meta=ste,multifc is a sweep: add -m"),
         (["bits=range(1,3)"], "bits=range(1,3) is a sweep: add -m"),
-        # conf/'s schemas (mq/schema.py) type every key as Hydra composes
+        # conf/'s schemas (mq/cli/schema.py) type every key as Hydra composes
         (["seed=abc"], "seed=abc is not allowed; allowed: an integer"),
         (["seed=1.5"], "seed=1.5 is not allowed; allowed: an integer"),
         (

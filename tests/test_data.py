@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from mq import data
-from mq.data import (
+from mq.core.errors import ConfigError
+from mq.data import loaders as data
+from mq.data.loaders import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     DeviceLoader,
@@ -22,8 +23,7 @@ from mq.data import (
     folder_loaders,
     imagenet_loaders,
 )
-from mq.errors import ConfigError
-from mq.evaluation import evaluate
+from mq.job.evaluation import evaluate
 
 MEAN = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)

@@ -9,7 +9,7 @@ import pytest
 from conftest import compose_config
 from omegaconf import OmegaConf
 
-from mq.sweep.dirname import override_dirname, short_value
+from mq.cli.dirname import override_dirname, short_value
 
 PLAIN = [
     ["quant=dorefa", "bits=1", "meta=ste", "seed=0"],
@@ -56,12 +56,12 @@ def test_excluded_keys_and_separators_follow_hydras_options():
 def test_folder_names_leave_out_mq_keys_volatile_keys_and_the_same_keys_as_before():
     from conftest import compose_config
 
-    from mq.keys import VOLATILE
+    from mq.core.keys import VOLATILE
 
     excluded = set(compose_config([]).hydra.job.config.override_dirname.exclude_keys)
     # -m run_name=a,b: two folders; distributed is a node: its leaves are listed
     assert set(VOLATILE) - excluded == {"run_name", "distributed"}
-    # the list conf/config.yaml held before it read mq.keys, so sweep folder names are
+    # the list conf/config.yaml held before it read mq.core.keys, so sweep folder names are
     # unchanged, plus dataset.decode (new with the ImageNet loader: where JPEGs are decoded)
     assert excluded == {
         *("device", "cudnn_benchmark", "progress", "log_every", "checkpoint_every_min"),
@@ -77,7 +77,7 @@ def test_a_name_over_the_limit_is_shortened_and_hashed():
     """Tuning trials with many keys: a name over MAX_NAME bytes keeps its first whole items and
     a hash of the whole name (the file system refuses names over 255 bytes); shorter names
     unchanged."""
-    from mq.sweep.dirname import MAX_NAME
+    from mq.cli.dirname import MAX_NAME
 
     keys = [f"key{i}.with.a.long.name={i / 7:.6f}" for i in range(12)]
     name = override_dirname(keys, [])
@@ -91,7 +91,7 @@ def test_a_long_name_shows_each_value_whole_or_not_at_all():
     """A name over MAX_NAME never cuts a value into a string that reads as another number:
     long floats become their rounding plus a hash of the value, then whole items are left out
     (their count and a hash of the whole name take their place)."""
-    from mq.sweep.dirname import MAX_NAME
+    from mq.cli.dirname import MAX_NAME
 
     trial = [
         "+sweep=fair_compare",

@@ -26,8 +26,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import ROOT, launch_env, meta_net
 
-from mq import distributed
-from mq.data import fake_loaders
+from mq.core import distributed
+from mq.data.loaders import fake_loaders
 from mq.meta.step import MetaQuantStep, STEStep
 from mq.quant import DorefaWeight
 from mq.quant.layers import plain_state_dict, quantize_model
@@ -245,8 +245,8 @@ def test_distributed_settings_are_checked(monkeypatch, env, args, message):
     """The checks launch.py runs on every rank before anything is written (in-process)."""
     from conftest import compose_config
 
-    from mq.errors import ConfigError
-    from mq.run import validate
+    from mq.core.errors import ConfigError
+    from mq.job.run import validate
 
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", **env}.items():
         monkeypatch.setenv(key, value)

@@ -182,7 +182,7 @@ def test_resumes_a_checkpoint_from_before_the_flat_layout(quant, net, update):
 def test_quantizer_kernels_do_not_grow_with_depth(quant, monkeypatch):
     """On a GPU every kernel costs a launch: quantizing all layers (forward and backward) runs
     the same few kernels for ResNet20's 22 layers and ResNet56's 58 (CUDA's reductions)."""
-    from mq.bench import OpCounter
+    from mq.tools.bench import OpCounter
 
     monkeypatch.setattr(FlatLayout, "amax", functools.partialmethod(FlatLayout.amax, foreach=True))
     monkeypatch.setattr(

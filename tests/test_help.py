@@ -11,9 +11,9 @@ import pytest
 from conftest import ROOT, compose_config, launch_env
 from omegaconf import OmegaConf
 
-from mq.conf import groups, options
-from mq.helptext import keys, text
-from mq.results.runs import flatten
+from mq.cli.conf import groups, options
+from mq.cli.helptext import keys, text
+from mq.core.keys import flatten
 
 HELP = text()
 

@@ -1,4 +1,4 @@
-"""ImageNet input (mq.imagenet) on real JPEG folders written here: the transforms against
+"""ImageNet input (mq.data.imagenet) on real JPEG folders written here: the transforms against
 torchvision's, exact mid-epoch resume, worker-independence, rank shards, top-5, bad folders."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import torchvision.transforms.v2.functional as TF
 from conftest import launch
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
-from mq.data import IMAGENET_MEAN, IMAGENET_STD
-from mq.errors import ConfigError
-from mq.evaluation import evaluate
-from mq.imagenet import RATIO, SCALE, ImageNetLoader, crop_box, imagenet_loaders, list_folder
+from mq.core.errors import ConfigError
+from mq.data.imagenet import RATIO, SCALE, ImageNetLoader, crop_box, imagenet_loaders, list_folder
+from mq.data.loaders import IMAGENET_MEAN, IMAGENET_STD
+from mq.job.evaluation import evaluate
 
 
 def smooth_image(h: int, w: int, phase: float) -> torch.Tensor:
@@ -226,7 +226,7 @@ def test_cuda_nvjpeg_batches_match_the_cpu_decode(tmp_path):
 
 
 def test_loader_benchmark_measures_both_pipelines_on_a_generated_folder(tmp_path, capsys):
-    from mq.bench_loader import main, make_folder
+    from mq.tools.bench_loader import main, make_folder
 
     make_folder(str(tmp_path / "gen"), files=20, classes=2)
     _, files, _ = list_folder(tmp_path / "gen" / "train", "gen")
@@ -260,7 +260,7 @@ class SlowItems(torch.utils.data.Dataset):
 def test_loader_benchmark_times_the_steady_state_not_a_prefetched_queue():
     """4 workers at 10 items/s each make 40 items/s. Timing 2 batches after 1 warm-up batch
     (the first wave made all 4 at once) measured a queue: several times too fast."""
-    from mq.bench_loader import _rate, waves
+    from mq.tools.bench_loader import _rate, waves
 
     assert waves(0, 3) == (1, 3) and waves(4, 2) == (4, 4) and waves(4, 5) == (4, 8)
     loader = torch.utils.data.DataLoader(SlowItems(), batch_size=1, num_workers=4)

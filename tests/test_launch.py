@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT, SMOKE, launch, lowest_bits
 from wandb_records import history_keys, read_records
 
-from mq.conf import options
+from mq.cli.conf import options
 
 METAS = options("meta")
 

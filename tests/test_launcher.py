@@ -11,7 +11,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from submitit.core.utils import FailedJobError
 
 from hydra_plugins.mq_plugins import SlurmLauncher
-from mq.errors import ConfigError
+from mq.core.errors import ConfigError
 from mq.sweep import slurm
 from mq.sweep.launcher import _progress
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mq.errors import ConfigError
+from mq.core.errors import ConfigError
 from mq.quant import BWNWeight, DorefaWeight
 from mq.quant.functions import dorefa_calibration, dorefa_transform
 
@@ -134,11 +134,11 @@ def test_a_run_from_before_the_slope_change_is_not_resumed(quant, tmp_path):
     from conftest import compose_config
     from omegaconf import OmegaConf, open_dict
 
-    from mq.run import check_run_dir, result_config
+    from mq.job.run import check_run_dir, result_config
 
     cfg = compose_config([f"quant={quant}", "meta=ste", "logger=none"])
     with open_dict(cfg):
-        del cfg["hydra"]  # a job's config, as mq.run sees it
+        del cfg["hydra"]  # a job's config, as mq.job.run sees it
     assert cfg.quant.ste_slope == "forward"
     old = result_config(cfg)
     del old["quant"]["ste_slope"]

@@ -17,13 +17,13 @@ import pytest
 import torch
 from conftest import SMOKE, build_quantizer, compose_config, launch
 
-from mq.conf import options
-from mq.errors import ConfigError
+from mq.cli.conf import options
+from mq.core.errors import ConfigError
 from mq.models import build_model
 from mq.quant import quantize_model
 
 QUANTS = [q for q in options("quant") if compose_config([f"quant={q}"]).quant.get("_target_")]
-BITS = range(0, 10)  # mq's bits are 1..8 (mq.run.validate); 0 and 9 are never allowed
+BITS = range(0, 10)  # mq's bits are 1..8 (mq.job.run.validate); 0 and 9 are never allowed
 
 
 @functools.cache

@@ -43,8 +43,9 @@ def make_run(
     optimizer: str = "sgd",
     summary: bool = True,
 ) -> Path:
-    """A run directory as mq.run/mq.train write it: config.yaml, summary.json, metrics.jsonl.
-    Training loss per epoch is 100 - test accuracy, so plots have something to draw."""
+    """A run directory as mq.job.run/mq.job.train write it: config.yaml, summary.json,
+    metrics.jsonl. Training loss per epoch is 100 - test accuracy, so plots have something to
+    draw."""
     run_dir = sweep / f"lr={lr},meta={method},seed={seed},hs={hidden_size}"
     run_dir.mkdir(parents=True)
     meta = dict(META[method])

@@ -1,5 +1,5 @@
 """mq.results.runs: the run listing (python -m mq.runs), reading metrics of old and new versions,
-and what mq.train writes into metrics rows and summary.json (epochs from 1, times, limits)."""
+and what mq.job.train writes into metrics rows and summary.json (epochs from 1, times, limits)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import torch
 from conftest import ROOT
 from test_report import make_run
 
-from mq.checkpoint import load_checkpoint
-from mq.data import fake_loaders
+from mq.core.checkpoint import load_checkpoint
+from mq.data.loaders import fake_loaders
+from mq.job.rundir import RunLock
+from mq.job.train import train
 from mq.results.runs import collect_runs, listing, normalize, read_run
-from mq.rundir import RunLock
-from mq.train import train
 
 
 def runs_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -169,10 +169,10 @@ def test_metrics_rows_count_epochs_from_one_and_carry_times(tmp_path):
 
 
 def test_volatile_keys_are_config_keys():
-    """A misspelt entry in mq.keys would leave a result-changing key in the resume check."""
+    """A misspelt entry in mq.core.keys would leave a result-changing key in the resume check."""
     from conftest import CONF, compose_config
 
-    from mq.keys import VOLATILE, VOLATILE_DATASET
+    from mq.core.keys import VOLATILE, VOLATILE_DATASET
 
     cfg = compose_config([])
     assert [key for key in VOLATILE if key not in cfg] == []

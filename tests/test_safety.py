@@ -22,8 +22,8 @@ import torch
 from conftest import ROOT, SMOKE, compose_config, launch, start_launch
 from omegaconf import OmegaConf, open_dict, read_write
 
-from mq.checkpoint import load_checkpoint, save_checkpoint
-from mq.loggers import MetricsFile
+from mq.core.checkpoint import load_checkpoint, save_checkpoint
+from mq.job.loggers import MetricsFile
 
 RUN = "outputs/quantize/fake/resnet20-dorefa-w1-multifc-sgd-s0"
 TINY = [*SMOKE, "limit_train_batches=2", "limit_test_batches=1"]
@@ -65,8 +65,8 @@ def fake_run(folder: Path, status: str = "completed") -> Path:
 
 def started_run(run_dir: Path, overrides: list[str]) -> Path:
     """A run folder as the start of training leaves it: mq's config.yaml of that run."""
-    from mq.run import result_config
-    from mq.rundir import _task_config
+    from mq.job.run import result_config
+    from mq.job.rundir import _task_config
 
     run_dir.mkdir(parents=True, exist_ok=True)
     config = result_config(_task_config(compose_config(overrides)))
@@ -121,8 +121,8 @@ def test_run_dir_with_foreign_files_is_refused(tmp_path):
 
 @pytest.mark.parametrize("name", [".", "..", "", "../escape", "a/b", "/abs", ".hidden", "a b"])
 def test_run_and_sweep_names_are_one_plain_folder_name(name):
-    from mq.errors import ConfigError
-    from mq.rundir import check_name
+    from mq.core.errors import ConfigError
+    from mq.job.rundir import check_name
 
     with pytest.raises(ConfigError, match="letters, digits"):
         check_name("run_name", name)
@@ -203,7 +203,7 @@ def test_sweep_whose_overrides_are_all_left_out_of_folder_names_is_refused(tmp_p
 
 # ------------------------------------------------------------------------------- 3. lock ----
 def test_second_launch_of_a_locked_run_folder_refuses_in_one_line(tmp_path):
-    from mq.rundir import LOCK_FILE, RunLock
+    from mq.job.rundir import LOCK_FILE, RunLock
 
     run_dir = tmp_path / RUN
     run_dir.mkdir(parents=True)
@@ -344,8 +344,8 @@ def test_planted_pretrained_file_cannot_run_code(tmp_path):
 def test_checkpoints_of_every_step_kind_load_with_weights_only(tmp_path, meta, optimizer):
     from hydra.utils import instantiate
 
+    from mq.job.progress import rng_state
     from mq.models import build_model
-    from mq.progress import rng_state
     from mq.quant.layers import plain_state_dict, quantize_model
 
     extra = {"ste": [], "lstmfc": ["meta.net.hidden_size=8", "meta.net.compile=false"]}
@@ -399,7 +399,7 @@ def test_full_disk_during_a_checkpoint_leaves_no_tmp_and_says_failed(tmp_path):
 
 # ------------------------------------------------------------------------------ 7. eval ----
 def test_checkpoint_tag_is_short_stable_and_path_safe(tmp_path):
-    from mq.rundir import checkpoint_tag
+    from mq.cli.dirname import checkpoint_tag
 
     run = tmp_path / "outputs/pretrain/fake/resnet20-fp-sgdm-s0"
     run.mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""No setting misread: every config key has a type (conf/'s schemas, mq/schema.py), so a word
+"""No setting misread: every config key has a type (conf/'s schemas, mq/cli/schema.py), so a word
 such as ``no`` is a boolean or a one-line error, never a truthy string; keys added with ``+`` or
 removed with ``~``, interpolations that fail and values out of range end in one line, exit 2,
 with nothing written."""
@@ -17,8 +17,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from mq.errors import ConfigError, find_config_error, hydra_error_line
-from mq.run import check, check_run_dir, validate
+from mq.core.errors import ConfigError, find_config_error, hydra_error_line
+from mq.job.run import check, check_run_dir, validate
 
 BOOL = "allowed: true, false (also yes, no, on, off, 1, 0)"
 
@@ -158,7 +158,7 @@ def test_sizes_beyond_what_memory_holds_are_refused_by_their_constructor(overrid
 
 
 def test_constructors_own_their_checks():
-    from mq.data import fake_loaders
+    from mq.data.loaders import fake_loaders
     from mq.meta import LSTMFC, MultiFC
     from mq.models import build_model
 
@@ -235,14 +235,14 @@ def test_launch_on_a_run_folder_with_broken_yaml_leaves_it_as_it_was(tmp_path):
 
 
 def test_schemas_are_registered_by_call_not_on_import_and_without_torch():
-    """Hydra's plugin scan imports mq.conf: it must stay quick and must not fill the
+    """Hydra's plugin scan imports mq.cli.conf: it must stay quick and must not fill the
     ConfigStore behind the caller's back; launch.py, jobs, mq.bench and tests call register."""
     code = (
         "import sys\n"
         "from hydra.core.config_store import ConfigStore\n"
-        "import mq.conf, mq.schema\n"
+        "import mq.cli.conf, mq.cli.schema\n"
         "assert ConfigStore.instance().repo.get('schema') is None, 'registered on import'\n"
-        "mq.conf.register_resolvers()\n"
+        "mq.cli.conf.register_resolvers()\n"
         "assert 'config.yaml' in ConfigStore.instance().repo['schema']\n"
         "assert 'torch' not in sys.modules\n"
     )

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from test_safety import TINY, one_line_error, snapshot, summary, victim
 
-from mq.errors import ConfigError
+from mq.core.errors import ConfigError
 
 F = [*TINY, "meta=ste"]
 RUN = "outputs/quantize/fake/resnet20-dorefa-w1-ste-sgd-s0"
@@ -68,7 +68,7 @@ def test_a_folder_that_holds_no_mq_run_is_refused_untouched(tmp_path, make):
 
 
 def test_mq_runs_are_recognised_by_what_mq_and_hydra_wrote(tmp_path):
-    from mq.folders import is_mq_run, is_mq_sweep
+    from mq.core.folders import is_mq_run, is_mq_sweep
 
     overrides = ["dataset=fake", "meta=ste"]
     record = tmp_path / "killed-before-training"  # Hydra's record of an mq job, a lock
@@ -79,8 +79,8 @@ def test_mq_runs_are_recognised_by_what_mq_and_hydra_wrote(tmp_path):
     locked.mkdir()
     (locked / "run.lock").write_text("pid 12 on node-3\n")
     assert is_mq_run(locked)
-    from mq.run import result_config
-    from mq.rundir import _task_config
+    from mq.job.run import result_config
+    from mq.job.rundir import _task_config
 
     trained = tmp_path / "trained"  # config.yaml as mq writes it when training starts
     trained.mkdir()
@@ -144,7 +144,7 @@ def tiny_tree(tmp_path_factory) -> Path:
 
 
 def test_only_a_cache_mq_wrote_is_replaced(tmp_path, tiny_tree):
-    from mq.data import folder_loaders
+    from mq.data.loaders import folder_loaders
 
     theirs = tmp_path / "theirs"
     theirs.mkdir()

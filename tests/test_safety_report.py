@@ -143,7 +143,7 @@ def test_two_concurrent_launches_of_one_sweep_both_exit_0_when_every_job_complet
 
 
 def test_a_sweep_without_a_name_is_named_from_what_it_sweeps():
-    from mq.conf import exclude_keys
+    from mq.cli.conf import exclude_keys
     from mq.sweep.sweepname import sweep_name
 
     def name(*task: str, hydra: tuple[str, ...] = ()) -> str:
@@ -161,7 +161,7 @@ def test_a_sweep_without_a_name_is_named_from_what_it_sweeps():
     more = (*tune, "hydra.sweeper.trials=9")  # a relaunch with a larger budget: the same study
     assert name("meta=ste", hydra=more) == name("meta=ste", hydra=tune)
     assert name("meta=glob(*)").startswith("meta=glob_x_-")
-    from mq.rundir import check_name
+    from mq.job.rundir import check_name
 
     check_name("sweep_name", one)  # a valid folder name
 

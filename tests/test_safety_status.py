@@ -20,10 +20,10 @@ import torch
 from conftest import ROOT, launch, launch_env, start_launch
 from test_safety import one_line_error, rows, snapshot, summary
 
-from mq.checkpoint import read_json
-from mq.loggers import MetricsFile
-from mq.rundir import LOCK_FILE, RunLock
-from mq.sweep.ledger import job_status
+from mq.core.checkpoint import read_json
+from mq.job.ledger import job_status
+from mq.job.loggers import MetricsFile
+from mq.job.rundir import LOCK_FILE, RunLock
 
 F = [
     "dataset=fake",
@@ -64,7 +64,7 @@ def copy_run(completed: Path, to: Path, *, drop_state: bool = True) -> Path:
     shutil.copytree(completed / "outputs", to / "outputs")
     run_dir = to / RUN
     if drop_state:
-        from mq.run import drop_training_state
+        from mq.job.run import drop_training_state
 
         drop_training_state(run_dir / "checkpoint.pt", torch.device("cpu"))
     return run_dir
@@ -120,7 +120,7 @@ def test_a_run_killed_by_sigkill_is_stopped_not_running(tmp_path):
 
 
 def test_lock_probe_never_follows_a_symlink_nor_blocks_on_a_fifo(tmp_path):
-    from mq.rundir import lock_held
+    from mq.job.rundir import lock_held
 
     outside = tmp_path / "outside.lock"
     outside.write_text("not ours\n")

@@ -1,4 +1,4 @@
-"""The validation split (dataset.val_size, mq/split.py): disjoint from training, stratified,
+"""The validation split (dataset.val_size, mq/data/split.py): disjoint from training, stratified,
 chosen by split_seed alone (the same for every run seed and every run), evaluated every epoch,
 and never the test set."""
 
@@ -11,9 +11,9 @@ import torch
 from conftest import SMOKE, compose_config, launch
 from PIL import Image
 
-from mq.data import DeviceLoader, Loaders, imagenet_loaders
-from mq.errors import ConfigError
-from mq.split import check_split, hold_out
+from mq.core.errors import ConfigError
+from mq.data.loaders import DeviceLoader, Loaders, imagenet_loaders
+from mq.data.split import check_split, hold_out
 from mq.sweep.tune_space import check_objective
 from mq.sweep.tune_study import tell
 

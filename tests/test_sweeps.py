@@ -18,7 +18,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from wandb_records import read_records
 
-from mq.sweep.preempt import GracefulStop
+from mq.job.preempt import GracefulStop
 
 # preset -> number of jobs (the paper's grids; see docs/sweeps.md)
 PRESETS = {
@@ -65,7 +65,7 @@ def test_presets_exist_and_expand_to_the_documented_grids():
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_point_composes_and_checks(preset):
-    from mq.run import check
+    from mq.job.run import check
 
     jobs = grid(preset)
     for job in (jobs[0], jobs[-1]):  # every option of every key appears in one of them
@@ -217,7 +217,7 @@ def test_preemption_signal_is_handed_to_its_owner_after_the_checkpoint():
 CONCURRENT_INIT = """
 import sys, time
 from pathlib import Path
-from mq.loggers import WandbLogger
+from mq.job.loggers import WandbLogger
 t = time.monotonic()
 logger = WandbLogger(mode="offline", group="g", init_timeout=60, name=sys.argv[1],
                      run_dir=Path(sys.argv[2]), run_config={"i": sys.argv[1]})

@@ -20,7 +20,7 @@ SEGMENT = """
 import sys, time
 import time
 from pathlib import Path
-from mq.loggers import WandbLogger
+from mq.job.loggers import WandbLogger
 run_id = sys.argv[2] if len(sys.argv) > 2 else None
 logger = WandbLogger(mode="offline", group="g", init_timeout=60, name="job",
                      run_dir=Path(sys.argv[1]), run_config={"a": 1}, run_id=run_id)

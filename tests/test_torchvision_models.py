@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from test_launch import _wait_for, rows
 from torch import nn
 
-from mq.errors import ConfigError
+from mq.core.errors import ConfigError
 from mq.models import TORCHVISION, build_model
 from mq.quant import quantize_model
 

@@ -10,7 +10,7 @@ import optuna
 import pytest
 from conftest import SMOKE, launch
 
-from mq.errors import ConfigError
+from mq.core.errors import ConfigError
 from mq.sweep.tune_space import check_objective, parse_dist, space_for
 from mq.sweep.tune_study import open_storage
 

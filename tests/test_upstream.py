@@ -90,7 +90,9 @@ def test_launch_help_imports_no_torch_nor_training_code():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     modules = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if "|" in line}
-    heavy = {m for m in modules if m.split(".")[0] == "torch" or m in ("mq.run", "mq.train")}
+    heavy = {
+        m for m in modules if m.split(".")[0] == "torch" or m in ("mq.job.run", "mq.job.train")
+    }
     # Hydra's plugin scan loads hydra_plugins.mq_plugins without an importtime line of its
     # own; mq.sweep.sweeper (which only the plugin imports) shows that the scan ran.
     assert "mq.sweep.sweeper" in modules and not heavy

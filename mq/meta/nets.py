@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from mq.errors import ConfigError
+from mq.core.errors import ConfigError
 from mq.meta.fused_lstm import BufferCache, FusedLSTMFC, compiled_cell, eager_cell, pick_linear
 
 NONLINEARITIES = ("none", "relu", "tanh")

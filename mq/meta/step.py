@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mq.errors import ConfigError
+from mq.core.errors import ConfigError
 from mq.meta.nets import MetaNet
 from mq.quant.flat import FlatLayout
 from mq.quant.layers import QuantizedModel, quantized_weights
@@ -41,7 +41,7 @@ def _set_lr(optimizer: torch.optim.Optimizer | None, lr: float) -> None:
 class STEStep:
     """Baseline: autograd through A(W) and the clipped STE, then ordinary optimizer steps."""
 
-    # Data parallelism (mq.distributed.average_gradients): averages a flat tensor and the
+    # Data parallelism (mq.core.distributed.average_gradients): averages a flat tensor and the
     # parameters' gradients over ranks right after the backward; None with one process.
     all_reduce: Callable[[Tensor | None, list[nn.Parameter]], None] | None = None
 

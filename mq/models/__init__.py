@@ -11,8 +11,8 @@ import torch
 import torchvision
 from torch import nn
 
-from mq.checkpoint import load_error, load_tensors
-from mq.errors import ConfigError
+from mq.core.checkpoint import load_error, load_tensors
+from mq.core.errors import ConfigError
 from mq.models.resnet_cifar import CifarResNet
 
 CIFAR_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}

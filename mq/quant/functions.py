@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mq.errors import ConfigError
+from mq.core.errors import ConfigError
 from mq.quant.flat import FlatLayout
 
 STE_SLOPES = ("forward", "unit")

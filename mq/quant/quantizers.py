@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mq.errors import ConfigError
+from mq.core.errors import ConfigError
 from mq.quant.flat import FlatLayout
 from mq.quant.functions import (
     bwn_scale,

@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from mq.checkpoint import read_json
+from mq.core.checkpoint import read_json
 from mq.results.runs import Run, read_run
 from mq.results.stats import welch
 from mq.results.table import Cell, Table

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mq.conf import upgrade
-from mq.keys import VOLATILE, VOLATILE_DATASET
+from mq.cli.conf import upgrade
+from mq.core.keys import VOLATILE, VOLATILE_DATASET, flatten
+from mq.job.rundir import lock_held
 from mq.results.rows import clean_summary, read_epochs
-from mq.rundir import lock_held
 
 RUN_MARKERS = ("summary.json", "metrics.jsonl")
 # What a job writes as it goes: the newest of these is when a stopped run last wrote.
@@ -94,16 +94,6 @@ class Run:
     def describe(self) -> str:
         names = (self.model, self.dataset, f"{self.quant} w{self.bits}", self.optimizer)
         return f"{' '.join(names)} {self.method} seed {self.seed}"
-
-
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as one level of dotted keys: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: data}
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

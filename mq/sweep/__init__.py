@@ -1,3 +1,2 @@
-"""Sweeps: the sweeper (grid and Optuna studies), the SLURM launcher, the ledger of job states,
-preemption, sweep folder names. Imports nothing itself: Hydra's plugin scan reaches this package
-and must not pay for torch."""
+"""Sweeps: the sweeper (grid and Optuna studies), the SLURM launcher and sweep names. Imports
+nothing itself: Hydra's plugin scan reaches this package and must not pay for torch."""

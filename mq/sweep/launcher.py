@@ -29,7 +29,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
 )
 from omegaconf import OmegaConf
 
-from mq.errors import ConfigError
+from mq.core.errors import ConfigError
 from mq.sweep import slurm
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class SubmititJob(BaseSubmititLauncher):
     ``checkpoint()`` (requeue the same call), pickled by submitit by reference to this module."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
-        from mq.conf import register_resolvers
+        from mq.cli.conf import register_resolvers
 
         register_resolvers()  # a fresh process on the node: conf/'s resolvers, before Hydra's
         return super().__call__(*args, **kwargs)
@@ -75,7 +75,7 @@ class TolerantLauncher(BaseSubmititLauncher):
         """Raise ConfigError when SLURM would refuse the jobs or never start them (called by
         mq.sweep.sweeper before anything is written or submitted)."""
         tasks, gpus = self.params.get("tasks_per_node") or 1, self.params.get("gpus_per_node")
-        if gpus and tasks > gpus:  # NCCL: one GPU per rank (mq.distributed)
+        if gpus and tasks > gpus:  # NCCL: one GPU per rank (mq.core.distributed)
             raise ConfigError(
                 f"hydra.launcher.tasks_per_node={tasks} but gpus_per_node={gpus}; allowed: "
                 f"at most {gpus} tasks per node (one GPU per rank), or gpus_per_node=0 for gloo "

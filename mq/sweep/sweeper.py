@@ -2,7 +2,7 @@
 as Hydra's basic sweeper) on Hydra's public ``Sweeper`` interface, plus three things a long sweep
 needs, for every launcher (basic, submitit local, SLURM):
 
-1. every point is composed and checked (mq.run.check) before anything runs; one bad point ends
+1. every point is composed and checked (mq.job.run.check) before anything runs; one bad point ends
    the launch with one line naming its overrides, exit code 2, nothing submitted;
 2. points whose run directory says completed or diverged are skipped (not submitted at all),
    so launching the same command again reruns only the failed and unfinished jobs;
@@ -34,9 +34,9 @@ from hydra.plugins.sweeper import Sweeper as HydraSweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from mq.conf import options
-from mq.errors import ConfigError
-from mq.sweep import ledger
+from mq.cli.conf import options
+from mq.core.errors import ConfigError
+from mq.job import ledger
 
 log = logging.getLogger(__name__)
 IN_SLURM = "in SLURM"  # running or pending (requeued) under an earlier launch: not again
@@ -53,7 +53,7 @@ class Point:
 
 
 def _one_line(exc: BaseException) -> str:
-    from mq.errors import find_config_error, first_line, hydra_error_line
+    from mq.core.errors import find_config_error, first_line, hydra_error_line
 
     error = find_config_error(exc)  # ours, or a constructor's refusal: its own words
     return first_line(error) if error is not None else hydra_error_line(exc) or first_line(exc)
@@ -107,7 +107,7 @@ class Sweeper(HydraSweeper):
         """Without a sweep_name, name the sweep from its overrides (mq.sweep.sweepname) before
         anything resolves the sweep folder (the launcher's submitit folder and job name do,
         when it is instantiated); None when the command or a preset named it."""
-        from mq.conf import exclude_keys
+        from mq.cli.conf import exclude_keys
         from mq.sweep.sweepname import sweep_name
 
         if config.get("sweep_name") is not None:
@@ -188,8 +188,8 @@ class Sweeper(HydraSweeper):
 
     def _compose_all(self, jobs: list[list[str]]) -> list[Point]:
         """Compose and check every job; exit 2 with one line at the first bad one."""
-        from mq.run import check  # torch is imported only when a sweep is launched
-        from mq.rundir import check_output_subdir
+        from mq.job.run import check  # torch is imported only when a sweep is launched
+        from mq.job.rundir import check_output_subdir
 
         assert self.config is not None and self.hydra_context is not None
         loader = self.hydra_context.config_loader
@@ -252,7 +252,7 @@ class Sweeper(HydraSweeper):
         folder another process held: it is waited for, and its own final status counts.
         ``trials``: tuning trials this launch ran besides ``results`` (their failures are
         results of the study)."""
-        from mq.rundir import wait_for_holder
+        from mq.job.rundir import wait_for_holder
 
         failed, elsewhere = [], 0
         for r in results:

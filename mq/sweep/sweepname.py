@@ -4,7 +4,7 @@ what it sweeps, readable, plus a hash of everything that defines it.
 ``-m meta=ste,multifc bits=1,2 epochs=1`` -> ``bits=1,2+meta=ste,multifc-3f2a9c1d``. Two sweeps
 that differ in any override (swept or fixed) get two folders (and two wandb groups, two tables),
 while the same command again finds its own folder and resumes it. Keys that do not change
-results (mq.conf.exclude_keys: logger, progress, ...) stay out, as they do of job folders, and
+results (mq.cli.conf.exclude_keys: logger, progress, ...) stay out, as they do of job folders, and
 so do the tuning budget and parallelism, which a relaunch may raise. The +sweep presets set
 ``sweep_name`` themselves.
 """
@@ -30,7 +30,7 @@ RELAUNCH_KEYS = (
 
 
 def _clean(text: str) -> str:
-    """A folder-name-safe spelling (mq.rundir.NAME): glob(*) -> glob_x_."""
+    """A folder-name-safe spelling (mq.job.rundir.NAME): glob(*) -> glob_x_."""
     return re.sub(r"[^A-Za-z0-9._=,+-]", "_", text.replace("*", "x"))
 
 

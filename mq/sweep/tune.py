@@ -28,9 +28,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from mq.checkpoint import read_json, write_json
-from mq.errors import ConfigError
-from mq.sweep import ledger
+from mq.core.checkpoint import read_json, write_json
+from mq.core.errors import ConfigError
+from mq.job import ledger
 from mq.sweep.sweeper import IN_SLURM, Point, Sweeper, grid
 from mq.sweep.tune_space import Dist, check_objective, override_value, rounded, space_for
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mq.errors import ConfigError
+from mq.core.errors import ConfigError
 
 # The objective is read from each trial's summary.json: validation metrics only (model
 # selection on the test set is what the protocol exists to prevent); the direction follows.

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mq.checkpoint import read_json
-from mq.errors import ConfigError, first_line
+from mq.core.checkpoint import read_json
+from mq.core.errors import ConfigError, first_line
 
 NEVER_STARTED = "never started"  # asked, then the launch died before the trial had values
 

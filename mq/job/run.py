@@ -13,27 +13,33 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mq import distributed
-from mq.allocator import keep_freed_memory
-from mq.checkpoint import json_text, load_checkpoint, read_json, save_checkpoint, write_json
-from mq.conf import upgrade
-from mq.data import check_num_classes
-from mq.errors import ConfigError, first_line
-from mq.evaluation import evaluate_only
-from mq.folders import disk_full, remove_stale_tmp
-from mq.keys import VOLATILE, VOLATILE_DATASET
-from mq.loggers import choice_config
+from mq.cli.conf import upgrade
+from mq.cli.schema import check_config
+from mq.core import distributed
+from mq.core.allocator import keep_freed_memory
+from mq.core.checkpoint import json_text, load_checkpoint, read_json, save_checkpoint, write_json
+from mq.core.errors import ConfigError, first_line
+from mq.core.folders import disk_full, remove_stale_tmp
+from mq.core.keys import VOLATILE, VOLATILE_DATASET, flatten
+from mq.data.loaders import check_num_classes
+from mq.data.split import check_split
+from mq.job.evaluation import evaluate_only
+from mq.job.ledger import FINAL
+from mq.job.loggers import choice_config
+from mq.job.preempt import GracefulStop
+from mq.job.progress import summarize
+from mq.job.resume import completed_progress, rebuild_summary
+from mq.job.rundir import (
+    FolderRefused,
+    check_location,
+    check_name,
+    remove_created,
+    started,
+    take_lock,
+)
+from mq.job.train import Interrupted, Settings, Training
 from mq.models import check_model, checkpoint_file, resolve_original
-from mq.progress import summarize
 from mq.quant.layers import quantize_model
-from mq.results.runs import flatten
-from mq.resume import completed_progress, rebuild_summary
-from mq.rundir import FolderRefused, check_location, check_name, remove_created, started, take_lock
-from mq.schema import check_config
-from mq.split import check_split
-from mq.sweep.ledger import FINAL
-from mq.sweep.preempt import GracefulStop
-from mq.train import Interrupted, Settings, Training
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +113,7 @@ def validate(cfg: DictConfig) -> None:
 
 
 def validate_ranks(cfg: DictConfig, ranks: distributed.Ranks) -> None:
-    """Data parallelism (mq.distributed): the settings, and that this job's ranks fit them."""
+    """Data parallelism (mq.core.distributed): the settings, and that this job's ranks fit them."""
     if not isinstance(cfg.get("sync_bn", False), bool):
         raise ConfigError(f"sync_bn={cfg.sync_bn} is not allowed; allowed: true, false")
     timeout = OmegaConf.select(cfg, "distributed.timeout_s", default=600)
@@ -261,7 +267,7 @@ def run(
 ) -> dict[str, Any]:
     """Run the job described by ``cfg`` in ``run_dir``; returns its summary. ``logger_args``
     (a sweep's wandb group and run name) fill logger keys that the config leaves null."""
-    # A single run was checked and locked by mq.rundir.Guard before Hydra made its folder; a
+    # A single run was checked and locked by mq.job.rundir.Guard before Hydra made its folder; a
     # sweep job is checked here, after Hydra made its folder (the sweep checked it before).
     before = started(run_dir)
     lock = None
@@ -419,7 +425,7 @@ def _train(
         )
         write_summary({**head, **done}, summary_path)
 
-    # SIGTERM / preemption: checkpoint between steps, mark the ledger (see mq.sweep.preempt).
+    # SIGTERM / preemption: checkpoint between steps, mark the ledger (see mq.job.preempt).
     with GracefulStop(on_terminate=mark_failed) as stop:
         try:
             loop = Training(

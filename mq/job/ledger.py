@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from mq.checkpoint import read_json, write_json
+from mq.core.checkpoint import read_json, write_json
 
 # States a relaunch leaves alone: training again would give the same result.
 FINAL = ("completed", "diverged")
@@ -30,7 +30,7 @@ SWEEP_FILE = "sweep.json"
 def job_status(run_dir: Path) -> str:
     """The job's own status; "new" when it never started (no summary.json); "stopped" when it
     says running but no process holds its folder's lock (killed by SIGKILL, say)."""
-    from mq.rundir import lock_held
+    from mq.job.rundir import lock_held
 
     summary = read_json(run_dir / "summary.json")
     status = str(summary.get("status", "unknown")) if summary else "new"
@@ -101,7 +101,7 @@ def record_failure(run_dir: Path, error: str, extra: dict[str, Any]) -> None:
     """Mark a sweep job failed when it died before its own bookkeeping did (bad data path,
     unreadable checkpoint: errors raised before training starts)."""
     if int(os.environ.get("RANK", "0")) != 0:
-        return  # a data-parallel job: rank 0 alone writes the ledger (mq.distributed)
+        return  # a data-parallel job: rank 0 alone writes the ledger (mq.core.distributed)
     summary = read_json(run_dir / "summary.json") or {}
     if summary.get("status") in ("failed", "preempted", *FINAL):
         return  # the job wrote its own, more precise, final word

@@ -134,7 +134,7 @@ CONVERSION = (
 
 def type_error_line(exc: BaseException) -> str:
     """``KEY=VALUE is not allowed; allowed: WHAT`` for a value OmegaConf could not convert to
-    its key's type (conf/'s schemas, mq/schema.py)."""
+    its key's type (conf/'s schemas, mq/cli/schema.py)."""
     import re
 
     text = first_line(exc)

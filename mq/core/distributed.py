@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mq.errors import ConfigError
+from mq.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 # GlobalBatchNorm needs the differentiable all-reduce; its suggested replacement is private.

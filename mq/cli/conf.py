@@ -8,9 +8,9 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from mq.keys import VOLATILE, VOLATILE_DATASET
+from mq.core.keys import VOLATILE, VOLATILE_DATASET
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def options(group: str) -> list[str]:
@@ -38,18 +38,17 @@ def option_file(group: str, name: str) -> Any:
 def register_resolvers() -> None:
     """The resolvers conf/ uses: ``${mq.subdir:}`` (sweep folder names), ``${mq.exclude_keys:}``
     (the keys left out of them), ``${mq_checkpoint_tag:}`` (eval folders) and ``${mq.help:}``
-    (--help), and the schemas that type conf/'s keys (mq.schema). Registered by the programs
+    (--help), and the schemas that type conf/'s keys (mq.cli.schema). Registered by the programs
     that compose conf/ (launch.py before Hydra starts, each submitit job, mq.bench, the tests),
     never as a side effect of an import."""
     from omegaconf import OmegaConf
 
-    from mq import helptext, rundir, schema
-    from mq.sweep import dirname
+    from mq.cli import dirname, helptext, schema
 
     resolvers = {
         dirname.RESOLVER: dirname.resolve,
         "mq.exclude_keys": exclude_keys,
-        "mq_checkpoint_tag": rundir.checkpoint_tag,
+        "mq_checkpoint_tag": dirname.checkpoint_tag,
         helptext.RESOLVER: helptext.text,
     }
     for name, function in resolvers.items():
@@ -60,7 +59,7 @@ def register_resolvers() -> None:
 
 def compose(overrides: list[str]) -> Any:
     """The run config ``python launch.py OVERRIDES`` would get, without the ``hydra`` node, for
-    programs outside a Hydra app (mq.bench); ``${hydra:...}`` keys are left unresolved."""
+    programs outside a Hydra app (mq.tools.bench); ``${hydra:...}`` keys are left unresolved."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -73,8 +72,8 @@ def compose(overrides: list[str]) -> Any:
 
 def exclude_keys() -> list[str]:
     """Override keys left out of sweep folder names (conf/config.yaml reads them through the
-    ``${mq.exclude_keys:}`` resolver): mq.keys's volatile keys, with the dataset's location keys
-    under ``dataset.``, plus the launcher and the +sweep preset (the sweep folder says it).
+    ``${mq.exclude_keys:}`` resolver): mq.core.keys's volatile keys, with the dataset's location
+    keys under ``dataset.``, plus the launcher and the +sweep preset (the sweep folder says it).
     Not run_name: the resume check ignores it, but ``-m run_name=a,b`` must give two folders.
     A volatile key that is a node in conf/config.yaml (``distributed``) is listed by its leaves,
     since Hydra matches an override's whole key (``distributed.backend``)."""

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mq.errors import first_line
+from mq.core.errors import first_line
 
 log = logging.getLogger(__name__)
 

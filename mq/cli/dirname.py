@@ -8,7 +8,7 @@ wandb run name. ``conf/config.yaml`` builds the sweep subdir with ``${mq.subdir:
 value as written), and every name without a path is byte for byte Hydra's, so sweeps launched
 before keep finding their completed jobs.
 
-The resolver is registered by ``mq.conf.register_resolvers()``: launch.py calls it before Hydra
+The resolver is registered by ``mq.cli.conf.register_resolvers()``: launch.py calls it before Hydra
 starts, and each submitit job (mq.sweep.launcher.SubmititJob) before Hydra resolves its folder.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -115,3 +115,19 @@ def _resolve(overrides: Any, options: Any) -> str:
 def resolve(overrides: Any, options: Any) -> str:
     """``${mq.subdir:OVERRIDES,OVERRIDE_DIRNAME_OPTIONS}`` (conf/config.yaml's sweep subdir)."""
     return _resolve(overrides, options)
+
+
+def checkpoint_tag(path: Any) -> str:
+    """A short, stable, path-safe name for ``model.pretrained``: the run folder's name (or the
+    file's stem) and 8 hex digits of the resolved path's sha256, e.g. ``resnet20-fp-sgdm-s0-
+    1a2b3c4d``. An eval's folder carries it, so evaluations of different checkpoints never
+    share (and overwrite) one folder."""
+    if path is None or str(path) in ("", "None"):
+        return "none"
+    file = Path(str(path)).expanduser()
+    if file.is_dir():
+        file = file / "checkpoint.pt"
+    resolved = file.resolve()
+    stem = resolved.parent.name if resolved.stem == "checkpoint" else resolved.stem
+    stem = re.sub(r"[^A-Za-z0-9_=+-]+", "_", stem).strip("_")[:60] or "ckpt"
+    return f"{stem}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:8]}"

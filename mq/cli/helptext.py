@@ -3,7 +3,7 @@ option's first comment line) and every key with its default and its comment, so 
 lists an option or a key that conf/ does not have, nor misses a new one.
 
 conf/hydra/help/mq.yaml's template reads it through the ``${mq.help:}`` resolver
-(``mq.conf.register_resolvers``). Free of torch: --help is quick.
+(``mq.cli.conf.register_resolvers``). Free of torch: --help is quick.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from mq.conf import CONF, groups, options
-from mq.results.runs import flatten
+from mq.cli.conf import CONF, groups, options
+from mq.core.keys import flatten
 
 RESOLVER = "mq.help"
 # key: value  # comment   (value and comment optional; a key line ends a pending comment block)
@@ -62,7 +62,7 @@ def keys(path: Path) -> list[tuple[str, str, str]]:
     assert isinstance(data, dict)
     out = []
     for entry in data.pop("defaults", None) or []:
-        # /schema/...: a ConfigStore schema (mq.schema), types only, no file
+        # /schema/...: a ConfigStore schema (mq.cli.schema), types only, no file
         if isinstance(entry, str) and entry.endswith("@_here_") and not entry.startswith("/"):
             out += keys(path.parent / f"{entry.removesuffix('@_here_')}.yaml")
     comments = _comments(path)

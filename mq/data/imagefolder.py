@@ -16,7 +16,7 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image, read_file
 from tqdm import tqdm
 
-from mq.errors import ConfigError, first_line
+from mq.core.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 EXTENSIONS = (".png", ".jpg", ".jpeg")

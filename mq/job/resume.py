@@ -14,14 +14,14 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from mq.checkpoint import write_json
-from mq.errors import ConfigError
-from mq.progress import Progress, summarize
-from mq.train import Settings, measure
+from mq.core.checkpoint import write_json
+from mq.core.errors import ConfigError
+from mq.job.progress import Progress, summarize
+from mq.job.train import Settings, measure
 
 log = logging.getLogger(__name__)
 
-# What Training needs from a checkpoint to resume (mq.train.Training.save_checkpoint).
+# What Training needs from a checkpoint to resume (mq.job.train.Training.save_checkpoint).
 TRAINING_STATE = ("model", "step_state", "progress", "rng", "metrics_offset")
 START_OVER = "move it away to start the run over"
 

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor
 
-from mq.errors import ConfigError, first_line
-from mq.imagefolder import decode_all as _decode_all  # tests replace it here
-from mq.imagefolder import read_cache, scan, write_cache
-from mq.rundir import missing_dirs, remove_created
-from mq.split import with_split  # dataset.val_size / split_seed: every loader below takes them
+from mq.core.errors import ConfigError, first_line
+from mq.core.folders import missing_dirs, remove_created
+from mq.data.imagefolder import decode_all as _decode_all  # tests replace it here
+from mq.data.imagefolder import read_cache, scan, write_cache
+from mq.data.split import with_split  # dataset.val_size / split_seed: every loader below takes them
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Loaders(NamedTuple):
     train: BatchSource  # iterable per epoch, augmented
     test: BatchSource  # no augmentation, fixed order
     num_classes: int
-    val: BatchSource | None = None  # held-out training images (mq.split), evaluated like test
+    val: BatchSource | None = None  # held-out training images (mq.data.split), evaluated like test
 
 
 class _Batches:
@@ -248,7 +248,7 @@ def _device_loaders(
     rank: int = 0,
     world_size: int = 1,
 ) -> Loaders:
-    # Only the training data is sharded: rank 0 evaluates the whole test set (mq.train).
+    # Only the training data is sharded: rank 0 evaluates the whole test set (mq.job.train).
     shard = {"rank": rank, "world_size": world_size}
     return Loaders(
         DeviceLoader(*train, batch_size, mean, std, train=True, device=device, seed=seed, **shard),
@@ -436,7 +436,7 @@ def fake_loaders(
 def imagenet_loaders(
     root: str, batch_size: int, device: torch.device | str, **kw: object
 ) -> Loaders:
-    """ImageNet: see mq.imagenet (JPEG decode in workers or on the GPU, sharded per rank)."""
-    from mq.imagenet import imagenet_loaders as load  # mq.imagenet builds on this module
+    """ImageNet: see mq.data.imagenet (JPEG decode in workers or on the GPU, sharded per rank)."""
+    from mq.data.imagenet import imagenet_loaders as load  # mq.data.imagenet builds on this module
 
     return load(root, batch_size, device, **kw)  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ MISSING so that it never overrides a value set earlier in the defaults list.
 Hydra lets ``+key=value`` add and ``~key`` remove keys even in a typed node: :func:`check_keys`
 refuses both before anything is written. A schema with ``OPEN = True`` takes keys it does not
 name (torch's optimizers have more arguments than conf/ sets, and check their own).
-Free of torch: Hydra's plugin scan imports mq.conf, which registers these.
+Free of torch: Hydra's plugin scan imports mq.cli.conf, which registers these.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from mq.errors import ConfigError, removed_key_line, unknown_key_line
+from mq.core.errors import ConfigError, removed_key_line, unknown_key_line
 
 # Optional[...] rather than `X | None`: OmegaConf reads the annotations at runtime.
 # ruff: noqa: UP045

@@ -1,5 +1,5 @@
 """What an existing folder is, read without following links: an mq run, an mq sweep, or
-someone else's. mq.rundir refuses to write into the last kind.
+someone else's. mq.job.rundir refuses to write into the last kind.
 
 A folder is recognised by what mq (or Hydra, for an mq job) wrote into it, not by file names
 alone (``summary.json`` and ``.hydra/`` are common to many tools):
@@ -25,8 +25,11 @@ import yaml
 # Keys every mq run config has had (config.yaml and Hydra's record of the job alike).
 RUN_KEYS = ("task", "model", "dataset", "quant", "meta", "seed", "bits")
 LOCK_LINE = re.compile(rb"pid [0-9]+ on \S+\n?")
-# Temporary files of mq.checkpoint's atomic writes (name.PID-8HEX.tmp) in a run folder.
+# Temporary files of mq.core.checkpoint's atomic writes (name.PID-8HEX.tmp) in a run folder.
 TMP_NAME = re.compile(r"(checkpoint\.pt|summary\.json)\.[0-9]+-[0-9a-f]{8}\.tmp")
+LOCK_FILE = "run.lock"
+# Written by Hydra into a job's folder before the job runs.
+HYDRA_FILES = (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "launch.log")
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _MAX_READ = 4 << 20  # a config or ledger is a few KB; a larger file is not one of ours
 
@@ -141,3 +144,37 @@ def disk_full_message(exc: OSError, folder: Path | str) -> str:
     if exc.filename:
         reason += f": {exc.filename}"
     return f"no space left in {folder} ({reason}); free some space, then run the same command again"
+
+
+def missing_dirs(path: Path) -> list[Path]:
+    """The folders of ``path`` that do not exist yet, deepest first (what a
+    ``mkdir(parents=True)`` would create)."""
+    out = []
+    current = Path(os.path.abspath(path))
+    while not os.path.lexists(current) and current != current.parent:
+        out.append(current)
+        current = current.parent
+    return out
+
+
+def remove_created(run_dir: Path, created: list[Path], extra: tuple[str, ...] = ()) -> None:
+    """Undo a failed start in a folder this invocation created: unlink the named files Hydra
+    and mq wrote there (``HYDRA_FILES``, the lock, ``extra``), then ``rmdir`` the created
+    folders deepest first, stopping at the first one that is not empty. Does nothing unless
+    ``run_dir`` itself is in ``created``: in a folder that existed before, every file may be
+    someone else's."""
+    run_dir = Path(os.path.abspath(run_dir))
+    if run_dir not in created:
+        return
+    for name in (*HYDRA_FILES, LOCK_FILE, *extra):
+        try:
+            (run_dir / name).unlink()
+        except FileNotFoundError:
+            pass
+    for folder in (run_dir / ".hydra", *created):
+        try:
+            folder.rmdir()  # only an empty folder; never a tree
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return

@@ -6,9 +6,9 @@ so the hot path has no host synchronisation. A checkpoint (end of every epoch, a
 of an epoch is a function of (seed, epoch), so a restart replays the same batches.
 
 ``Training.run`` reads top to bottom: per epoch set the lr, then per step take it, log and
-checkpoint; then evaluate. Under data parallelism (mq.distributed) every rank runs the same
+checkpoint; then evaluate. Under data parallelism (mq.core.distributed) every rank runs the same
 loop on its shard; its bookkeeping collectives sit at the read-backs (no extra host sync).
-Evaluation is mq.evaluation; the run's progress and summary numbers are mq.progress.
+Evaluation is mq.job.evaluation; the run's progress and summary numbers are mq.job.progress.
 """
 
 from __future__ import annotations
@@ -26,15 +26,15 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from mq import distributed
-from mq.checkpoint import save_checkpoint
-from mq.distributed import SINGLE, Ranks
-from mq.errors import ConfigError
-from mq.evaluation import BatchSource, evaluate, tested_on
-from mq.loggers import MetricsFile
-from mq.progress import EpochSums, Progress, rng_state, set_rng_state, summarize
+from mq.core import distributed
+from mq.core.checkpoint import save_checkpoint
+from mq.core.distributed import SINGLE, Ranks
+from mq.core.errors import ConfigError
+from mq.job.evaluation import BatchSource, evaluate, tested_on
+from mq.job.loggers import MetricsFile
+from mq.job.preempt import CHECKPOINT, STOP
+from mq.job.progress import EpochSums, Progress, rng_state, set_rng_state, summarize
 from mq.quant.layers import plain_state_dict, unwrap
-from mq.sweep.preempt import CHECKPOINT, STOP
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Training:
     """One run's loop: for each epoch set the lr, take the steps (logging and checkpointing
     between them), evaluate. Every rank of a data-parallel job runs it; only rank 0 writes.
 
-    ``interrupt`` is polled after every step (mq.sweep.preempt.GracefulStop.poll): "checkpoint"
+    ``interrupt`` is polled after every step (mq.job.preempt.GracefulStop.poll): "checkpoint"
     saves one now, "stop" saves one and raises Interrupted; None goes on. ``progress`` is public, so
     that a caller can report the epochs done when training fails."""
 
@@ -398,7 +398,7 @@ def train(
     **settings: Any,
 ) -> dict[str, Any]:
     """Training(...).run() for a caller without signals or ranks (tests, scripts); returns the
-    summary (mq.run writes summary.json). ``resume``: a checkpoint dict."""
+    summary (mq.job.run writes summary.json). ``resume``: a checkpoint dict."""
     resume, logger = settings.pop("resume", None), settings.pop("logger", None)
     val_data = settings.pop("val_data", None)
     loop = Training(

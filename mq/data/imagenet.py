@@ -26,9 +26,9 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
-from mq.data import IMAGENET_MEAN, IMAGENET_STD, Loaders, _Batches, _check_classes, _shard
-from mq.data import _epoch_generator as epoch_generator
-from mq.errors import ConfigError, first_line
+from mq.core.errors import ConfigError, first_line
+from mq.data.loaders import IMAGENET_MEAN, IMAGENET_STD, Loaders, _Batches, _check_classes, _shard
+from mq.data.loaders import _epoch_generator as epoch_generator
 
 EXTENSIONS = (".jpg", ".jpeg", ".JPEG", ".JPG")
 SIZE, RESIZE = 224, 256  # train crop / val: resize the short side to 256, center crop 224
@@ -280,7 +280,7 @@ def imagenet_loaders(
     random-resized crop 224 and flip, val resize 256 and center crop 224. ``batch_size`` is the
     global batch, as for every mq loader: ``rank`` reads batch_size / world_size images of each
     step from its shard (see ImageNetLoader); the val loader is whole on every rank, since rank 0
-    evaluates for all (mq.train). ``decode``: auto (cuda on a CUDA device)."""
+    evaluates for all (mq.job.train). ``decode``: auto (cuda on a CUDA device)."""
     for split in ("train", "val"):
         if not (Path(root) / split).is_dir():
             raise ConfigError(

@@ -1,10 +1,10 @@
 """The validation split: ``dataset.val_size`` training images held out for model selection.
 
-The held-out images are a class-stratified sample (mq.data.balanced_sample) drawn by a
+The held-out images are a class-stratified sample (mq.data.loaders.balanced_sample) drawn by a
 generator seeded with ``dataset.split_seed`` alone, never the run's seed: every run of a study
 and every seed of the final runs train on the same images and are validated on the same
-others. They are evaluated like the test set (no augmentation, fixed order, mq.evaluation.evaluate),
-so hyperparameters can be chosen without ever reading the test set.
+others. They are evaluated like the test set (no augmentation, fixed order,
+mq.job.evaluation.evaluate), so hyperparameters can be chosen without ever reading the test set.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import DictConfig
 
-from mq.errors import ConfigError
+from mq.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from mq.data import Loaders
+    from mq.data.loaders import Loaders
 
 SPLIT_KEYS = ("val_size", "split_seed")
 # Training images per dataset choice when the config alone says it (checked before a sweep is
@@ -82,15 +82,15 @@ def with_split(loader: Callable[..., Loaders]) -> Callable[..., Loaders]:
 
 def val_indices(labels: torch.Tensor, val_size: int, split_seed: int) -> torch.Tensor:
     """Sorted indices of the held-out images among ``labels`` (the training set's)."""
-    from mq.data import balanced_sample
+    from mq.data.loaders import balanced_sample
 
     return balanced_sample(labels, val_size, seed=split_seed)
 
 
 def hold_out(data: Loaders, val_size: int, split_seed: int) -> Loaders:
     """``data`` with ``val_size`` training images moved into a validation source."""
-    from mq.data import DeviceLoader, Loaders  # mq.data applies with_split
-    from mq.imagenet import ImageNetLoader
+    from mq.data.imagenet import ImageNetLoader
+    from mq.data.loaders import DeviceLoader, Loaders  # mq.data applies with_split
 
     if val_size == 0:
         return data
@@ -107,7 +107,8 @@ def hold_out(data: Loaders, val_size: int, split_seed: int) -> Loaders:
     # Evaluated like the test set: no augmentation (ImageNet: resize and center crop), fixed
     # order, the test batch size.
     val.train, val.batch_size = False, data.test.batch_size
-    if isinstance(val, ImageNetLoader):  # whole on every rank: rank 0 evaluates for all (mq.train)
+    # whole on every rank: rank 0 evaluates for all (mq.job.train)
+    if isinstance(val, ImageNetLoader):
         val.rank, val.world_size = 0, 1
     assert isinstance(val, (DeviceLoader, ImageNetLoader))
     return Loaders(new_train, data.test, data.num_classes, val)

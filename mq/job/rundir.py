@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import errno
 import fcntl
-import hashlib
 import logging
 import os
 import re
@@ -31,16 +30,14 @@ from typing import IO, Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
-from mq import folders
-from mq.errors import ConfigError, find_config_error
+from mq.core import folders
+from mq.core.errors import ConfigError, find_config_error
+from mq.core.folders import LOCK_FILE, missing_dirs, remove_created
 
 log = logging.getLogger(__name__)
 
 # The code's own folder (the clone): a run folder must never be it or hold it.
-CODE_ROOT = Path(__file__).resolve().parents[1]
-LOCK_FILE = "run.lock"
-# Written by Hydra into a job's folder before the job runs.
-HYDRA_FILES = (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "launch.log")
+CODE_ROOT = Path(__file__).resolve().parents[2]
 # The files mq and Hydra write into a run folder by name: none may be a link (or a folder).
 RUN_FILES = (
     "config.yaml",
@@ -166,40 +163,6 @@ def check_location(run_dir: Path, sweep_dir: Path | None = None) -> None:
             f"run folder {run_dir} holds files that are not an mq run ({shown}); "
             "choose another run_name or hydra.run.dir"
         )
-
-
-def missing_dirs(path: Path) -> list[Path]:
-    """The folders of ``path`` that do not exist yet, deepest first (what a
-    ``mkdir(parents=True)`` would create)."""
-    out = []
-    current = Path(os.path.abspath(path))
-    while not os.path.lexists(current) and current != current.parent:
-        out.append(current)
-        current = current.parent
-    return out
-
-
-def remove_created(run_dir: Path, created: list[Path], extra: tuple[str, ...] = ()) -> None:
-    """Undo a failed start in a folder this invocation created: unlink the named files Hydra
-    and mq wrote there (``HYDRA_FILES``, the lock, ``extra``), then ``rmdir`` the created
-    folders deepest first, stopping at the first one that is not empty. Does nothing unless
-    ``run_dir`` itself is in ``created``: in a folder that existed before, every file may be
-    someone else's."""
-    run_dir = Path(os.path.abspath(run_dir))
-    if run_dir not in created:
-        return
-    for name in (*HYDRA_FILES, LOCK_FILE, *extra):
-        try:
-            (run_dir / name).unlink()
-        except FileNotFoundError:
-            pass
-    for folder in (run_dir / ".hydra", *created):
-        try:
-            folder.rmdir()  # only an empty folder; never a tree
-        except FileNotFoundError:
-            continue
-        except OSError:
-            return
 
 
 def _flock_exclusive(fd: int) -> None:
@@ -342,22 +305,6 @@ def take_lock(run_dir: Path) -> RunLock | None:
     return RunLock(run_dir).acquire()
 
 
-def checkpoint_tag(path: Any) -> str:
-    """A short, stable, path-safe name for ``model.pretrained``: the run folder's name (or the
-    file's stem) and 8 hex digits of the resolved path's sha256, e.g. ``resnet20-fp-sgdm-s0-
-    1a2b3c4d``. An eval's folder carries it, so evaluations of different checkpoints never
-    share (and overwrite) one folder."""
-    if path is None or str(path) in ("", "None"):
-        return "none"
-    file = Path(str(path)).expanduser()
-    if file.is_dir():
-        file = file / "checkpoint.pt"
-    resolved = file.resolve()
-    stem = resolved.parent.name if resolved.stem == "checkpoint" else resolved.stem
-    stem = re.sub(r"[^A-Za-z0-9_=+-]+", "_", stem).strip("_")[:60] or "ckpt"
-    return f"{stem}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:8]}"
-
-
 def _task_config(config: DictConfig) -> DictConfig:
     task_cfg = copy.deepcopy(config)
     with read_write(task_cfg), open_dict(task_cfg):
@@ -372,7 +319,7 @@ class Guard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        from mq.schema import check_config
+        from mq.cli.schema import check_config
 
         HydraConfig.instance().set_config(config)  # ${hydra:...} in the run folder's name
         rank = int(os.environ.get("RANK", "0"))
@@ -401,8 +348,8 @@ class Guard(Callback):
         task_cfg = _task_config(config)
         check_name("run_name", task_cfg.get("run_name"))  # before the folder it names
         check_location(run_dir)
-        from mq.run import check, check_run_dir, finished_message  # imports torch
-        from mq.sweep.ledger import FINAL
+        from mq.job.ledger import FINAL
+        from mq.job.run import check, check_run_dir, finished_message  # imports torch
 
         try:
             check(task_cfg)  # plain values (run_name included), constructors, model.pretrained
@@ -475,7 +422,7 @@ def _quiet_rank(config: DictConfig) -> None:
 
 def wait_for_lock(run_dir: Path, held: bool, timeout: float = 30.0) -> bool:
     """Wait (up to ``timeout`` s) until some process holds run_dir's lock (``held``), or until
-    none does; a data-parallel job's other ranks wait so for rank 0 (mq.distributed). False
+    none does; a data-parallel job's other ranks wait so for rank 0 (mq.core.distributed). False
     when the time ran out. (Rank 0 exiting ends the other ranks: torchrun stops them.)"""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

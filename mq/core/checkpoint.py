@@ -13,10 +13,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from mq.errors import ConfigError, first_line
+from mq.core.errors import ConfigError, first_line
 
 if TYPE_CHECKING:  # torch is imported where a checkpoint is written or read: the sweep ledger
-    import torch  # (mq.sweep.ledger, hence Hydra's plugin scan at every start-up) needs JSON only
+    import torch  # (mq.job.ledger, hence Hydra's plugin scan at every start-up) needs JSON only
 
 
 def _tmp_name(path: Path) -> Path:
