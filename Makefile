@@ -17,7 +17,7 @@ test-all: setup  ## everything CI runs: lint, fast suite, slow tests, SLURM test
 	bash .ci/run
 
 lint: setup
-	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/lint-imports
 
 format: setup
 	.venv/bin/ruff check --fix . && .venv/bin/ruff format .

@@ -12,7 +12,7 @@ if [ ! -x .venv/bin/python ]; then
   say "creating .venv with $("$PYTHON" --version 2>&1)"
   "$PYTHON" -m venv .venv
 fi
-if ! .venv/bin/python -c "import mq, torch, torchvision, hydra, wandb, submitit, hydra_plugins.hydra_submitit_launcher, pytest, ruff, matplotlib, tqdm" 2>/dev/null; then
+if ! .venv/bin/python -c "import mq, torch, torchvision, hydra, wandb, submitit, hydra_plugins.hydra_submitit_launcher, pytest, ruff, importlinter, matplotlib, tqdm" 2>/dev/null; then
   # PyPI's default torch wheel bundles the CUDA libraries (~3 GB to download, 5.7 GB in .venv),
   # useless without an NVIDIA GPU; the +cpu build of the same version has none. Say so before
   # the download, in one line: the CPU index is not reachable from every machine.
