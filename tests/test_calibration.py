@@ -1,4 +1,4 @@
-"""quant.calibration (issue 10's step-size ablation): ``exact`` is the true derivative of the
+"""quant.calibration (the step-size ablation): ``exact`` is the true derivative of the
 transform A, ``paper`` twice it for DoReFa (the factor the paper's code uses); both checked
 against autograd through A, per tensor and on the flat vector of several layers."""
 

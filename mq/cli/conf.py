@@ -93,8 +93,8 @@ def exclude_keys() -> list[str]:
 
 
 def upgrade(config: dict[str, Any]) -> dict[str, Any]:
-    """A run config written before meta nets were built from their own ``_target_`` (mq 0.6.0
-    and older: ``meta.net: multifc`` next to ``meta.hidden_size`` ...) in today's layout
+    """A run config in the layout where ``meta.net`` names the net (``meta.net: multifc`` next
+    to ``meta.hidden_size`` ...) in the layout where the net is built from its own ``_target_``
     (``meta.net: {_target_: mq.meta.MultiFC, hidden_size: ...}``), so that the resume check
     and the report compare old and new runs key by key. Other configs are returned as given."""
     meta = config.get("meta")

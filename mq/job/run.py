@@ -181,7 +181,8 @@ def result_config(cfg: DictConfig) -> dict[str, Any]:
         data.pop(key, None)
     for key in VOLATILE_DATASET:
         data.get("dataset", {}).pop(key, None)
-    # Keys added with issue 10 at their defaults are left out, so runs from before resume.
+    # The validation split and the calibration at their defaults are left out: a config that
+    # does not name them describes the same run, so it resumes.
     if not data.get("dataset", {}).get("val_size"):
         for key in ("val_size", "split_seed"):
             data.get("dataset", {}).pop(key, None)

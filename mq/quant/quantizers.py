@@ -27,8 +27,8 @@ class WeightQuantizer(nn.Module):
     vector of all of a model's quantized weights with its ``layout`` (mq.quant.flat).
 
     ``ste_slope``: "forward" (default) multiplies the STE by the slope of Q's forward (DoReFa 2,
-    BWN alpha), as the paper's code and the standard STE do; "unit" drops it (mq before 0.6.0;
-    kept for the ablation of the slope, issue 10).
+    BWN alpha), as the paper's code and the standard STE do; "unit" drops it, for the ablation of
+    the slope (sweeps/step_size*.yaml).
     """
 
     bit_width: int

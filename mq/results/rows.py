@@ -62,8 +62,8 @@ def read_epochs(path: Path) -> tuple[dict[int, dict[str, Any]], float | None]:
     """Epoch rows by epoch number (1-based: epochs completed), and the time of the last row.
     A killed job can leave a torn last line (skipped quietly); any other line that is not a
     valid row is skipped with a warning. The later of two rows for one epoch is the one that
-    counts (a replay after a restart). Rows without a time are from before 0.6.0, which
-    counted epochs from 0; a run resumed across versions has both kinds."""
+    counts (a replay after a restart). Rows without a time count epochs from 0, and
+    a run resumed by code that writes times has both kinds."""
     epochs: dict[int, dict[str, Any]] = {}
     last_time = None
     try:

@@ -29,7 +29,7 @@ from mq.results.rows import clean_summary, read_epochs
 RUN_MARKERS = ("summary.json", "metrics.jsonl")
 # What a job writes as it goes: the newest of these is when a stopped run last wrote.
 STOPPED_FILES = ("metrics.jsonl", "checkpoint.pt", "summary.json")
-# summary.json keys that say what a run's numbers were measured on (written since 0.6.0).
+# summary.json keys that say what a run's numbers were measured on (a summary may lack them).
 MEASURED = (
     "limit_train_batches",
     "limit_test_batches",
@@ -362,7 +362,8 @@ def _limit(
         return f"trained on {done:,} of {total:,} {unit} per epoch"
     if limit is None:
         return None
-    if kind == "test":  # before 0.6.0 a limit took the first batches: one or two classes
+    # Without the counts, a test limit took the first batches: one or two classes.
+    if kind == "test":
         return (
             f"test first {limit} batches" if brief else f"tested on the first {limit} batches only"
         )

@@ -31,7 +31,7 @@ from mq.data.imagenet import ImageNetLoader, gpu_decode, list_folder, transform
 from mq.data.imagenet import _one_thread as one_thread
 from mq.data.loaders import IMAGENET_MEAN, IMAGENET_STD
 
-TARGET = 3000  # img/s one GPU needs for ResNet-18 training (issue 9)
+TARGET = 3000  # img/s one GPU needs for ResNet-18 training
 
 
 def make_folder(root: str, files: int = 2000, classes: int = 10, seed: int = 0) -> Path:
