@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from mq.cli.conf import register_resolvers
+from mq.cli.resolvers import register_resolvers
 from mq.core.errors import ConfigError, find_config_error, first_line, hydra_error_line
 from mq.core.folders import disk_full, disk_full_message
 

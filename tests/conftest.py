@@ -15,7 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mq.cli.conf import register_resolvers
+from mq.cli.resolvers import register_resolvers
 
 register_resolvers()  # conf/'s ${mq.subdir:} etc., as launch.py does before Hydra starts
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,11 +13,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from mq.core.errors import ConfigError
 from mq.data import loaders as data
+from mq.data.base import CIFAR10_MEAN, CIFAR10_STD, DeviceLoader, balanced_sample
 from mq.data.loaders import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    DeviceLoader,
-    balanced_sample,
     cifar_loaders,
     fake_loaders,
     folder_loaders,

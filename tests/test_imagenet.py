@@ -16,8 +16,8 @@ from conftest import launch
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
 from mq.core.errors import ConfigError
+from mq.data.base import IMAGENET_MEAN, IMAGENET_STD
 from mq.data.imagenet import RATIO, SCALE, ImageNetLoader, crop_box, imagenet_loaders, list_folder
-from mq.data.loaders import IMAGENET_MEAN, IMAGENET_STD
 from mq.job.evaluation import evaluate
 
 

@@ -65,8 +65,8 @@ def fake_run(folder: Path, status: str = "completed") -> Path:
 
 def started_run(run_dir: Path, overrides: list[str]) -> Path:
     """A run folder as the start of training leaves it: mq's config.yaml of that run."""
+    from mq.job.guard import _task_config
     from mq.job.run import result_config
-    from mq.job.rundir import _task_config
 
     run_dir.mkdir(parents=True, exist_ok=True)
     config = result_config(_task_config(compose_config(overrides)))

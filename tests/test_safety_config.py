@@ -235,14 +235,15 @@ def test_launch_on_a_run_folder_with_broken_yaml_leaves_it_as_it_was(tmp_path):
 
 
 def test_schemas_are_registered_by_call_not_on_import_and_without_torch():
-    """Hydra's plugin scan imports mq.cli.conf: it must stay quick and must not fill the
-    ConfigStore behind the caller's back; launch.py, jobs, mq.bench and tests call register."""
+    """Hydra's plugin scan imports mq.cli.conf and mq.cli.resolvers: they must stay quick and
+    must not fill the ConfigStore behind the caller's back; launch.py, jobs, mq.bench and tests
+    call register."""
     code = (
         "import sys\n"
         "from hydra.core.config_store import ConfigStore\n"
-        "import mq.cli.conf, mq.cli.schema\n"
+        "import mq.cli.conf, mq.cli.resolvers, mq.cli.schema\n"
         "assert ConfigStore.instance().repo.get('schema') is None, 'registered on import'\n"
-        "mq.cli.conf.register_resolvers()\n"
+        "mq.cli.resolvers.register_resolvers()\n"
         "assert 'config.yaml' in ConfigStore.instance().repo['schema']\n"
         "assert 'torch' not in sys.modules\n"
     )

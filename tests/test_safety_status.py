@@ -120,7 +120,7 @@ def test_a_run_killed_by_sigkill_is_stopped_not_running(tmp_path):
 
 
 def test_lock_probe_never_follows_a_symlink_nor_blocks_on_a_fifo(tmp_path):
-    from mq.job.rundir import lock_held
+    from mq.core.folders import lock_held
 
     outside = tmp_path / "outside.lock"
     outside.write_text("not ours\n")

@@ -12,7 +12,8 @@ from conftest import SMOKE, compose_config, launch
 from PIL import Image
 
 from mq.core.errors import ConfigError
-from mq.data.loaders import DeviceLoader, Loaders, imagenet_loaders
+from mq.data.base import DeviceLoader, Loaders
+from mq.data.loaders import imagenet_loaders
 from mq.data.split import check_split, hold_out
 from mq.sweep.tune_space import check_objective
 from mq.sweep.tune_study import tell

@@ -8,8 +8,9 @@ wandb run name. ``conf/config.yaml`` builds the sweep subdir with ``${mq.subdir:
 value as written), and every name without a path is byte for byte Hydra's, so sweeps launched
 before keep finding their completed jobs.
 
-The resolver is registered by ``mq.cli.conf.register_resolvers()``: launch.py calls it before Hydra
-starts, and each submitit job (mq.sweep.launcher.SubmititJob) before Hydra resolves its folder.
+The resolver is registered by ``mq.cli.resolvers.register_resolvers()``: launch.py calls it
+before Hydra starts, and each submitit job (mq.sweep.launcher.SubmititJob) before Hydra resolves
+its folder.
 """
 
 from __future__ import annotations

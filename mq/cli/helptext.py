@@ -3,7 +3,7 @@ option's first comment line) and every key with its default and its comment, so 
 lists an option or a key that conf/ does not have, nor misses a new one.
 
 conf/hydra/help/mq.yaml's template reads it through the ``${mq.help:}`` resolver
-(``mq.cli.conf.register_resolvers``). Free of torch: --help is quick.
+(``mq.cli.resolvers.register_resolvers``). Free of torch: --help is quick.
 """
 
 from __future__ import annotations

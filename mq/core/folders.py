@@ -13,6 +13,7 @@ alone (``summary.json`` and ``.hydra/`` are common to many tools):
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import re
@@ -178,3 +179,29 @@ def remove_created(run_dir: Path, created: list[Path], extra: tuple[str, ...] = 
             continue
         except OSError:
             return
+
+
+def lock_held(run_dir: Path) -> bool | None:
+    """Whether a process holds ``run_dir``'s lock now, i.e. still runs the job there: True,
+    False (no lock file, or nobody holds it), or None when that cannot be told (a symlink, a
+    filesystem without locks). Changes nothing: the file is opened read-only, never created,
+    never through a symlink, never blocking (a FIFO named run.lock). The probe takes a shared
+    lock for a few microseconds; :meth:`RunLock.acquire` retries briefly for that reason."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(run_dir / LOCK_FILE, flags)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None  # ELOOP: a symlink, not the lock a run takes
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            return True if exc.errno in (errno.EAGAIN, errno.EACCES) else None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)

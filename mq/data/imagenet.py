@@ -27,8 +27,8 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
 from mq.core.errors import ConfigError, first_line
-from mq.data.loaders import IMAGENET_MEAN, IMAGENET_STD, Loaders, _Batches, _check_classes, _shard
-from mq.data.loaders import _epoch_generator as epoch_generator
+from mq.data.base import IMAGENET_MEAN, IMAGENET_STD, Loaders, _Batches, _check_classes, _shard
+from mq.data.base import _epoch_generator as epoch_generator
 
 EXTENSIONS = (".jpg", ".jpeg", ".JPEG", ".JPG")
 SIZE, RESIZE = 224, 256  # train crop / val: resize the short side to 256, center crop 224

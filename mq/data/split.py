@@ -1,6 +1,6 @@
 """The validation split: ``dataset.val_size`` training images held out for model selection.
 
-The held-out images are a class-stratified sample (mq.data.loaders.balanced_sample) drawn by a
+The held-out images are a class-stratified sample (mq.data.base.balanced_sample) drawn by a
 generator seeded with ``dataset.split_seed`` alone, never the run's seed: every run of a study
 and every seed of the final runs train on the same images and are validated on the same
 others. They are evaluated like the test set (no augmentation, fixed order,
@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from mq.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from mq.data.loaders import Loaders
+    from mq.data.base import Loaders
 
 SPLIT_KEYS = ("val_size", "split_seed")
 # Training images per dataset choice when the config alone says it (checked before a sweep is
@@ -82,15 +82,15 @@ def with_split(loader: Callable[..., Loaders]) -> Callable[..., Loaders]:
 
 def val_indices(labels: torch.Tensor, val_size: int, split_seed: int) -> torch.Tensor:
     """Sorted indices of the held-out images among ``labels`` (the training set's)."""
-    from mq.data.loaders import balanced_sample
+    from mq.data.base import balanced_sample
 
     return balanced_sample(labels, val_size, seed=split_seed)
 
 
 def hold_out(data: Loaders, val_size: int, split_seed: int) -> Loaders:
     """``data`` with ``val_size`` training images moved into a validation source."""
+    from mq.data.base import DeviceLoader, Loaders
     from mq.data.imagenet import ImageNetLoader
-    from mq.data.loaders import DeviceLoader, Loaders  # mq.data applies with_split
 
     if val_size == 0:
         return data

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mq.core.checkpoint import read_json, write_json
+from mq.core.folders import lock_held
 
 # States a relaunch leaves alone: training again would give the same result.
 FINAL = ("completed", "diverged")
@@ -30,7 +31,6 @@ SWEEP_FILE = "sweep.json"
 def job_status(run_dir: Path) -> str:
     """The job's own status; "new" when it never started (no summary.json); "stopped" when it
     says running but no process holds its folder's lock (killed by SIGKILL, say)."""
-    from mq.job.rundir import lock_held
 
     summary = read_json(run_dir / "summary.json")
     status = str(summary.get("status", "unknown")) if summary else "new"

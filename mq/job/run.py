@@ -21,7 +21,7 @@ from mq.core.checkpoint import json_text, load_checkpoint, read_json, save_check
 from mq.core.errors import ConfigError, first_line
 from mq.core.folders import disk_full, remove_stale_tmp
 from mq.core.keys import VOLATILE, VOLATILE_DATASET, flatten
-from mq.data.loaders import check_num_classes
+from mq.data.base import check_num_classes
 from mq.data.split import check_split
 from mq.job.evaluation import evaluate_only
 from mq.job.ledger import FINAL
@@ -268,7 +268,7 @@ def run(
 ) -> dict[str, Any]:
     """Run the job described by ``cfg`` in ``run_dir``; returns its summary. ``logger_args``
     (a sweep's wandb group and run name) fill logger keys that the config leaves null."""
-    # A single run was checked and locked by mq.job.rundir.Guard before Hydra made its folder; a
+    # A single run was checked and locked by mq.job.guard.Guard before Hydra made its folder; a
     # sweep job is checked here, after Hydra made its folder (the sweep checked it before).
     before = started(run_dir)
     lock = None

@@ -2,37 +2,29 @@
 what this invocation created.
 
 Hydra creates a job's folder (and writes ``.hydra/`` and ``launch.log`` into it) before the task
-function runs. A single run (no ``-m``) is therefore checked earlier, by :class:`Guard`, a Hydra
-callback that runs between composing the config and creating the folder: bad values are refused
-with nothing written, a completed run is reported without touching its folder, the folders that
-do not exist yet are recorded, and the folder's lock is taken. When the job fails on bad input
-later (a data path, say), :func:`remove_created` removes what Hydra and mq wrote into a folder
-this invocation created, and the empty folders it created: never a folder that existed before,
-never a whole tree (``os.rmdir`` only removes empty folders).
+function runs. A single run (no ``-m``) is therefore checked earlier, by mq.job.guard.Guard, which
+records here the folders it created and the lock it took. When the job fails on bad input later
+(a data path, say), :func:`remove_created` removes what Hydra and mq wrote into a folder this
+invocation created, and the empty folders it created: never a folder that existed before, never
+a whole tree (``os.rmdir`` only removes empty folders).
 """
 
 from __future__ import annotations
 
-import copy
 import errno
 import fcntl
 import logging
 import os
 import re
 import socket
-import stat
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, open_dict, read_write
-
 from mq.core import folders
-from mq.core.errors import ConfigError, find_config_error
-from mq.core.folders import LOCK_FILE, missing_dirs, remove_created
+from mq.core.errors import ConfigError
+from mq.core.folders import LOCK_FILE, remove_created
 
 log = logging.getLogger(__name__)
 
@@ -254,35 +246,9 @@ def wait_for_holder(run_dir: Path) -> bool:
         os.close(fd)  # drops the shared lock at once
 
 
-def lock_held(run_dir: Path) -> bool | None:
-    """Whether a process holds ``run_dir``'s lock now, i.e. still runs the job there: True,
-    False (no lock file, or nobody holds it), or None when that cannot be told (a symlink, a
-    filesystem without locks). Changes nothing: the file is opened read-only, never created,
-    never through a symlink, never blocking (a FIFO named run.lock). The probe takes a shared
-    lock for a few microseconds; :meth:`RunLock.acquire` retries briefly for that reason."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(run_dir / LOCK_FILE, flags)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return None  # ELOOP: a symlink, not the lock a run takes
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            return True if exc.errno in (errno.EAGAIN, errno.EACCES) else None
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
-
-
 @dataclass
 class Started:
-    """What :class:`Guard` did for the run folder before Hydra made it."""
+    """What :class:`mq.job.guard.Guard` did for the run folder before Hydra made it."""
 
     run_dir: Path
     created: list[Path] = field(default_factory=list)
@@ -297,127 +263,18 @@ def started(run_dir: Path) -> Started | None:
     return _started.get(Path(os.path.abspath(run_dir)))
 
 
+def record_start(record: Started) -> None:
+    """Remember what :class:`mq.job.guard.Guard` did for a run folder: the job takes over its
+    lock (:func:`take_lock`), a failed start undoes it (:func:`undo_starts`)."""
+    _started[record.run_dir] = record
+
+
 def take_lock(run_dir: Path) -> RunLock | None:
     """Lock ``run_dir`` for this job; None when this process already holds its lock."""
     seen = started(run_dir)
     if seen is not None and seen.lock is not None:
         return None
     return RunLock(run_dir).acquire()
-
-
-def _task_config(config: DictConfig) -> DictConfig:
-    task_cfg = copy.deepcopy(config)
-    with read_write(task_cfg), open_dict(task_cfg):
-        del task_cfg["hydra"]
-    return task_cfg
-
-
-class Guard(Callback):
-    """Hydra callback (conf/config.yaml ``hydra.callbacks``): the checks of a single run that
-    must come before Hydra creates its folder. Sweeps are checked by mq.sweep.sweeper instead."""
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from hydra.core.hydra_config import HydraConfig
-
-        from mq.cli.schema import check_config
-
-        HydraConfig.instance().set_config(config)  # ${hydra:...} in the run folder's name
-        rank = int(os.environ.get("RANK", "0"))
-        if rank != 0:
-            _quiet_rank(config)
-        try:
-            # keys added (+) or removed (~), interpolations that fail (the folder's name too)
-            check_config(config)
-            from mq.models import resolve_original  # imports torch
-
-            # In the config Hydra then runs: the eval folder's name and the job see the file.
-            resolve_original(config)
-            run_dir = Path(str(config.hydra.run.dir))
-            check_output_subdir(config.hydra.output_subdir)
-            self._check(config, run_dir)
-        except Exception as exc:
-            error = find_config_error(exc)
-            if error is None:
-                raise
-            if rank == 0:  # every rank refuses the same input; one says so
-                print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
-
-    @staticmethod
-    def _check(config: DictConfig, run_dir: Path) -> None:
-        task_cfg = _task_config(config)
-        check_name("run_name", task_cfg.get("run_name"))  # before the folder it names
-        check_location(run_dir)
-        from mq.job.ledger import FINAL
-        from mq.job.run import check, check_run_dir, finished_message  # imports torch
-
-        try:
-            check(task_cfg)  # plain values (run_name included), constructors, model.pretrained
-        except Exception as exc:
-            if find_config_error(exc) is not None:
-                raise
-            # Not bad input as such: the job meets it again and reports it as before; the
-            # folder is still recorded and locked below, so that a failed start is undone.
-        previous = check_run_dir(task_cfg, run_dir)
-        if previous and previous.get("status") in FINAL:
-            # Before Hydra rewrites .hydra/ and appends to launch.log: a repeat of a finished
-            # run leaves its folder exactly as it was.
-            print(finished_message(run_dir, previous))
-            sys.exit(0)
-        if int(os.environ.get("RANK", "0")) != 0:
-            # A data-parallel job's other ranks: rank 0 makes and locks the folder. Hydra makes
-            # it here too, so wait for rank 0 first: it must see which folders are new.
-            if not wait_for_lock(run_dir, held=True, timeout=120):  # rank 0 alive, but stuck
-                rank = os.environ.get("RANK")
-                error = f"error: rank {rank}: rank 0 did not lock {run_dir} in 120 s"
-                print(error, file=sys.stderr)
-                sys.exit(2)
-            return
-        created = missing_dirs(run_dir)
-        check_free_space(run_dir, created)
-        record = Started(Path(os.path.abspath(run_dir)), created)
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            record.lock = RunLock(run_dir).acquire()
-        except FolderRefused:
-            raise  # the other process may have made the same folders: remove nothing
-        except Exception as exc:
-            remove_created(run_dir, created)
-            full = folders.disk_full(exc)
-            if full is not None:
-                raise FolderRefused(folders.disk_full_message(full, run_dir)) from exc
-            raise
-        _started[record.run_dir] = record
-
-
-# Hydra's record and log of a job take a few KB, a checkpoint from ~1 MB up: below this much
-# free space a start is refused before anything is written (not left with empty files).
-MIN_FREE = 1 << 20
-
-
-def check_free_space(run_dir: Path, created: list[Path]) -> None:
-    existing = created[-1].parent if created else Path(os.path.abspath(run_dir))
-    try:
-        info = os.statvfs(existing)
-    except OSError:
-        return  # cannot tell: the writes themselves report a full disk
-    free = info.f_bavail * info.f_frsize
-    if free < MIN_FREE:
-        raise FolderRefused(
-            f"no space left in {run_dir} ({free // 1024} KB free; a run needs at least "
-            f"{MIN_FREE >> 20} MB); free some space, then run the same command again"
-        )
-
-
-def _quiet_rank(config: DictConfig) -> None:
-    """A data-parallel job's other ranks (torchrun): Hydra writes no record or log file for
-    them into rank 0's run folder (rank 0 writes both; their lines go to their stderr)."""
-    hydra = config.hydra
-    with read_write(hydra), open_dict(hydra):  # Hydra's node is read-only by its own flag
-        hydra.output_subdir = None
-        root = hydra.job_logging.get("root") if hydra.get("job_logging") else None
-        if root is not None and "handlers" in root:
-            root.handlers = [h for h in root.handlers if h != "file"]
 
 
 def wait_for_lock(run_dir: Path, held: bool, timeout: float = 30.0) -> bool:

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from mq.cli.conf import upgrade
+from mq.core.folders import lock_held
 from mq.core.keys import VOLATILE, VOLATILE_DATASET, flatten
-from mq.job.rundir import lock_held
 from mq.results.rows import clean_summary, read_epochs
 
 RUN_MARKERS = ("summary.json", "metrics.jsonl")

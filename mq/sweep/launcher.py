@@ -40,7 +40,7 @@ class SubmititJob(BaseSubmititLauncher):
     ``checkpoint()`` (requeue the same call), pickled by submitit by reference to this module."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
-        from mq.cli.conf import register_resolvers
+        from mq.cli.resolvers import register_resolvers
 
         register_resolvers()  # a fresh process on the node: conf/'s resolvers, before Hydra's
         return super().__call__(*args, **kwargs)

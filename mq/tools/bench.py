@@ -31,10 +31,12 @@ import torch
 from hydra.utils import instantiate
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mq.cli.conf import compose, options
+from mq.cli.conf import options
+from mq.cli.resolvers import compose
 from mq.core.allocator import keep_freed_memory
 from mq.core.errors import ConfigError
-from mq.data.loaders import CIFAR10_MEAN, CIFAR10_STD, DeviceLoader, folder_loaders
+from mq.data.base import CIFAR10_MEAN, CIFAR10_STD, DeviceLoader
+from mq.data.loaders import folder_loaders
 from mq.models import MODELS, build_model
 from mq.quant import quantize_model
 
