@@ -309,3 +309,21 @@ def test_runs_piped_to_head_exits_quietly(tmp_path):
     ]
     assert result.stderr == ""
     assert result.returncode == 128 + signal.SIGPIPE  # as a Unix tool that SIGPIPE ended
+
+
+def test_a_killed_trial_is_told_stopped_not_running(tmp_path):
+    """A tuning trial whose run was killed (summary says running, nobody holds run.lock) is
+    recorded in its study as stopped and FAIL, not as a running trial."""
+    import optuna
+
+    from mq.sweep.tune_study import tell
+
+    run_dir = tmp_path / "trial"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text(json.dumps({"status": "running"}))
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    assert tell(study, trial, run_dir, "best_val_acc") is None
+    (told,) = study.get_trials(deepcopy=False)
+    assert told.user_attrs["status"] == "stopped"
+    assert told.state == optuna.trial.TrialState.FAIL
