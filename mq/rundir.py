@@ -24,6 +24,7 @@ import socket
 import stat
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -191,15 +192,15 @@ def remove_created(run_dir: Path, created: list[Path], extra: tuple[str, ...] = 
     for name in (*HYDRA_FILES, LOCK_FILE, *extra):
         try:
             (run_dir / name).unlink()
-        except FileNotFoundError:
+        except OSError:  # not there (or a name too long to have been made)
             pass
     for folder in (run_dir / ".hydra", *created):
         try:
             folder.rmdir()  # only an empty folder; never a tree
-        except FileNotFoundError:
-            continue
-        except OSError:
-            return
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                return  # holds something: so does every folder above it
+            continue  # never made (missing, or a name too long): its parents may be new
 
 
 def _flock_exclusive(fd: int) -> None:
@@ -390,8 +391,13 @@ class Guard(Callback):
             self._check(config, run_dir)
         except Exception as exc:
             error = find_config_error(exc)
+            if error is None and isinstance(exc, OSError):  # a name too long, say
+                error = f"run folder {config.hydra.run.dir} cannot be used: {exc.strerror}"
             if error is None:
-                raise
+                # Hydra would only warn about a callback's exception and run the job without
+                # these checks and without the lock: stop instead, before anything is written.
+                traceback.print_exc()
+                sys.exit(1)
             if rank == 0:  # every rank refuses the same input; one says so
                 print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
