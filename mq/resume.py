@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from mq.checkpoint import write_json
+from mq.checkpoint import load_checkpoint, write_json
 from mq.errors import ConfigError
 from mq.progress import Progress, summarize
 from mq.train import Settings, measure
@@ -47,6 +47,15 @@ def completed_progress(state: dict[str, Any], path: Path, epochs: int) -> Progre
             f"it cannot resume this run; {START_OVER}"
         )
     raise ConfigError(f"{path} lacks {', '.join(missing)}: it cannot resume; {START_OVER}")
+
+
+def check_resumable(run_dir: Path, epochs: int) -> None:
+    """The run folder's checkpoint.pt, if any, can resume or is a completed run's weights; a
+    ConfigError otherwise. Called before Hydra writes into an existing folder, so that a
+    refused relaunch leaves the folder exactly as it was."""
+    path = run_dir / "checkpoint.pt"
+    if os.path.lexists(path):
+        completed_progress(load_checkpoint(path, "cpu"), path, epochs)
 
 
 def _first_time(metrics: Path) -> float | None:

@@ -423,6 +423,10 @@ class Guard(Callback):
             # run leaves its folder exactly as it was.
             print(finished_message(run_dir, previous))
             sys.exit(0)
+        if task_cfg.task.name != "eval":
+            from mq.resume import check_resumable
+
+            check_resumable(run_dir, task_cfg.epochs)  # a refused relaunch writes nothing
         if int(os.environ.get("RANK", "0")) != 0:
             # A data-parallel job's other ranks: rank 0 makes and locks the folder. Hydra makes
             # it here too, so wait for rank 0 first: it must see which folders are new.

@@ -200,8 +200,8 @@ def test_checkpoint_that_cannot_resume_is_one_line(completed, tmp_path, kind, me
     result = launch(*F, cwd=tmp_path)
     one_line_error(result, f"{RUN}/checkpoint.pt {message}", "move it away to start the run over")
     assert {n: (run_dir / n).read_bytes() for n in before} == before
-    for name in ("summary.json", "metrics.jsonl"):
-        assert not (run_dir / name).exists(), name
+    # Refused before Hydra writes: no .hydra/, launch.log or run.lock either.
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "config.yaml"]
 
 
 # --------------------------------------------------------- 3. damaged metrics.jsonl ----
