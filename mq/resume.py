@@ -79,13 +79,7 @@ def rebuild_summary(
     """Write summary.json of a completed run from its checkpoint's progress (the epochs'
     accuracies and losses), metrics.jsonl (when it started) and ``data`` (what the numbers were
     measured on); returns it."""
-    settings = Settings(
-        epochs=cfg.epochs,
-        lr=cfg.optimizer.lr,
-        lr_step=cfg.lr_step,
-        limit_train_batches=cfg.limit_train_batches,
-        limit_test_batches=cfg.limit_test_batches,
-    )
+    settings = Settings.of(cfg)
     _, measured = measure(settings, data.train, data.test, data.val)
     started = previous.get("started") or _first_time(run_dir / "metrics.jsonl") or time.time()
     head = {

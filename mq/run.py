@@ -399,16 +399,7 @@ def _train(
     """Train, and keep the ledger (summary.json, rank 0 alone: ``head`` is None elsewhere)
     through every way training can end."""
     summary_path = run_dir / "summary.json"
-    settings = Settings(
-        epochs=cfg.epochs,
-        lr=cfg.optimizer.lr,
-        lr_step=cfg.lr_step,
-        limit_train_batches=cfg.limit_train_batches,
-        limit_test_batches=cfg.limit_test_batches,
-        log_every=cfg.log_every,
-        checkpoint_every_min=cfg.checkpoint_every_min,
-        progress_bar=cfg.progress,
-    )
+    settings = Settings.of(cfg)
     loop: Training | None = None
 
     def mark_failed(error: str, status: str = "failed") -> None:
