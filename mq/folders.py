@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from mq.errors import exception_chain
+
 # Keys every mq run config has had (config.yaml and Hydra's record of the job alike).
 RUN_KEYS = ("task", "model", "dataset", "quant", "meta", "seed", "bits")
 LOCK_LINE = re.compile(rb"pid [0-9]+ on \S+\n?")
@@ -125,14 +127,8 @@ def remove_stale_tmp(folder: Path) -> list[str]:
 
 def disk_full(exc: BaseException) -> OSError | None:
     """The out-of-space OSError behind ``exc`` (no space, quota, file size limit), if any."""
-    seen: BaseException | None = exc
-    chain: list[BaseException] = []
-    while seen is not None and seen not in chain:
-        if isinstance(seen, OSError) and seen.errno in DISK_FULL:
-            return seen
-        chain.append(seen)
-        seen = seen.__cause__ or seen.__context__
-    return None
+    full = (e for e in exception_chain(exc) if isinstance(e, OSError) and e.errno in DISK_FULL)
+    return next(full, None)
 
 
 def disk_full_message(exc: OSError, folder: Path | str) -> str:
