@@ -22,7 +22,7 @@ from mq.errors import ConfigError, first_line
 from mq.evaluation import evaluate_only
 from mq.folders import disk_full, remove_stale_tmp
 from mq.keys import VOLATILE, VOLATILE_DATASET
-from mq.loggers import choice_config
+from mq.loggers import choice_config, free_name
 from mq.models import check_model, checkpoint_file, resolve_original
 from mq.progress import summarize
 from mq.quant.layers import quantize_model
@@ -476,10 +476,7 @@ def set_aside_metrics(run_dir: Path) -> None:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists():
         return
-    n = 1
-    while (run_dir / f"metrics.jsonl.attempt-{n}").exists():
-        n += 1
-    aside = run_dir / f"metrics.jsonl.attempt-{n}"
+    aside = free_name(metrics, "attempt")
     os.replace(metrics, aside)
     log.warning("no checkpoint: starting over; the earlier attempt's rows are in %s", aside.name)
 
