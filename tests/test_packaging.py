@@ -150,3 +150,11 @@ def test_setup_says_each_step_and_how_to_get_the_cpu_build_before_the_install(tm
 
     python.write_text("#!/usr/bin/env bash\nexit 0\n")  # everything importable already
     assert setup() == []
+
+
+def test_the_package_says_its_own_version():
+    """``mq.__version__`` is what pyproject.toml releases (it said 0.5.0 through 0.7.0)."""
+    import mq
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert mq.__version__ == project["version"]

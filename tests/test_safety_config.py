@@ -11,13 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONF, ROOT, SMOKE, compose_config, launch, launch_env
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from conftest import ROOT, SMOKE, compose_config, launch, launch_env
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from test_cli_errors import composition_error
 
-from mq.core.errors import ConfigError, find_config_error, hydra_error_line
+from mq.core.errors import ConfigError, find_config_error
 from mq.job.run import check, check_run_dir, validate
 
 BOOL = "allowed: true, false (also yes, no, on, off, 1, 0)"
@@ -26,14 +25,6 @@ BOOL = "allowed: true, false (also yes, no, on, off, 1, 0)"
 def task_config(overrides: list[str]):
     cfg = compose_config(overrides)
     return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-
-
-def composition_error(overrides: list[str]) -> str | None:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        with pytest.raises(Exception) as info:
-            compose("config", overrides=overrides)
-    return hydra_error_line(info.value)
 
 
 @pytest.mark.parametrize(

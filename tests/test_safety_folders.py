@@ -301,3 +301,11 @@ def test_torchrun_refusal_is_printed_once_and_leaves_no_folder(tmp_path):
         errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and bad[-1] in errors[0], result.stderr[-3000:]
         assert not (tmp_path / "outputs").exists(), sorted(tmp_path.rglob("*"))
+
+
+def test_a_run_folder_name_too_long_is_one_line_and_makes_no_folder(tmp_path):
+    """The file system refuses the name (ENAMETOOLONG): one line, and not even outputs/ is left
+    (the check used to raise inside Hydra's callback, which Hydra only warns about)."""
+    result = launch(*F, f"hydra.run.dir=outputs/{'a' * 300}", cwd=tmp_path)
+    one_line_error(result, "cannot be used: File name too long")
+    assert not list(tmp_path.iterdir())

@@ -200,8 +200,8 @@ def test_checkpoint_that_cannot_resume_is_one_line(completed, tmp_path, kind, me
     result = launch(*F, cwd=tmp_path)
     one_line_error(result, f"{RUN}/checkpoint.pt {message}", "move it away to start the run over")
     assert {n: (run_dir / n).read_bytes() for n in before} == before
-    for name in ("summary.json", "metrics.jsonl"):
-        assert not (run_dir / name).exists(), name
+    # Refused before Hydra writes: no .hydra/, launch.log or run.lock either.
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "config.yaml"]
 
 
 # --------------------------------------------------------- 3. damaged metrics.jsonl ----
@@ -309,3 +309,21 @@ def test_runs_piped_to_head_exits_quietly(tmp_path):
     ]
     assert result.stderr == ""
     assert result.returncode == 128 + signal.SIGPIPE  # as a Unix tool that SIGPIPE ended
+
+
+def test_a_killed_trial_is_told_stopped_not_running(tmp_path):
+    """A tuning trial whose run was killed (summary says running, nobody holds run.lock) is
+    recorded in its study as stopped and FAIL, not as a running trial."""
+    import optuna
+
+    from mq.sweep.tune_study import tell
+
+    run_dir = tmp_path / "trial"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text(json.dumps({"status": "running"}))
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    assert tell(study, trial, run_dir, "best_val_acc") is None
+    (told,) = study.get_trials(deepcopy=False)
+    assert told.user_attrs["status"] == "stopped"
+    assert told.state == optuna.trial.TrialState.FAIL

@@ -9,15 +9,22 @@ class ConfigError(ValueError):
     """A user-facing configuration or input problem; its message is one line."""
 
 
-def find_config_error(exc: BaseException) -> ConfigError | None:
-    """The ConfigError behind ``exc``: Hydra's ``instantiate`` wraps constructor errors."""
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions behind it (``__cause__``, else ``__context__``), in order."""
     chain: list[BaseException] = []
     seen: BaseException | None = exc
     while seen is not None and seen not in chain:
-        if isinstance(seen, ConfigError):
-            return seen
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
+    return chain
+
+
+def find_config_error(exc: BaseException) -> ConfigError | None:
+    """The ConfigError behind ``exc``: Hydra's ``instantiate`` wraps constructor errors."""
+    chain = exception_chain(exc)
+    for seen in chain:
+        if isinstance(seen, ConfigError):
+            return seen
     # No ConfigError of ours: a constructor (torch's optimizers, nn.Linear) refusing a value.
     return next(filter(None, map(_constructor_error, chain)), None)
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from mq.core.errors import exception_chain
+
 # Keys every mq run config has had (config.yaml and Hydra's record of the job alike).
 RUN_KEYS = ("task", "model", "dataset", "quant", "meta", "seed", "bits")
 LOCK_LINE = re.compile(rb"pid [0-9]+ on \S+\n?")
@@ -129,14 +131,8 @@ def remove_stale_tmp(folder: Path) -> list[str]:
 
 def disk_full(exc: BaseException) -> OSError | None:
     """The out-of-space OSError behind ``exc`` (no space, quota, file size limit), if any."""
-    seen: BaseException | None = exc
-    chain: list[BaseException] = []
-    while seen is not None and seen not in chain:
-        if isinstance(seen, OSError) and seen.errno in DISK_FULL:
-            return seen
-        chain.append(seen)
-        seen = seen.__cause__ or seen.__context__
-    return None
+    full = (e for e in exception_chain(exc) if isinstance(e, OSError) and e.errno in DISK_FULL)
+    return next(full, None)
 
 
 def disk_full_message(exc: OSError, folder: Path | str) -> str:
@@ -170,15 +166,15 @@ def remove_created(run_dir: Path, created: list[Path], extra: tuple[str, ...] = 
     for name in (*HYDRA_FILES, LOCK_FILE, *extra):
         try:
             (run_dir / name).unlink()
-        except FileNotFoundError:
+        except OSError:  # not there (or a name too long to have been made)
             pass
     for folder in (run_dir / ".hydra", *created):
         try:
             folder.rmdir()  # only an empty folder; never a tree
-        except FileNotFoundError:
-            continue
-        except OSError:
-            return
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                return  # holds something: so does every folder above it
+            continue  # never made (missing, or a name too long): its parents may be new
 
 
 def lock_held(run_dir: Path) -> bool | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +62,13 @@ class Guard(Callback):
             self._check(config, run_dir)
         except Exception as exc:
             error = find_config_error(exc)
+            if error is None and isinstance(exc, OSError):  # a name too long, say
+                error = f"run folder {config.hydra.run.dir} cannot be used: {exc.strerror}"
             if error is None:
-                raise
+                # Hydra would only warn about a callback's exception and run the job without
+                # these checks and without the lock: stop instead, before anything is written.
+                traceback.print_exc()
+                sys.exit(1)
             if rank == 0:  # every rank refuses the same input; one says so
                 print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
@@ -88,6 +94,10 @@ class Guard(Callback):
             # run leaves its folder exactly as it was.
             print(finished_message(run_dir, previous))
             sys.exit(0)
+        if task_cfg.task.name != "eval":
+            from mq.job.resume import check_resumable
+
+            check_resumable(run_dir, task_cfg.epochs)  # a refused relaunch writes nothing
         if int(os.environ.get("RANK", "0")) != 0:
             # A data-parallel job's other ranks: rank 0 makes and locks the folder. Hydra makes
             # it here too, so wait for rank 0 first: it must see which folders are new.

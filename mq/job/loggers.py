@@ -50,7 +50,7 @@ class MetricsFile:
             return
         # Edited or mixed up since the checkpoint: cutting at the offset would merge rows.
         # The file as it was goes aside; the valid rows from before the checkpoint stay.
-        aside = _free_name(self.path, "damaged")
+        aside = free_name(self.path, "damaged")
         with open(aside, "xb") as f:
             f.write(data)
         # By step when known: a line put in or taken out moves the rows across the offset.
@@ -112,7 +112,7 @@ def _damage(head: bytes, steps: int | None) -> str | None:
     return None
 
 
-def _free_name(path: Path, kind: str) -> Path:
+def free_name(path: Path, kind: str) -> Path:
     """``path`` + ``.kind-N`` for the first N that does not exist."""
     n = 1
     while path.with_name(f"{path.name}.{kind}-{n}").exists():

@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from mq.core.checkpoint import write_json
+from mq.core.checkpoint import load_checkpoint, write_json
 from mq.core.errors import ConfigError
 from mq.job.progress import Progress, summarize
 from mq.job.train import Settings, measure
@@ -49,6 +49,15 @@ def completed_progress(state: dict[str, Any], path: Path, epochs: int) -> Progre
     raise ConfigError(f"{path} lacks {', '.join(missing)}: it cannot resume; {START_OVER}")
 
 
+def check_resumable(run_dir: Path, epochs: int) -> None:
+    """The run folder's checkpoint.pt, if any, can resume or is a completed run's weights; a
+    ConfigError otherwise. Called before Hydra writes into an existing folder, so that a
+    refused relaunch leaves the folder exactly as it was."""
+    path = run_dir / "checkpoint.pt"
+    if os.path.lexists(path):
+        completed_progress(load_checkpoint(path, "cpu"), path, epochs)
+
+
 def _first_time(metrics: Path) -> float | None:
     """When the run started, from metrics.jsonl's first row (its time less its elapsed)."""
     try:
@@ -70,13 +79,7 @@ def rebuild_summary(
     """Write summary.json of a completed run from its checkpoint's progress (the epochs'
     accuracies and losses), metrics.jsonl (when it started) and ``data`` (what the numbers were
     measured on); returns it."""
-    settings = Settings(
-        epochs=cfg.epochs,
-        lr=cfg.optimizer.lr,
-        lr_step=cfg.lr_step,
-        limit_train_batches=cfg.limit_train_batches,
-        limit_test_batches=cfg.limit_test_batches,
-    )
+    settings = Settings.of(cfg)
     _, measured = measure(settings, data.train, data.test, data.val)
     started = previous.get("started") or _first_time(run_dir / "metrics.jsonl") or time.time()
     head = {

@@ -25,7 +25,7 @@ from mq.data.base import check_num_classes
 from mq.data.split import check_split
 from mq.job.evaluation import evaluate_only
 from mq.job.ledger import FINAL
-from mq.job.loggers import choice_config
+from mq.job.loggers import choice_config, free_name
 from mq.job.preempt import GracefulStop
 from mq.job.progress import summarize
 from mq.job.resume import completed_progress, rebuild_summary
@@ -406,16 +406,7 @@ def _train(
     """Train, and keep the ledger (summary.json, rank 0 alone: ``head`` is None elsewhere)
     through every way training can end."""
     summary_path = run_dir / "summary.json"
-    settings = Settings(
-        epochs=cfg.epochs,
-        lr=cfg.optimizer.lr,
-        lr_step=cfg.lr_step,
-        limit_train_batches=cfg.limit_train_batches,
-        limit_test_batches=cfg.limit_test_batches,
-        log_every=cfg.log_every,
-        checkpoint_every_min=cfg.checkpoint_every_min,
-        progress_bar=cfg.progress,
-    )
+    settings = Settings.of(cfg)
     loop: Training | None = None
 
     def mark_failed(error: str, status: str = "failed") -> None:
@@ -492,10 +483,7 @@ def set_aside_metrics(run_dir: Path) -> None:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists():
         return
-    n = 1
-    while (run_dir / f"metrics.jsonl.attempt-{n}").exists():
-        n += 1
-    aside = run_dir / f"metrics.jsonl.attempt-{n}"
+    aside = free_name(metrics, "attempt")
     os.replace(metrics, aside)
     log.warning("no checkpoint: starting over; the earlier attempt's rows are in %s", aside.name)
 

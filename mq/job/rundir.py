@@ -24,7 +24,7 @@ from typing import IO, Any
 
 from mq.core import folders
 from mq.core.errors import ConfigError
-from mq.core.folders import LOCK_FILE, remove_created
+from mq.core.folders import LOCK_FILE, lock_held, remove_created
 
 log = logging.getLogger(__name__)
 
@@ -135,13 +135,13 @@ def check_location(run_dir: Path, sweep_dir: Path | None = None) -> None:
             )
         _check_sweep_folder(sweep_dir, sweep)
     names = _existing("run folder", run_dir, where, "run_name or hydra.run.dir")
-    if not names or (names == {"launch.log"} and _hydra_subdir() is None):
+    subdir = _hydra_subdir()
+    if not names or (names == {"launch.log"} and subdir is None):
         return  # new, or what Hydra writes for a job without its record (output_subdir=null)
     if sweep_dir is None and {"sweep.json", "multirun.yaml"} & names:
         raise FolderRefused(f"run folder {run_dir} is a sweep folder; choose another run_name")
     if ".git" in names:
         raise FolderRefused(f"run folder {run_dir} is a git checkout; choose another run_name")
-    subdir = _hydra_subdir()
     record = tuple(f"{d}/{f}" for d in {".hydra", subdir or ".hydra"} for f in HYDRA_RECORD)
     bad = folders.not_plain(where, (*RUN_FILES, *record), tuple({".hydra", subdir or ".hydra"}))
     if bad:
@@ -283,21 +283,8 @@ def wait_for_lock(run_dir: Path, held: bool, timeout: float = 30.0) -> bool:
     when the time ran out. (Rank 0 exiting ends the other ranks: torchrun stops them.)"""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            if not held:
-                return True  # removed: rank 0 undid its start
-            time.sleep(0.05)
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            locked = False
-        except OSError:
-            locked = True
-        finally:
-            os.close(fd)
-        if locked == held:
+        locked = lock_held(run_dir)  # False also once rank 0 removed it, undoing its start
+        if locked is None or locked == held:  # None: no locks to wait for here
             return True
         time.sleep(0.05)
     return False

@@ -68,6 +68,20 @@ class Settings:
     checkpoint_every_min: float = 10.0
     progress_bar: bool = True
 
+    @classmethod
+    def of(cls, cfg: Any) -> Settings:
+        """The run config's keys the loop reads."""
+        return cls(
+            epochs=cfg.epochs,
+            lr=cfg.optimizer.lr,
+            lr_step=cfg.lr_step,
+            limit_train_batches=cfg.limit_train_batches,
+            limit_test_batches=cfg.limit_test_batches,
+            log_every=cfg.log_every,
+            checkpoint_every_min=cfg.checkpoint_every_min,
+            progress_bar=cfg.progress,
+        )
+
 
 class StepRecord(NamedTuple):
     """One step's numbers, kept on the device until the next read-back."""

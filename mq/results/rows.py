@@ -16,7 +16,8 @@ log = logging.getLogger("mq.results")
 ROW_NUMBERS = ("test_acc", "train_loss", "test_acc5", "time")
 # summary.json fields and what each must be (None is always allowed).
 SUMMARY_NUMBERS = ("final_test_acc", "final_test_acc5", "updated")
-SUMMARY_INTEGERS = (
+# summary.json keys that say what a run's numbers were measured on: whole numbers.
+MEASURED = (
     "limit_train_batches",
     "limit_test_batches",
     "train_batches",
@@ -24,6 +25,7 @@ SUMMARY_INTEGERS = (
     "test_images",
     "test_images_total",
 )
+SUMMARY_INTEGERS = MEASURED
 SUMMARY_TEXT = ("status", "error")
 
 

@@ -24,20 +24,11 @@ from typing import Any
 from mq.cli.conf import upgrade
 from mq.core.folders import lock_held
 from mq.core.keys import VOLATILE, VOLATILE_DATASET, flatten
-from mq.results.rows import clean_summary, read_epochs
+from mq.results.rows import MEASURED, clean_summary, read_epochs
 
 RUN_MARKERS = ("summary.json", "metrics.jsonl")
 # What a job writes as it goes: the newest of these is when a stopped run last wrote.
 STOPPED_FILES = ("metrics.jsonl", "checkpoint.pt", "summary.json")
-# summary.json keys that say what a run's numbers were measured on (a summary may lack them).
-MEASURED = (
-    "limit_train_batches",
-    "limit_test_batches",
-    "train_batches",
-    "train_batches_total",
-    "test_images",
-    "test_images_total",
-)
 
 
 @dataclass

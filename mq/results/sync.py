@@ -26,6 +26,7 @@ folders (no network, nothing uploaded).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import subprocess
@@ -103,6 +104,12 @@ def _wandb(cmd: list[str], dry_run: bool) -> list[str]:
     return [sys.executable, "-m", "wandb", "sync", *dry, *cmd[2:]]  # this venv's wandb
 
 
+def _wandb_env() -> dict[str, str]:
+    """The environment for ``wandb sync``: without WANDB_SILENT, which also hides the error
+    lines that say why a run was not uploaded (the reason each failed run is reported with)."""
+    return {k: v for k, v in os.environ.items() if k not in ("WANDB_SILENT", "WANDB_QUIET")}
+
+
 def _files(segments: list[Segment]) -> list[Path]:
     return [f for s in segments for f in s.path.glob("*.wandb")]
 
@@ -165,6 +172,7 @@ def upload_together(
     proc = subprocess.Popen(
         _wandb(cmd, dry_run),
         stdin=subprocess.DEVNULL,
+        env=_wandb_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -220,6 +228,7 @@ def upload_each(
             done = subprocess.run(
                 _wandb(cmd, dry_run),
                 stdin=subprocess.DEVNULL,
+                env=_wandb_env(),
                 capture_output=True,
                 text=True,
                 check=False,

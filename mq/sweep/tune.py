@@ -83,7 +83,7 @@ class TuneSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> Any:
         import optuna
 
-        from mq.sweep.tune_study import open_storage, shown, storage_url, study_name
+        from mq.sweep.tune_study import shown, storage_url, study_name
 
         assert self.config is not None and self.hydra_context is not None
         direction = self._checked(lambda: check_objective(self.objective, self.direction))
@@ -105,7 +105,7 @@ class TuneSweeper(Sweeper):
         preflight = getattr(self.launcher, "preflight", None)
         if preflight is not None:
             self._checked(lambda: preflight(self.parallel))
-        storage = self._checked(lambda: open_storage(url, sweep_dir, self.storage_url is None))
+        storage = self._open(url, sweep_dir)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         studies = []
         for group, space in zip(groups, spaces, strict=True):
@@ -120,7 +120,6 @@ class TuneSweeper(Sweeper):
             seed = self.sampler_seed + zlib.crc32(study.study_name.encode()) + len(study.trials)
             study.sampler = optuna.samplers.TPESampler(seed=seed % 2**32)
             studies.append((group, space, study))
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         ledger.record_launch(sweep_dir, name, {"studies": len(studies), "launcher": "tune"})
         log.info("%d studies of %d trials in %s", len(studies), self.trials, shown(url))
         failed_trials = self._run_studies(studies)
@@ -131,6 +130,28 @@ class TuneSweeper(Sweeper):
         # a failed final run: listed, exit code 1
         self._report(returns, sweep_dir, trials=self.trials_ran)
         return []
+
+    def _open(self, url: str, sweep_dir: Path) -> Any:
+        """The study storage, with multirun.yaml written first: a launch killed while the
+        storage is made leaves a folder that is recognisably an mq sweep (mq.folders), so its
+        relaunch resumes there. A storage that cannot be opened removes what this made."""
+        from mq.core.folders import missing_dirs
+        from mq.sweep.tune_study import open_storage
+
+        created = missing_dirs(sweep_dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        try:
+            return self._checked(lambda: open_storage(url, sweep_dir, self.storage_url is None))
+        except BaseException:
+            if created:
+                (sweep_dir / "multirun.yaml").unlink(missing_ok=True)
+                for folder in created:  # deepest first; only empty folders
+                    try:
+                        folder.rmdir()
+                    except OSError:
+                        break
+            raise
 
     @staticmethod
     def _checked(fn: Any) -> Any:

@@ -93,8 +93,10 @@ def tell(study: Any, trial: Any, run_dir: Path, objective: str) -> float | None:
     error as user attributes) when the run failed, diverged or lacks the metric."""
     import optuna
 
+    from mq.job.ledger import job_status
+
     summary = read_json(run_dir / "summary.json") or {}
-    status = str(summary.get("status", "new"))
+    status = job_status(run_dir)  # "stopped", not "running", when its process was killed
     value = summary.get(objective)
     trial.set_user_attr("status", status)
     if status == "completed" and isinstance(value, (int, float)) and math.isfinite(value):
@@ -135,8 +137,3 @@ def describe(study: Any, group: list[str]) -> dict[str, Any]:
         "trials": trials,
         "best": best_values(study),
     }
-
-
-def run_status(run_dir: str | Path) -> str:
-    summary = read_json(Path(run_dir) / "summary.json") or {}
-    return str(summary.get("status", "new"))
