@@ -58,10 +58,17 @@ def exclude_keys() -> list[str]:
 
 
 def upgrade(config: dict[str, Any]) -> dict[str, Any]:
-    """A run config in the layout where ``meta.net`` names the net (``meta.net: multifc`` next
-    to ``meta.hidden_size`` ...) in the layout where the net is built from its own ``_target_``
-    (``meta.net: {_target_: mq.meta.MultiFC, hidden_size: ...}``), so that the resume check
-    and the report compare old and new runs key by key. Other configs are returned as given."""
+    """A saved run config (a run folder's config.yaml) in today's layout, so that the resume
+    check and the report compare old and new runs key by key: each step below turns one earlier
+    layout into today's and returns other configs as given."""
+    for step in (_meta_net_by_target, _task_by_target):
+        config = step(config)
+    return config
+
+
+def _meta_net_by_target(config: dict[str, Any]) -> dict[str, Any]:
+    """``meta.net: multifc`` next to ``meta.hidden_size`` ... -> the net built from its own
+    ``_target_`` (``meta.net: {_target_: mq.meta.MultiFC, hidden_size: ...}``)."""
     meta = config.get("meta")
     if not isinstance(meta, dict) or not isinstance(meta.get("net"), str):
         return config
@@ -77,3 +84,16 @@ def upgrade(config: dict[str, Any]) -> dict[str, Any]:
     meta["net"] = {"_target_": today["_target_"]}
     meta["net"].update({k: meta.pop(k) for k in list(meta) if k in today and k != "_target_"})
     return config
+
+
+def _task_by_target(config: dict[str, Any]) -> dict[str, Any]:
+    """``task: {name: quantize}`` -> the task conf/task/quantize.yaml names by ``_target_``."""
+    task = config.get("task")
+    if not isinstance(task, dict) or "_target_" in task or task.get("name") not in options("task"):
+        return config
+    from omegaconf import OmegaConf
+
+    option = OmegaConf.to_container(option_file("task", task["name"]))
+    assert isinstance(option, dict)
+    today = option.get("task", option)  # a _global_ option (pretrain, eval) nests its node
+    return {**config, "task": {k: v for k, v in today.items() if k != "defaults"}}
