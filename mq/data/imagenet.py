@@ -198,7 +198,7 @@ class ImageNetLoader(BatchSource):
 
     def sample(self, batches: int) -> ImageNetLoader:
         """``batches`` batches per rank: a class-stratified sample of the whole set, sharded."""
-        return super().sample(batches * self.world_size)  # type: ignore[return-value]
+        return super().sample(batches * self.world_size)
 
     def subset(self, indices: Tensor) -> ImageNetLoader:
         part = copy.copy(self)

@@ -1,4 +1,5 @@
-"""Data loading: CIFAR held on the training device as uint8, ImageNet through a DataLoader.
+"""The dataset factories (the contract: mq.data.base.DatasetFactory): CIFAR, image folders and
+fake data held on the training device as uint8, ImageNet through a DataLoader.
 
 CIFAR is small enough to keep whole on the device, so augmentation (random crop with zero padding
 4, horizontal flip) and normalisation run batched there, as in airbench. That removes worker
