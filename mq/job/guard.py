@@ -1,7 +1,7 @@
 """The checks of a single run before Hydra creates its folder (:class:`Guard`, a Hydra callback
 named in conf/config.yaml): bad values are refused with nothing written, a completed run is
 reported without touching its folder, the folders that do not exist yet are recorded, and the
-folder's lock is taken (mq.job.rundir)."""
+folder's lock is taken (mq.job.runlock)."""
 
 from __future__ import annotations
 
