@@ -124,14 +124,15 @@ def build_quantizer(quant: str, bits: int):
         raise error from exc
 
 
-def lowest_bits(quant: str) -> int:
-    """The lowest bit width in 1..8 that ``quant`` accepts (1 for most)."""
-    from mq.core.errors import ConfigError
+def allowed_bits(quant: str) -> range:
+    """The bit widths ``quant``'s quantizer declares it takes (``bit_widths``); 1..8 for
+    quant=none, which has none (validate() takes those)."""
+    from hydra.utils import get_class
 
-    for bits in range(1, 9):
-        try:
-            build_quantizer(quant, bits)
-        except ConfigError:
-            continue
-        return bits
-    raise AssertionError(f"quant={quant} accepts no bit width in 1..8")
+    target = _quant_config(quant).quant.get("_target_")
+    return get_class(target).bit_widths if target else range(1, 9)
+
+
+def lowest_bits(quant: str) -> int:
+    """The lowest bit width that ``quant`` accepts (1 for most)."""
+    return allowed_bits(quant)[0]

@@ -56,9 +56,9 @@ class PerLayerMetaQuantStep(MetaQuantStep):
         original = self.update == "original"
         weights = list(self.weights) if first else self._per_layer_meta_weights()
         w_tilde = [self.quantizer.transform(w) for w in weights]
-        if original and not first and getattr(self.quantizer, "per_filter", False):
+        if original and not first:
             w_hat = [
-                self.quantizer.quantize(t, scale_of=b if t.dim() > 2 else None)
+                self.quantizer.quantize_original(t, b)
                 for t, b in zip(w_tilde, self.before, strict=True)
             ]
         else:

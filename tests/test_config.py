@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from mq.cli.conf import options
 from mq.core.errors import ConfigError, find_config_error
-from mq.job.checks import validate
+from mq.job.checks import check, validate
 from mq.meta import MetaQuantStep, STEStep
 from mq.quant import QuantizedModel, quantize_model
 
@@ -116,8 +116,6 @@ def test_wandb_logger_config_instantiates_disabled(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("bits=9", "bits=9"),
-        ("bits=0", "bits=0"),
         ("optimizer.lr=-0.1", "optimizer.lr=-0.1"),
         ("meta.lr=-1", "meta.lr=-1"),
         ("epochs=0", "epochs=0"),
@@ -127,6 +125,24 @@ def test_wandb_logger_config_instantiates_disabled(tmp_path):
 def test_validate_rejects_bad_values(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         validate(compose_config([override]))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["bits=9"], "bits=9 is not allowed for dorefa; allowed: 1..8"),
+        (["bits=0"], "bits=0 is not allowed for dorefa; allowed: 1..8"),
+        (["quant=bwn_f", "bits=2"], "bits=2 is not allowed for bwn_f; allowed: 1"),
+        # no quantizer to ask: bits only names the run (w<bits>)
+        (["quant=none", "bits=9"], "bits=9 is not allowed; allowed: an integer in 1..8"),
+        (["quant=none", "bits=0"], "bits=0 is not allowed; allowed: an integer in 1..8"),
+    ],
+)
+def test_check_rejects_bits_the_quantizer_does_not_take(overrides, message):
+    cfg = compose_config(overrides)
+    with pytest.raises(Exception) as info:
+        check(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+    assert str(find_config_error(info.value)) == message
 
 
 @pytest.mark.parametrize("meta", ["multifc", "lstmfc"])

@@ -126,6 +126,53 @@ def test_bad_bit_widths_are_config_errors():
         BWNWeight(2)
 
 
+def test_a_quantizer_refuses_a_bit_width_outside_its_own_range():
+    """The constructor owns the range: a quantizer declaring a wider one takes its bits."""
+
+    class Dorefa16(DorefaWeight):
+        bit_widths = range(1, 17)
+
+    w = torch.randn(64, 16, 3, 3)
+    assert Dorefa16(16)(w).unique().numel() > 2**8  # more levels than 8 bits hold
+    with pytest.raises(ConfigError, match=r"^bits=17 is not allowed for dorefa; allowed: 1\.\.16$"):
+        Dorefa16(17)
+    with pytest.raises(
+        ConfigError, match=r"^bits=1\.5 is not allowed for dorefa; allowed: 1\.\.8$"
+    ):
+        DorefaWeight(1.5)
+    with pytest.raises(ConfigError, match=r"^bits=True is not allowed for bwn_f; allowed: 1$"):
+        BWNWeight(True, per_filter=True)
+
+
+@pytest.mark.parametrize("quant", ["dorefa2", "bwn", "bwn_f"])
+def test_quantize_original_takes_bwn_f_conv_alphas_from_the_weights_before(quant):
+    """meta.update=original quantizes W_meta as the released code does: BWN-F's conv filters
+    take alpha from W before the meta update, its linear weight (and every other quantizer)
+    quantizes W_meta as ``quantize`` does; flat over a layout, as layer by layer."""
+    from mq.quant.flat import FlatLayout
+    from mq.quant.functions import bwn_scale
+
+    torch.manual_seed(0)
+    q = make(quant)
+    before = [torch.randn(8, 4, 3, 3), torch.randn(10, 8)]
+    after = [b + 0.3 * torch.randn_like(b) for b in before]
+    for b, w in zip(before, after, strict=True):
+        w_tilde = q.transform(w)
+        got = q.quantize_original(w_tilde, b)
+        if quant == "bwn_f" and w.dim() > 2:
+            expected = bwn_scale(b, per_filter=True) * torch.sign(w)
+            assert not torch.equal(got, q.quantize(w_tilde))
+        else:
+            expected = q.quantize(w_tilde)
+        assert torch.equal(got, expected), (quant, w.dim())
+    layout = FlatLayout(after)
+    w_tilde = q.transform(layout.flatten(after), layout)
+    flat = q.quantize_original(w_tilde, layout.flatten(before), layout)
+    per_layer = [q.quantize_original(q.transform(w), b) for w, b in zip(after, before, strict=True)]
+    for got, expected in zip(layout.unflatten(flat), per_layer, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
 @pytest.mark.parametrize("quant", ["dorefa", "bwn", "bwn_f"])
 def test_a_run_from_before_the_slope_change_is_not_resumed(quant, tmp_path):
     """Runs saved before 0.6.0 (no quant.ste_slope in their config.yaml) trained with slope 1:

@@ -5,17 +5,16 @@ MetaQuant and the STE quantize all layers at once, as one flat vector (mq.quant.
 quantizer that takes a max or a mean without its ``layout`` silently computes one constant for
 the whole model. The contract: on a real model, the flat result equals the layer-by-layer one
 for the values, the STE gradients and the calibration, at the lowest and the highest bit width
-the quantizer accepts; bit widths outside them are refused with a one-line ``bits=`` error; a
-``launch.py`` smoke run trains with each quantizer. Constructor keys come from the YAML as
-written (``quant.KEY=...`` options added there are covered too)."""
+the quantizer declares (``bit_widths``, which its constructor checks); bit widths outside them
+are refused with a one-line ``bits=`` error; a ``launch.py`` smoke run trains with each
+quantizer. Constructor keys come from the YAML as written (``quant.KEY=...`` options added there
+are covered too)."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
-from conftest import SMOKE, build_quantizer, compose_config, launch
+from conftest import SMOKE, allowed_bits, build_quantizer, compose_config, launch
 
 from mq.cli.conf import options
 from mq.core.errors import ConfigError
@@ -23,29 +22,21 @@ from mq.models import build_model
 from mq.quant import quantize_model
 
 QUANTS = [q for q in options("quant") if compose_config([f"quant={q}"]).quant.get("_target_")]
-BITS = range(0, 10)  # mq's bits are 1..8 (mq.job.run.validate); 0 and 9 are never allowed
-
-
-@functools.cache
-def allowed_bits(quant: str) -> list[int]:
-    allowed = []
-    for bits in BITS:
-        try:
-            build_quantizer(quant, bits)
-        except ConfigError as exc:
-            assert str(exc).startswith(f"bits={bits} is not allowed"), exc
-            assert "\n" not in str(exc) and "allowed: " in str(exc)
-            continue
-        allowed.append(bits)
-    return allowed
 
 
 @pytest.mark.parametrize("quant", QUANTS)
 def test_bits_outside_the_quantizers_range_are_refused_in_one_line(quant):
-    allowed = allowed_bits(quant)  # asserts the refusals' wording
-    assert allowed, f"quant={quant} accepts no bit width in 1..8"
-    assert 0 not in allowed and 9 not in allowed
-    assert allowed == list(range(allowed[0], allowed[-1] + 1))  # one range, no holes
+    allowed = allowed_bits(quant)  # the quantizer's own bit_widths: its constructor checks them
+    assert len(allowed) and allowed.step == 1, f"quant={quant}: bit_widths={allowed}"
+    assert allowed[0] >= 1, f"quant={quant}: bit_widths={allowed}"  # 0 bits hold no weight
+    for bits in allowed:
+        build_quantizer(quant, bits)
+    for bits in (allowed[0] - 1, allowed[-1] + 1, -1):
+        with pytest.raises(ConfigError) as info:
+            build_quantizer(quant, bits)
+        message = str(info.value)
+        assert message.startswith(f"bits={bits} is not allowed") and "allowed: " in message
+        assert "\n" not in message
 
 
 def _contract_cases() -> list:

@@ -149,6 +149,33 @@ def test_sizes_beyond_what_memory_holds_are_refused_by_their_constructor(overrid
     assert error is not None and str(error).startswith(message), info.value
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["meta.net.hidden_size=0"],
+            "meta.net.hidden_size=0 is not allowed; allowed: an integer in 1..4096",
+        ),
+        (
+            ["meta=lstmfc", "meta.net.hidden_size=-1"],
+            "meta.net.hidden_size=-1 is not allowed; allowed: an integer in 1..4096",
+        ),
+        (
+            ["meta.net.num_layers=1"],
+            "meta.net.num_layers=1 is not allowed; allowed: an integer >= 2",
+        ),
+        (
+            ["meta=fcgrad", "meta.net.num_layers=0"],
+            "meta.net.num_layers=0 is not allowed; allowed: an integer >= 2",
+        ),
+    ],
+)
+def test_meta_net_sizes_are_refused_by_its_constructor_in_one_line(overrides, message):
+    with pytest.raises(Exception) as info:
+        check(task_config(overrides))
+    assert str(find_config_error(info.value)) == message
+
+
 def test_constructors_own_their_checks():
     from mq.data.loaders import fake_loaders
     from mq.meta import LSTMFC, MultiFC
@@ -161,6 +188,10 @@ def test_constructors_own_their_checks():
     for net in (MultiFC, LSTMFC):
         with pytest.raises(ConfigError, match="meta.net.hidden_size=10000000 is not allowed"):
             net(hidden_size=10_000_000)
+        with pytest.raises(ConfigError, match="meta.net.hidden_size=2.5 is not allowed"):
+            net(hidden_size=2.5)
+    with pytest.raises(ConfigError, match="meta.net.num_layers=3.0 is not allowed"):
+        MultiFC(num_layers=3.0)
 
 
 @pytest.mark.parametrize("text", ["a: [1\n", "- just\n- a list\n", "\x00\x01binary"])

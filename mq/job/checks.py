@@ -58,9 +58,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"cudnn_benchmark={cfg.cudnn_benchmark} is not allowed; allowed: true, false"
         )
-    bits = cfg.bits
-    if not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ConfigError(f"bits={bits} is not allowed; allowed: an integer in 1..8")
+    if not cfg.quant.get("_target_") and cfg.bits not in range(1, 9):
+        # quant=none has no constructor to refuse bits (a quantizer's own takes its range)
+        raise ConfigError(f"bits={cfg.bits} is not allowed; allowed: an integer in 1..8")
     for key in ("optimizer.lr", "meta.lr"):
         value = OmegaConf.select(cfg, key)
         if value is not None and (not isinstance(value, (int, float)) or value < 0):
@@ -75,10 +75,6 @@ def validate(cfg: DictConfig) -> None:
     every = cfg.checkpoint_every_min
     if not isinstance(every, (int, float)) or isinstance(every, bool) or every <= 0:
         raise ConfigError(f"checkpoint_every_min={every} is not allowed; allowed: a number > 0")
-    for key in ("meta.net.hidden_size", "meta.net.num_layers"):  # lstmfc has no num_layers
-        value = OmegaConf.select(cfg, key, default=1)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{key}={value} is not allowed; allowed: an integer >= 1")
     for key in ("limit_train_batches", "limit_test_batches"):
         value = OmegaConf.select(cfg, key)
         if value is not None and (not isinstance(value, int) or value < 1):

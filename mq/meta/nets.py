@@ -37,13 +37,26 @@ def _activation(nonlinearity: str) -> nn.Module:
 MAX_HIDDEN = 4096
 
 
-def _check_hidden_size(hidden_size: int) -> None:
-    if not 1 <= hidden_size <= MAX_HIDDEN:
-        per_million = f"{hidden_size * 4e6 / 1e9:,.1f} GB"
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_sizes(hidden_size: int, num_layers: int | None = None) -> None:
+    """The meta net's ``hidden_size`` and (FC nets) ``num_layers``: one-line ConfigErrors."""
+    if not _is_int(hidden_size) or not 1 <= hidden_size <= MAX_HIDDEN:
+        cost = ""
+        if _is_int(hidden_size) and hidden_size > MAX_HIDDEN:
+            cost = (
+                f" (each weight goes through the meta net: {hidden_size * 4e6 / 1e9:,.1f} GB "
+                "of activations per million weights and layer)"
+            )
         raise ConfigError(
             f"meta.net.hidden_size={hidden_size} is not allowed; allowed: an integer in "
-            f"1..{MAX_HIDDEN} (each weight goes through the meta net: {per_million} of "
-            "activations per million weights and layer)"
+            f"1..{MAX_HIDDEN}{cost}"
+        )
+    if num_layers is not None and (not _is_int(num_layers) or num_layers < 2):
+        raise ConfigError(
+            f"meta.net.num_layers={num_layers} is not allowed; allowed: an integer >= 2"
         )
 
 
@@ -72,9 +85,7 @@ class _FCChain(nn.Module):
 
     def __init__(self, hidden_size: int, num_layers: int, nonlinearity: str) -> None:
         super().__init__()
-        if num_layers < 2:
-            raise ConfigError(f"meta.net.num_layers={num_layers} is too small; allowed: 2 or more")
-        _check_hidden_size(hidden_size)
+        _check_sizes(hidden_size, num_layers)
         sizes = [1] + [hidden_size] * (num_layers - 1) + [1]
         layers: list[nn.Module] = []
         for i in range(num_layers):
@@ -143,7 +154,7 @@ class LSTMFC(MetaNet):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        _check_hidden_size(hidden_size)
+        _check_sizes(hidden_size)
         self.cell = nn.LSTMCell(1, hidden_size)
         self.nonlinearity = nonlinearity
         self.act = _activation(nonlinearity)

@@ -19,7 +19,6 @@ from mq.core.errors import ConfigError
 from mq.meta.nets import MetaNet
 from mq.quant.flat import FlatLayout
 from mq.quant.layers import QuantizedModel, quantized_weights
-from mq.quant.quantizers import BWNWeight
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 UPDATES = ("paper", "original")
@@ -116,8 +115,9 @@ class MetaQuantStep(STEStep):
     W_meta's value uses the previous step's refined update (the STE gradient at t = 1), scaled
     to the current lr, its derivative the current meta output; step 0 updates nothing; the
     quantized layers' biases enter the forward with the same look-ahead b - lr * u_b(t-1);
-    Adam adds eps before its bias correction (``released_adam_eps``); BWN-F takes each conv
-    filter's alpha from the weights before the meta update.
+    Adam adds eps before its bias correction (``released_adam_eps``); the quantizer quantizes
+    W_meta as the released code does (``quantize_original``: BWN-F takes each conv filter's
+    alpha from the weights before the meta update).
     """
 
     def __init__(
@@ -200,13 +200,8 @@ class MetaQuantStep(STEStep):
     ) -> tuple[Tensor, Tensor]:
         """(W^, W~) of the flat ``weights``; ``before``: W before the meta update, if any."""
         w_tilde = self.quantizer.transform(weights, layout)
-        if self.update == "original" and before is not None and _bwn_f(self.quantizer):
-            # released BWN-F: conv alpha from W before the meta update, fc alpha from W_meta
-            conv = layout.broadcast(
-                torch.tensor([float(len(s) > 2) for s in layout.shapes], device=before.device)
-            )
-            scale_of = torch.where(conv > 0, before, weights.detach())
-            return self.quantizer.quantize(w_tilde, layout, scale_of=scale_of), w_tilde
+        if self.update == "original" and before is not None:
+            return self.quantizer.quantize_original(w_tilde, before, layout), w_tilde
         return self.quantizer.quantize(w_tilde, layout), w_tilde
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -295,7 +290,3 @@ class MetaQuantStep(STEStep):
 
 def _params(*optimizers: torch.optim.Optimizer | None) -> list[nn.Parameter]:
     return [p for o in optimizers if o is not None for g in o.param_groups for p in g["params"]]
-
-
-def _bwn_f(quantizer: nn.Module) -> bool:
-    return isinstance(quantizer, BWNWeight) and quantizer.per_filter

@@ -29,6 +29,14 @@ def check_calibration(calibration: str) -> None:
         )
 
 
+def check_bit_width(bit_width: int, allowed: range, name: str) -> None:
+    """``bits``, as the quantizer ``name`` (its conf/quant/ option) takes it: an integer in
+    ``allowed``."""
+    if isinstance(bit_width, bool) or not isinstance(bit_width, int) or bit_width not in allowed:
+        span = f"{allowed[0]}..{allowed[-1]}" if len(allowed) > 1 else f"{allowed[0]}"
+        raise ConfigError(f"bits={bit_width} is not allowed for {name}; allowed: {span}")
+
+
 def check_ste_slope(ste_slope: str) -> None:
     if ste_slope not in STE_SLOPES:
         raise ConfigError(
@@ -99,10 +107,3 @@ def bwn_scale(w: Tensor, per_filter: bool = False, layout: FlatLayout | None = N
     if per_filter and w.dim() > 2:
         return w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
     return w.abs().mean()
-
-
-def bwn_levels(
-    w_tilde: Tensor, per_filter: bool = False, layout: FlatLayout | None = None
-) -> Tensor:
-    """W^ = mean|W~| * sign(W~), the scale as in ``bwn_scale``."""
-    return bwn_scale(w_tilde, per_filter, layout) * torch.sign(w_tilde.detach())

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
-from mq.core.errors import ConfigError
 from mq.quant.flat import FlatLayout
 from mq.quant.functions import (
     bwn_scale,
+    check_bit_width,
     check_calibration,
     check_ste_slope,
     clipped_ste,
@@ -29,8 +31,12 @@ class WeightQuantizer(nn.Module):
     ``ste_slope``: "forward" (default) multiplies the STE by the slope of Q's forward (DoReFa 2,
     BWN alpha), as the paper's code and the standard STE do; "unit" drops it, for the ablation of
     the slope (sweeps/step_size*.yaml).
+
+    ``bit_widths``: the ``bits`` the constructor accepts; it refuses any other in one line
+    (``check_bit_width``), and nothing else in mq narrows them.
     """
 
+    bit_widths: ClassVar[range]
     bit_width: int
     ste_slope: str = "forward"
 
@@ -44,6 +50,14 @@ class WeightQuantizer(nn.Module):
         """dW~/dW used by MetaQuant, or None where it is 1."""
         return None
 
+    def quantize_original(
+        self, w_tilde: Tensor, before: Tensor, layout: FlatLayout | None = None
+    ) -> Tensor:
+        """Q as the released MetaQuant applies it to the meta-updated weights' ``w_tilde``
+        (``meta.update=original``); ``before``: the weights before the meta update, for a
+        quantizer whose released code takes a constant from them. Default: ``quantize``."""
+        return self.quantize(w_tilde, layout)
+
     def forward(self, weight: Tensor, layout: FlatLayout | None = None) -> Tensor:
         return self.quantize(self.transform(weight, layout), layout)
 
@@ -51,12 +65,13 @@ class WeightQuantizer(nn.Module):
 class DorefaWeight(WeightQuantizer):
     """DoReFa-Net weight quantization with ``bit_width`` bits (1..8)."""
 
+    bit_widths = range(1, 9)
+
     def __init__(
         self, bit_width: int = 1, ste_slope: str = "forward", calibration: str = "paper"
     ) -> None:
         super().__init__()
-        if not isinstance(bit_width, int) or not 1 <= bit_width <= 8:
-            raise ConfigError(f"bits={bit_width} is not allowed for dorefa; allowed: 1..8")
+        check_bit_width(bit_width, self.bit_widths, "dorefa")
         check_ste_slope(ste_slope)
         check_calibration(calibration)
         self.bit_width = bit_width
@@ -87,6 +102,8 @@ class BWNWeight(WeightQuantizer):
     filter of each conv weight (``per_filter``; a linear weight keeps one, as in the released
     code)."""
 
+    bit_widths = range(1, 2)
+
     def __init__(
         self,
         bit_width: int = 1,
@@ -95,9 +112,7 @@ class BWNWeight(WeightQuantizer):
         calibration: str = "paper",
     ) -> None:
         super().__init__()
-        if bit_width != 1:
-            name = "bwn_f" if per_filter else "bwn"
-            raise ConfigError(f"bits={bit_width} is not allowed for {name}; allowed: 1")
+        check_bit_width(bit_width, self.bit_widths, "bwn_f" if per_filter else "bwn")
         check_ste_slope(ste_slope)
         # A = identity: the paper's calibration 1 is already the exact derivative.
         check_calibration(calibration)
@@ -109,14 +124,28 @@ class BWNWeight(WeightQuantizer):
     def transform(self, weight: Tensor, layout: FlatLayout | None = None) -> Tensor:
         return weight
 
-    def quantize(
-        self, w_tilde: Tensor, layout: FlatLayout | None = None, scale_of: Tensor | None = None
+    def quantize(self, w_tilde: Tensor, layout: FlatLayout | None = None) -> Tensor:
+        return self._quantize(w_tilde, w_tilde, layout)
+
+    def quantize_original(
+        self, w_tilde: Tensor, before: Tensor, layout: FlatLayout | None = None
     ) -> Tensor:
-        """``scale_of``: the weights alpha is taken from (default ``w_tilde``; the released
-        MetaQuant's BWN-F takes it from the weights before the meta update)."""
-        alpha = bwn_scale(w_tilde if scale_of is None else scale_of, self.per_filter, layout)
+        """The released BWN-F takes each conv filter's alpha from the weights before the meta
+        update, a linear weight's from the meta-updated ones (W~ = W: A is the identity)."""
+        if not self.per_filter:
+            return self.quantize(w_tilde, layout)
+        if layout is None:
+            return self._quantize(w_tilde, before if w_tilde.dim() > 2 else w_tilde, None)
+        conv = layout.broadcast(
+            torch.tensor([float(len(s) > 2) for s in layout.shapes], device=before.device)
+        )
+        return self._quantize(w_tilde, torch.where(conv > 0, before, w_tilde.detach()), layout)
+
+    def _quantize(self, w_tilde: Tensor, scale_of: Tensor, layout: FlatLayout | None) -> Tensor:
+        """W^ = alpha sign(W~), alpha taken from ``scale_of``."""
+        alpha = bwn_scale(scale_of, self.per_filter, layout)
         w_hat = alpha * torch.sign(w_tilde.detach())
-        # W^ = alpha sign(W~), alpha a constant: slope alpha
+        # alpha a constant: slope alpha
         return clipped_ste(w_tilde, w_hat, alpha if self.ste_slope == "forward" else None)
 
     def extra_repr(self) -> str:
