@@ -58,10 +58,38 @@ def exclude_keys() -> list[str]:
 
 
 def upgrade(config: dict[str, Any]) -> dict[str, Any]:
-    """A run config in the layout where ``meta.net`` names the net (``meta.net: multifc`` next
-    to ``meta.hidden_size`` ...) in the layout where the net is built from its own ``_target_``
-    (``meta.net: {_target_: mq.meta.MultiFC, hidden_size: ...}``), so that the resume check
-    and the report compare old and new runs key by key. Other configs are returned as given."""
+    """A run config written in an older layout, in today's, so that the resume check and the
+    report compare old and new runs key by key; other configs are returned as given. Two older
+    layouts: ``meta.net: multifc`` next to ``meta.hidden_size`` ... for the net built from its
+    own ``_target_`` (``meta.net: {_target_: mq.meta.MultiFC, hidden_size: ...}``), and
+    ``model._target_: mq.models.build_model`` choosing the architecture by ``model.name`` for
+    the constructor that conf/model's option of that name (else torchvision's) names, with its
+    keys that the old layout lacked (a CIFAR ResNet's ``depth``)."""
+    return _upgrade_model(_upgrade_meta_net(config))
+
+
+# The one constructor of every model before each conf/model option named its own.
+BUILD_MODEL = "mq.models.build_model"
+
+
+def _upgrade_model(config: dict[str, Any]) -> dict[str, Any]:
+    model = config.get("model")
+    if not isinstance(model, dict) or model.get("_target_") != BUILD_MODEL:
+        return config
+    name = model.get("name")
+    option = name if isinstance(name, str) and name in options("model") else "torchvision"
+    from omegaconf import OmegaConf
+
+    today = OmegaConf.to_container(option_file("model", option))
+    assert isinstance(today, dict)
+    config = copy.deepcopy(config)
+    model = config["model"]
+    model["_target_"] = today["_target_"]
+    model.update({k: v for k, v in today.items() if k not in model and k != "defaults"})
+    return config
+
+
+def _upgrade_meta_net(config: dict[str, Any]) -> dict[str, Any]:
     meta = config.get("meta")
     if not isinstance(meta, dict) or not isinstance(meta.get("net"), str):
         return config

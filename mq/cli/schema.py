@@ -83,6 +83,11 @@ class Model:
 
 
 @dataclass
+class CifarResNetModel(Model):
+    depth: int = MISSING
+
+
+@dataclass
 class Dataset:
     _target_: str = MISSING
     num_classes: int = MISSING
@@ -195,6 +200,7 @@ SCHEMAS: dict[str, type] = {
     "config": Config,
     "none": NoTarget,
     "model/model": Model,
+    "model/cifar_resnet": CifarResNetModel,
     "dataset/cifar": CifarDataset,
     "dataset/folder": FolderDataset,
     "dataset/fake": FakeDataset,
