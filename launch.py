@@ -65,7 +65,7 @@ def main(cfg: DictConfig) -> dict:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {error}", file=sys.stderr)
         else:  # every rank meets it; rank 0 says so and removes what its start created
-            from mq.job.rundir import wait_for_lock
+            from mq.job.runlock import wait_for_lock
 
             wait_for_lock(run_dir, held=False)
         sys.exit(2)
@@ -86,7 +86,7 @@ if __name__ == "__main__":
         line = None if full_error else hydra_error_line(exc)
         full = disk_full(exc)
         if full is not None:  # Hydra could not write its files into the run folder
-            from mq.job.rundir import undo_starts
+            from mq.job.runlock import undo_starts
 
             undone = undo_starts()
             line = disk_full_message(full, undone[0] if undone else Path(full.filename or "."))

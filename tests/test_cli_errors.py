@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from mq.cli.conf import options
 from mq.core.errors import ConfigError, find_config_error, hydra_error_line
-from mq.job.run import check, validate
+from mq.job.checks import check, validate
 
 METAS = ", ".join(options("meta"))  # conf/meta/'s options, as the errors list them
 

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from mq.cli.conf import options
 from mq.core.errors import ConfigError, find_config_error
-from mq.job.run import validate
+from mq.job.checks import validate
 from mq.meta import MetaQuantStep, STEStep
 from mq.quant import QuantizedModel, quantize_model
 
@@ -133,7 +133,7 @@ def test_validate_rejects_bad_values(override, message):
 def test_a_run_from_before_meta_net_targets_resumes(tmp_path, meta):
     """mq <= 0.6.0 wrote meta.net: NAME next to meta.hidden_size ...; such a run folder is the
     same run as today's meta.net: {_target_: ..., hidden_size: ...} (the resume check agrees)."""
-    from mq.job.run import check_run_dir, result_config
+    from mq.job.identity import check_run_dir, result_config
 
     cfg = compose_config([f"meta={meta}", "meta.net.hidden_size=7"])
     task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])

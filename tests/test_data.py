@@ -1,3 +1,4 @@
+import inspect
 import logging
 import os
 import shutil
@@ -8,10 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CONF, compose_config
+from hydra.utils import get_method
+from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from mq.core.errors import ConfigError
+from mq.data import imagenet
 from mq.data import loaders as data
 from mq.data.base import CIFAR10_MEAN, CIFAR10_STD, DeviceLoader, balanced_sample
 from mq.data.loaders import (
@@ -20,6 +25,7 @@ from mq.data.loaders import (
     folder_loaders,
     imagenet_loaders,
 )
+from mq.data.split import SPLIT_KEYS
 from mq.job.evaluation import evaluate
 
 MEAN = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
@@ -426,3 +432,19 @@ def test_data_folder_is_ignored_by_git():
         pytest.skip("not a git checkout")
     result = subprocess.run(["git", "check-ignore", "-q", "data/cifar-10-batches-py"], cwd=root)
     assert result.returncode == 0, "data/ is not in .gitignore"
+
+
+def test_every_dataset_group_names_a_factory_that_takes_the_contract():
+    """mq.data.base.DatasetFactory: each conf/dataset group's ``_target_`` takes the group's
+    keys and the run's (progress included: the folder decode shows a bar), and is wrapped by
+    the validation split hook, which takes val_size and split_seed."""
+    run = {"batch_size": 8, "device": "cpu", "seed": 0, "progress": False}
+    ranks = {"rank": 1, "world_size": 2}
+    names = sorted(p.stem for p in (CONF / "dataset").glob("*.yaml"))
+    assert {"cifar10", "cifar10_folder", "fake", "imagenet"} <= set(names)
+    for name in names:
+        group = OmegaConf.to_container(compose_config([f"dataset={name}"]).dataset)
+        factory = get_method(group.pop("_target_"))
+        assert factory.__wrapped__ and all(group.pop(k) is not None for k in SPLIT_KEYS)
+        inner = imagenet.imagenet_loaders if name == "imagenet" else factory
+        inspect.signature(inner).bind(**group, **run, **ranks)  # TypeError: a key it lacks

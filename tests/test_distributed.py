@@ -246,7 +246,7 @@ def test_distributed_settings_are_checked(monkeypatch, env, args, message):
     from conftest import compose_config
 
     from mq.core.errors import ConfigError
-    from mq.job.run import validate
+    from mq.job.checks import validate
 
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", **env}.items():
         monkeypatch.setenv(key, value)

@@ -21,7 +21,8 @@ from torch import nn
 
 from mq.cli.conf import option_file, options, upgrade
 from mq.core.errors import ConfigError, find_config_error
-from mq.job.run import check, check_run_dir, result_config
+from mq.job.checks import check
+from mq.job.identity import check_run_dir, result_config
 from mq.models import check_model, cifar_resnet
 
 

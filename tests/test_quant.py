@@ -134,7 +134,7 @@ def test_a_run_from_before_the_slope_change_is_not_resumed(quant, tmp_path):
     from conftest import compose_config
     from omegaconf import OmegaConf, open_dict
 
-    from mq.job.run import check_run_dir, result_config
+    from mq.job.identity import check_run_dir, result_config
 
     cfg = compose_config([f"quant={quant}", "meta=ste", "logger=none"])
     with open_dict(cfg):

@@ -17,7 +17,7 @@ from test_report import make_run
 
 from mq.core.checkpoint import load_checkpoint
 from mq.data.loaders import fake_loaders
-from mq.job.rundir import RunLock
+from mq.job.runlock import RunLock
 from mq.job.train import train
 from mq.results.runs import collect_runs, listing, normalize, read_run
 

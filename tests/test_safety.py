@@ -66,7 +66,7 @@ def fake_run(folder: Path, status: str = "completed") -> Path:
 def started_run(run_dir: Path, overrides: list[str]) -> Path:
     """A run folder as the start of training leaves it: mq's config.yaml of that run."""
     from mq.job.guard import _task_config
-    from mq.job.run import result_config
+    from mq.job.identity import result_config
 
     run_dir.mkdir(parents=True, exist_ok=True)
     config = result_config(_task_config(compose_config(overrides)))
@@ -203,7 +203,8 @@ def test_sweep_whose_overrides_are_all_left_out_of_folder_names_is_refused(tmp_p
 
 # ------------------------------------------------------------------------------- 3. lock ----
 def test_second_launch_of_a_locked_run_folder_refuses_in_one_line(tmp_path):
-    from mq.job.rundir import LOCK_FILE, RunLock
+    from mq.job.rundir import LOCK_FILE
+    from mq.job.runlock import RunLock
 
     run_dir = tmp_path / RUN
     run_dir.mkdir(parents=True)

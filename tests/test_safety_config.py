@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 from test_cli_errors import composition_error
 
 from mq.core.errors import ConfigError, find_config_error
-from mq.job.run import check, check_run_dir, validate
+from mq.job.checks import check, validate
+from mq.job.identity import check_run_dir
 
 BOOL = "allowed: true, false (also yes, no, on, off, 1, 0)"
 

@@ -80,7 +80,7 @@ def test_mq_runs_are_recognised_by_what_mq_and_hydra_wrote(tmp_path):
     (locked / "run.lock").write_text("pid 12 on node-3\n")
     assert is_mq_run(locked)
     from mq.job.guard import _task_config
-    from mq.job.run import result_config
+    from mq.job.identity import result_config
 
     trained = tmp_path / "trained"  # config.yaml as mq writes it when training starts
     trained.mkdir()

@@ -23,7 +23,8 @@ from test_safety import one_line_error, rows, snapshot, summary
 from mq.core.checkpoint import read_json
 from mq.job.ledger import job_status
 from mq.job.loggers import MetricsFile
-from mq.job.rundir import LOCK_FILE, RunLock
+from mq.job.rundir import LOCK_FILE
+from mq.job.runlock import RunLock
 
 F = [
     "dataset=fake",
@@ -64,7 +65,7 @@ def copy_run(completed: Path, to: Path, *, drop_state: bool = True) -> Path:
     shutil.copytree(completed / "outputs", to / "outputs")
     run_dir = to / RUN
     if drop_state:
-        from mq.job.run import drop_training_state
+        from mq.job.record import drop_training_state
 
         drop_training_state(run_dir / "checkpoint.pt", torch.device("cpu"))
     return run_dir

@@ -12,9 +12,9 @@ from conftest import SMOKE, compose_config, launch
 from PIL import Image
 
 from mq.core.errors import ConfigError
-from mq.data.base import DeviceLoader, Loaders
+from mq.data.base import BatchSource, DeviceLoader, Loaders
 from mq.data.loaders import imagenet_loaders
-from mq.data.split import check_split, hold_out
+from mq.data.split import check_split, hold_out, val_indices
 from mq.sweep.tune_space import check_objective
 from mq.sweep.tune_study import tell
 
@@ -63,6 +63,54 @@ def test_split_is_disjoint_stratified_and_independent_of_the_run_seed():
     # split_seed alone changes it
     assert set(_ids(hold_out(_loaders(seed=0), 120, split_seed=8).val)) != set(val_ids)
     assert len(data.train) == (N - 120) // 16  # batches of the rest only
+
+
+class Listed(BatchSource):
+    """The least a dataset supplies (mq.data.base.BatchSource): labels, batches, a subset.
+    Its "images" are the image ids, so every image can be followed through the split."""
+
+    def __init__(self, ids: list[int], labels: list[int], batch_size: int, train: bool) -> None:
+        self.ids, self.labels = ids, labels
+        self.num_samples, self.batch_size, self.train = len(ids), batch_size, train
+
+    def epoch(self, epoch, start_batch=0):
+        bs = self.batch_size
+        for i in range(start_batch, len(self)):
+            yield (
+                torch.tensor(self.ids[i * bs : (i + 1) * bs]),
+                torch.tensor(self.labels[i * bs : (i + 1) * bs]),
+            )
+
+    def subset(self, indices):
+        idx = indices.tolist()
+        ids, labels = [self.ids[i] for i in idx], [self.labels[i] for i in idx]
+        return Listed(ids, labels, self.batch_size, self.train)
+
+
+def test_any_batch_source_goes_through_the_split():
+    labels = [i % 4 for i in range(100)]
+    train = Listed(list(range(100)), labels, 8, train=True)
+    test = Listed(list(range(1000, 1040)), labels[:40], 10, train=False)
+    data = hold_out(Loaders(train, test, 4), 20, split_seed=3)
+    val_ids = torch.cat([x for x, _ in data.val.epoch(0)]).tolist()
+    train_ids = torch.cat([x for x, _ in data.train.epoch(0)]).tolist()
+    assert val_ids == val_indices(torch.tensor(labels), 20, 3).tolist()  # in order
+    assert set(train_ids) == set(range(100)) - set(val_ids) and len(data.train) == 80 // 8
+    assert torch.bincount(torch.tensor(data.val.labels)).tolist() == [5, 5, 5, 5]
+    # evaluated like the test set: not augmented, the test batch size, the last batch kept
+    assert data.val.train is False and data.val.batch_size == 10 and len(data.val) == 2
+    assert data.train.train and train.train and train.num_samples == 100  # the input is kept
+    assert data.test is test and data.num_classes == 4
+    assert data.val.sample(1).num_samples == 10  # a limited evaluation of it, stratified
+
+
+def test_a_batch_source_without_a_subset_is_refused():
+    class NoSubset(BatchSource):
+        def epoch(self, epoch, start_batch=0):
+            yield from ()
+
+    with pytest.raises(TypeError, match="subset"):
+        NoSubset()
 
 
 def test_val_size_larger_than_the_training_set_is_a_config_error():

@@ -65,7 +65,7 @@ def test_presets_exist_and_expand_to_the_documented_grids():
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_point_composes_and_checks(preset):
-    from mq.job.run import check
+    from mq.job.checks import check
 
     jobs = grid(preset)
     for job in (jobs[0], jobs[-1]):  # every option of every key appears in one of them

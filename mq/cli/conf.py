@@ -58,38 +58,17 @@ def exclude_keys() -> list[str]:
 
 
 def upgrade(config: dict[str, Any]) -> dict[str, Any]:
-    """A run config written in an older layout, in today's, so that the resume check and the
-    report compare old and new runs key by key; other configs are returned as given. Two older
-    layouts: ``meta.net: multifc`` next to ``meta.hidden_size`` ... for the net built from its
-    own ``_target_`` (``meta.net: {_target_: mq.meta.MultiFC, hidden_size: ...}``), and
-    ``model._target_: mq.models.build_model`` choosing the architecture by ``model.name`` for
-    the constructor that conf/model's option of that name (else torchvision's) names, with its
-    keys that the old layout lacked (a CIFAR ResNet's ``depth``)."""
-    return _upgrade_model(_upgrade_meta_net(config))
-
-
-# The one constructor of every model before each conf/model option named its own.
-BUILD_MODEL = "mq.models.build_model"
-
-
-def _upgrade_model(config: dict[str, Any]) -> dict[str, Any]:
-    model = config.get("model")
-    if not isinstance(model, dict) or model.get("_target_") != BUILD_MODEL:
-        return config
-    name = model.get("name")
-    option = name if isinstance(name, str) and name in options("model") else "torchvision"
-    from omegaconf import OmegaConf
-
-    today = OmegaConf.to_container(option_file("model", option))
-    assert isinstance(today, dict)
-    config = copy.deepcopy(config)
-    model = config["model"]
-    model["_target_"] = today["_target_"]
-    model.update({k: v for k, v in today.items() if k not in model and k != "defaults"})
+    """A saved run config (a run folder's config.yaml) in today's layout, so that the resume
+    check and the report compare old and new runs key by key: each step below turns one earlier
+    layout into today's and returns other configs as given."""
+    for step in (_meta_net_by_target, _task_by_target, _model_by_target):
+        config = step(config)
     return config
 
 
-def _upgrade_meta_net(config: dict[str, Any]) -> dict[str, Any]:
+def _meta_net_by_target(config: dict[str, Any]) -> dict[str, Any]:
+    """``meta.net: multifc`` next to ``meta.hidden_size`` ... -> the net built from its own
+    ``_target_`` (``meta.net: {_target_: mq.meta.MultiFC, hidden_size: ...}``)."""
     meta = config.get("meta")
     if not isinstance(meta, dict) or not isinstance(meta.get("net"), str):
         return config
@@ -105,3 +84,37 @@ def _upgrade_meta_net(config: dict[str, Any]) -> dict[str, Any]:
     meta["net"] = {"_target_": today["_target_"]}
     meta["net"].update({k: meta.pop(k) for k in list(meta) if k in today and k != "_target_"})
     return config
+
+
+def _task_by_target(config: dict[str, Any]) -> dict[str, Any]:
+    """``task: {name: quantize}`` -> the task conf/task/quantize.yaml names by ``_target_``."""
+    task = config.get("task")
+    if not isinstance(task, dict) or "_target_" in task or task.get("name") not in options("task"):
+        return config
+    from omegaconf import OmegaConf
+
+    option = OmegaConf.to_container(option_file("task", task["name"]))
+    assert isinstance(option, dict)
+    today = option.get("task", option)  # a _global_ option (pretrain, eval) nests its node
+    return {**config, "task": {k: v for k, v in today.items() if k != "defaults"}}
+
+
+# The one constructor of every model before each conf/model option named its own.
+BUILD_MODEL = "mq.models.build_model"
+
+
+def _model_by_target(config: dict[str, Any]) -> dict[str, Any]:
+    """``model._target_: mq.models.build_model``, which chose the architecture by model.name ->
+    the constructor conf/model's option of that name (else torchvision's) names, with the keys
+    of that option the old layout lacked (a CIFAR ResNet's ``depth``)."""
+    model = config.get("model")
+    if not isinstance(model, dict) or model.get("_target_") != BUILD_MODEL:
+        return config
+    name = model.get("name")
+    option = name if isinstance(name, str) and name in options("model") else "torchvision"
+    from omegaconf import OmegaConf
+
+    today = OmegaConf.to_container(option_file("model", option))
+    assert isinstance(today, dict)
+    added = {k: v for k, v in today.items() if k not in model and k != "defaults"}
+    return {**config, "model": {**model, **added, "_target_": today["_target_"]}}

@@ -27,7 +27,13 @@ from mq.core.errors import ConfigError, removed_key_line, unknown_key_line
 
 @dataclass
 class Task:
+    _target_: str = MISSING
     name: str = MISSING
+
+
+@dataclass
+class TrainTask(Task):
+    from_pretrained: bool = MISSING
 
 
 @dataclass
@@ -64,7 +70,7 @@ class Config:
     meta: Any = MISSING
     optimizer: Any = MISSING
     logger: Any = MISSING
-    task: Task = field(default_factory=Task)
+    task: Any = MISSING
 
 
 @dataclass
@@ -198,6 +204,8 @@ class Wandb:
 # ConfigStore name -> schema; conf/ names them as /schema/<name>@<package> in defaults lists.
 SCHEMAS: dict[str, type] = {
     "config": Config,
+    "task/task": Task,
+    "task/train": TrainTask,
     "none": NoTarget,
     "model/model": Model,
     "model/cifar_resnet": CifarResNetModel,

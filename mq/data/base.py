@@ -1,13 +1,25 @@
-"""What every dataset's loaders share: the ``BatchSource`` a loop reads, ``Loaders`` (train, test,
-validation), the batching base class, class-stratified samples, per-epoch generators, the split
-of a global batch across ranks, and CIFAR-style data held on the device (DeviceLoader)."""
+"""The dataset contract and what every dataset's loaders share.
+
+The contract, in two parts:
+
+- ``DatasetFactory``: the function a conf/dataset/*.yaml names by ``_target_`` (exported by
+  mq.data, where saved run configs point), what it receives and what it returns (``Loaders``).
+- ``BatchSource``: one set of images in batches, what the training loop, evaluation and the
+  validation split (mq.data.split) read from it.
+
+Shared parts: ``LoaderArgs`` (the batching arguments, and Loaders of data held on the device),
+class-stratified samples, per-epoch generators, a rank's share of a global batch, and
+CIFAR-style data held on the device (DeviceLoader).
+"""
 
 from __future__ import annotations
 
 import copy
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple, Protocol
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol, Self
 
 import numpy as np
 import torch
@@ -29,28 +41,40 @@ PAD = 4
 SAMPLE_SEED = 0
 
 
-class BatchSource(Protocol):
-    num_samples: int
-    batch_size: int
+class BatchSource(ABC):
+    """One set of images in batches: a dataset's training, test or validation images.
 
-    def __len__(self) -> int: ...
+    A subclass sets these attributes:
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]: ...
+    - ``num_samples``: the images in the whole source, all ranks together.
+    - ``batch_size``: the batch size it was made with (a rank may yield its share of it:
+      see the subclass).
+    - ``train``: True for training (each epoch a new order and augmentation drawn from the
+      seed and the epoch; the last partial batch dropped); False for evaluation (no
+      augmentation, a fixed order, every image once).
+    - ``labels``: the class of each of the ``num_samples`` images in index order (an int64
+      tensor or a sequence of ints), the order ``subset`` indexes.
 
-    def sample(self, batches: int) -> BatchSource: ...
+    and implements ``epoch`` and ``subset``. ``len()`` (batches per epoch on this rank),
+    ``sample`` (a limited evaluation's images) and ``for_evaluation`` (the validation split's
+    source) work from those; a subclass whose ranks share the work differently overrides them.
+    """
 
-
-class Loaders(NamedTuple):
-    train: BatchSource  # iterable per epoch, augmented
-    test: BatchSource  # no augmentation, fixed order
-    num_classes: int
-    val: BatchSource | None = None  # held-out training images (mq.data.split), evaluated like test
-
-
-class _Batches:
     num_samples: int
     batch_size: int
     train: bool
+    labels: Tensor | Sequence[int]
+
+    @abstractmethod
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches ``start_batch`` to ``len(self) - 1`` of ``epoch``: (images, labels) on the
+        training device, float (N, C, H, W) normalised and int64 (N,). The same epoch and
+        start batch give the same batches, so a resumed run continues an epoch exactly."""
+
+    @abstractmethod
+    def subset(self, indices: Tensor) -> Self:
+        """A source of the same kind and settings over the images at ``indices`` (positions
+        in ``labels``, sorted), in that order."""
 
     def __len__(self) -> int:
         # Train drops the last partial batch so every step sees a full batch; test keeps it.
@@ -58,20 +82,63 @@ class _Batches:
             return self.num_samples // self.batch_size
         return math.ceil(self.num_samples / self.batch_size)
 
-    def sample(self, batches: int) -> BatchSource:
+    def sample(self, batches: int) -> Self:
         """The first ``batches`` batches' worth of images as a fixed, class-stratified sample
         (see balanced_sample); the whole source when that is all of it. Test sets are stored
         class by class, so their first batches would hold one or two classes only."""
         n = batches * self.batch_size
         if n >= self.num_samples:
             return self
-        return self._subset(balanced_sample(self._labels(), n))
+        return self.subset(balanced_sample(self.labels, n))
 
-    def _labels(self) -> Tensor:
-        raise NotImplementedError
+    def for_evaluation(self, batch_size: int) -> Self:
+        """This source evaluated like a test set: no augmentation, a fixed order, batches of
+        ``batch_size``, every image on every rank (rank 0 evaluates for all, mq.job.train)."""
+        part = copy.copy(self)
+        part.train, part.batch_size = False, batch_size
+        return part
 
-    def _subset(self, indices: Tensor) -> BatchSource:
-        raise NotImplementedError
+
+class Loaders(NamedTuple):
+    """What a dataset factory returns."""
+
+    train: BatchSource  # iterable per epoch, augmented
+    test: BatchSource  # no augmentation, fixed order
+    num_classes: int
+    val: BatchSource | None = None  # held-out training images (mq.data.split), evaluated like test
+
+
+class DatasetFactory(Protocol):
+    """The function a conf/dataset/*.yaml names by ``_target_``.
+
+    mq.job.run calls it through Hydra's ``instantiate`` with the group's keys (``root``,
+    ``name``, ``num_classes``, ``test_batch_size``, ...; keys the group does not set keep the
+    function's defaults) and the run's, all by keyword:
+
+    - ``batch_size``: the global training batch; ``device``: where batches are yielded;
+      ``seed``: the run's seed (training order and augmentation).
+    - ``progress``: whether a slow step before training may show a bar on stderr (the folder
+      decode does); a factory with nothing slow accepts and ignores it.
+    - ``rank``, ``world_size``: passed only to a data-parallel run; the training source then
+      yields this rank's share of each global batch, every rank reading the same permutation.
+    - ``val_size``, ``split_seed``: the validation split. Every factory is wrapped in
+      mq.data.split.with_split, which takes them and fills ``Loaders.val``.
+
+    It returns ``Loaders``. Bad settings or unusable data raise ``ConfigError`` with one line
+    that names the key (``dataset.root=...``), before anything is trained.
+    """
+
+    def __call__(
+        self,
+        *,
+        batch_size: int,
+        device: torch.device | str,
+        seed: int = 0,
+        progress: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        **dataset: Any,
+    ) -> Loaders: ...
 
 
 def balanced_sample(labels: Tensor, n: int, seed: int = SAMPLE_SEED) -> Tensor:
@@ -102,14 +169,14 @@ def balanced_sample(labels: Tensor, n: int, seed: int = SAMPLE_SEED) -> Tensor:
     return order[rank < quota[grouped]].sort().values
 
 
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     # SeedSequence mixes (seed, epoch) so that nearby pairs such as (0, 1) and (1, 0) get
     # unrelated streams; a plain sum or product would collide.
     state = np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state) >> 1)
 
 
-class DeviceLoader(_Batches):
+class DeviceLoader(BatchSource):
     """Batches from a uint8 image tensor held on the device.
 
     images: uint8 (N, H, W, C), the layout of torchvision's CIFAR ``.data``; stored as
@@ -158,17 +225,14 @@ class DeviceLoader(_Batches):
         self.batch_size = batch_size
         self.train = train
         self.seed = seed
-        self.shard = _shard(batch_size, rank, world_size)
+        self.shard = batch_share(batch_size, rank, world_size)
         std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         # (x / 255 - mean) / std folded into one multiply-add.
         self._scale = 1.0 / (255.0 * std_t)
         self._shift = -mean_t / std_t
 
-    def _labels(self) -> Tensor:
-        return self.labels
-
-    def _subset(self, indices: Tensor) -> DeviceLoader:
+    def subset(self, indices: Tensor) -> DeviceLoader:
         part = copy.copy(self)
         idx = indices.to(self.device)
         part.images, part.labels, part.num_samples = self.images[idx], self.labels[idx], len(idx)
@@ -197,7 +261,7 @@ class DeviceLoader(_Batches):
             return
         # The whole epoch is drawn up front on a CPU generator, so batches do not depend on the
         # device and any start_batch continues the very same epoch.
-        g, n = _epoch_generator(self.seed, epoch), self.num_samples
+        g, n = epoch_generator(self.seed, epoch), self.num_samples
         order = torch.randperm(n, generator=g).to(self.device)
         dy, dx = torch.randint(0, 2 * PAD + 1, (2, n), generator=g).to(self.device)
         flip = torch.randint(0, 2, (n,), generator=g).bool().to(self.device)
@@ -209,7 +273,7 @@ class DeviceLoader(_Batches):
             yield self._normalise(x), self.labels[idx]
 
 
-def _shard(batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
+def batch_share(batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
     """(offset, size) of rank's part of a global batch of ``batch_size``."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} of {world_size} ranks")
@@ -222,26 +286,36 @@ def _shard(batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
     return rank * size, size
 
 
-def _device_loaders(
-    train: tuple[Tensor, Tensor],
-    test: tuple[Tensor, Tensor],
-    num_classes: int,
-    batch_size: int,
-    test_batch_size: int,
-    device: torch.device | str,
-    seed: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    rank: int = 0,
-    world_size: int = 1,
-) -> Loaders:
-    # Only the training data is sharded: rank 0 evaluates the whole test set (mq.job.train).
-    shard = {"rank": rank, "world_size": world_size}
-    return Loaders(
-        DeviceLoader(*train, batch_size, mean, std, train=True, device=device, seed=seed, **shard),
-        DeviceLoader(*test, test_batch_size, mean, std, train=False, device=device, seed=seed),
-        num_classes,
-    )
+@dataclass(frozen=True)
+class LoaderArgs:
+    """How a factory batches its images: the run's arguments of the factory contract
+    (``batch_size``: the global batch, ``device``, ``seed``, this process's ``rank`` of
+    ``world_size``) and the dataset's ``test_batch_size``."""
+
+    batch_size: int
+    device: torch.device | str
+    seed: int = 0
+    test_batch_size: int = 500
+    rank: int = 0
+    world_size: int = 1
+
+    def on_device(
+        self,
+        train: tuple[Tensor, Tensor],
+        test: tuple[Tensor, Tensor],
+        num_classes: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> Loaders:
+        """Loaders of (uint8 NHWC images, labels) held on the device (DeviceLoader)."""
+        # Only the training data is sharded: rank 0 evaluates the whole test set (mq.job.train).
+        shard = {"rank": self.rank, "world_size": self.world_size}
+        dev, seed = self.device, self.seed
+        return Loaders(
+            DeviceLoader(*train, self.batch_size, mean, std, True, dev, seed, **shard),
+            DeviceLoader(*test, self.test_batch_size, mean, std, False, dev, seed),
+            num_classes,
+        )
 
 
 def check_num_classes(num_classes: int | None) -> None:
@@ -254,7 +328,8 @@ def check_num_classes(num_classes: int | None) -> None:
         )
 
 
-def _check_classes(expected: int | None, found: int, where: str) -> None:
+def check_classes(expected: int | None, found: int, where: str) -> None:
+    """``dataset.num_classes`` (``expected``) against the ``found`` classes of ``where``."""
     check_num_classes(expected)
     if expected is not None and expected != found:
         raise ConfigError(

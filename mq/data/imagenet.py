@@ -27,8 +27,15 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
 from mq.core.errors import ConfigError, first_line
-from mq.data.base import IMAGENET_MEAN, IMAGENET_STD, Loaders, _Batches, _check_classes, _shard
-from mq.data.base import _epoch_generator as epoch_generator
+from mq.data.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BatchSource,
+    Loaders,
+    batch_share,
+    check_classes,
+    epoch_generator,
+)
 
 EXTENSIONS = (".jpg", ".jpeg", ".JPEG", ".JPG")
 SIZE, RESIZE = 224, 256  # train crop / val: resize the short side to 256, center crop 224
@@ -144,7 +151,7 @@ def gpu_decode(encoded: list[Tensor], device: torch.device) -> list[Tensor]:
         return out
 
 
-class ImageNetLoader(_Batches):
+class ImageNetLoader(BatchSource):
     """BatchSource over JPEG files for rank ``rank`` of ``world_size``.
 
     Train: every epoch draws one permutation of all files from (seed, epoch); rank r takes
@@ -189,18 +196,20 @@ class ImageNetLoader(_Batches):
         n = self.shard_size()
         return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
 
-    def _labels(self) -> Tensor:
-        return torch.as_tensor(self.labels, dtype=torch.int64)
-
     def sample(self, batches: int) -> ImageNetLoader:
         """``batches`` batches per rank: a class-stratified sample of the whole set, sharded."""
-        return super().sample(batches * self.world_size)  # type: ignore[return-value]
+        return super().sample(batches * self.world_size)
 
-    def _subset(self, indices: Tensor) -> ImageNetLoader:
+    def subset(self, indices: Tensor) -> ImageNetLoader:
         part = copy.copy(self)
         idx = indices.tolist()
         part.files, part.labels = [self.files[i] for i in idx], [self.labels[i] for i in idx]
         part.num_samples = len(idx)
+        return part
+
+    def for_evaluation(self, batch_size: int) -> ImageNetLoader:
+        part = super().for_evaluation(batch_size)
+        part.rank, part.world_size = 0, 1
         return part
 
     def order(self, epoch: int) -> tuple[Tensor, Tensor]:
@@ -232,7 +241,7 @@ class ImageNetLoader(_Batches):
             pin_memory=self.device.type == "cuda" and not on_gpu,
             collate_fn=_encoded_batch if on_gpu else None,
             # a worker's torch threads would fight the other workers for the cores
-            worker_init_fn=_one_thread,
+            worker_init_fn=one_thread,
         )
         for batch in loader:
             if on_gpu:
@@ -249,7 +258,8 @@ class ImageNetLoader(_Batches):
             yield self._normalise(x), y.to(self.device, non_blocking=True)
 
 
-def _one_thread(_: int) -> None:
+def one_thread(_: int) -> None:
+    """A DataLoader worker's init: one torch thread."""
     torch.set_num_threads(1)
 
 
@@ -271,7 +281,7 @@ def imagenet_loaders(
     workers: int = 8,
     test_batch_size: int = 256,
     num_classes: int | None = None,
-    progress: bool = True,  # accepted like every loader's; batches stream, nothing up front
+    progress: bool = True,  # the factory contract's (mq.data.base); batches stream, nothing slow
     decode: str = "auto",
     rank: int = 0,
     world_size: int = 1,
@@ -292,10 +302,10 @@ def imagenet_loaders(
     val_classes, val_files, val_y = list_folder(Path(root) / "val", where)
     if val_classes != classes:
         raise ConfigError(f"{where}: train/ and val/ have different class folders")
-    _check_classes(num_classes, len(classes), root)
+    check_classes(num_classes, len(classes), root)
     device = torch.device(device)
     how = resolve_decode(decode, device)
-    per_rank = _shard(batch_size, rank, world_size)[1]
+    per_rank = batch_share(batch_size, rank, world_size)[1]
     common = dict(device=device, seed=seed, workers=workers, decode=how)
     train = ImageNetLoader(
         train_files, train_y, per_rank, True, rank=rank, world_size=world_size, **common

@@ -1,4 +1,5 @@
-"""Data loading: CIFAR held on the training device as uint8, ImageNet through a DataLoader.
+"""The dataset factories (the contract: mq.data.base.DatasetFactory): CIFAR, image folders and
+fake data held on the training device as uint8, ImageNet through a DataLoader.
 
 CIFAR is small enough to keep whole on the device, so augmentation (random crop with zero padding
 4, horizontal flip) and normalisation run batched there, as in airbench. That removes worker
@@ -23,9 +24,9 @@ from mq.data.base import (
     CIFAR10_STD,
     CIFAR100_MEAN,
     CIFAR100_STD,
+    LoaderArgs,
     Loaders,
-    _check_classes,
-    _device_loaders,
+    check_classes,
     check_num_classes,
 )
 from mq.data.imagefolder import decode_all as _decode_all  # tests replace it here
@@ -51,7 +52,7 @@ def cifar_loaders(
     seed: int = 0,
     test_batch_size: int = 500,
     num_classes: int | None = None,
-    progress: bool = True,  # accepted like every loader's; nothing here takes long enough
+    progress: bool = True,  # the factory contract's (mq.data.base); nothing here is slow
     rank: int = 0,
     world_size: int = 1,
 ) -> Loaders:
@@ -60,7 +61,7 @@ def cifar_loaders(
     if name not in _CIFAR:
         raise ConfigError(f"dataset.name={name} is unknown; use one of {', '.join(_CIFAR)}")
     classes, folder, files, mean, std = _CIFAR[name]
-    _check_classes(num_classes, classes, name)
+    check_classes(num_classes, classes, name)
     label = f"CIFAR-{classes}"
     if not download and not all((Path(root) / folder / f).is_file() for f in files):
         raise ConfigError(
@@ -77,9 +78,8 @@ def cifar_loaders(
         remove_created(Path(root), created, extra=(cls.filename,))
         raise ConfigError(f"dataset.root={root}: could not load {label} ({first_line(e)})") from e
     train, test = ((torch.from_numpy(s.data), torch.tensor(s.targets)) for s in sets)
-    return _device_loaders(
-        train, test, classes, batch_size, test_batch_size, device, seed, mean, std, rank, world_size
-    )
+    args = LoaderArgs(batch_size, device, seed, test_batch_size, rank, world_size)
+    return args.on_device(train, test, classes, mean, std)
 
 
 @with_split
@@ -113,7 +113,7 @@ def folder_loaders(
     test_classes, test_paths, test_y = scan(Path(root) / "test")
     if test_classes != classes:
         raise ConfigError(f"dataset.root={root}: train/ and test/ have different class folders")
-    _check_classes(num_classes, len(classes), root)
+    check_classes(num_classes, len(classes), root)
     # The key is relative so a moved tree still hits its cache.
     key = [os.path.relpath(p, root) for p in train_paths + test_paths]
     data = None if cache is None else read_cache(cache, key, classes)
@@ -133,19 +133,8 @@ def folder_loaders(
     # ImageFolder order is class by class; DeviceLoader takes NHWC, which here is a free view.
     train = (data["train"].permute(0, 2, 3, 1), torch.tensor(train_y))
     test = (data["test"].permute(0, 2, 3, 1), torch.tensor(test_y))
-    return _device_loaders(
-        train,
-        test,
-        len(classes),
-        batch_size,
-        test_batch_size,
-        device,
-        seed,
-        mean,
-        std,
-        rank,
-        world_size,
-    )
+    args = LoaderArgs(batch_size, device, seed, test_batch_size, rank, world_size)
+    return args.on_device(train, test, len(classes), mean, std)
 
 
 @with_split
@@ -158,7 +147,7 @@ def fake_loaders(
     num_classes: int = 10,
     image_size: int = 32,
     test_batch_size: int = 500,
-    progress: bool = True,  # accepted like every loader's; nothing here takes long enough
+    progress: bool = True,  # the factory contract's (mq.data.base); nothing here is slow
     rank: int = 0,
     world_size: int = 1,
 ) -> Loaders:
@@ -175,20 +164,8 @@ def fake_loaders(
         images = torch.from_numpy(np.stack([np.asarray(img) for img, _ in pairs]))
         tensors.append((images, torch.tensor([y for _, y in pairs])))
     train, test = tensors
-    mean, std = CIFAR10_MEAN, CIFAR10_STD
-    return _device_loaders(
-        train,
-        test,
-        num_classes,
-        batch_size,
-        test_batch_size,
-        device,
-        seed,
-        mean,
-        std,
-        rank,
-        world_size,
-    )
+    args = LoaderArgs(batch_size, device, seed, test_batch_size, rank, world_size)
+    return args.on_device(train, test, num_classes, CIFAR10_MEAN, CIFAR10_STD)
 
 
 @with_split

@@ -12,15 +12,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
 from mq.core.errors import ConfigError
-
-if TYPE_CHECKING:
-    from mq.data.base import Loaders
+from mq.data.base import Loaders, balanced_sample
 
 SPLIT_KEYS = ("val_size", "split_seed")
 # Training images per dataset choice when the config alone says it (checked before a sweep is
@@ -82,36 +80,25 @@ def with_split(loader: Callable[..., Loaders]) -> Callable[..., Loaders]:
 
 def val_indices(labels: torch.Tensor, val_size: int, split_seed: int) -> torch.Tensor:
     """Sorted indices of the held-out images among ``labels`` (the training set's)."""
-    from mq.data.base import balanced_sample
-
     return balanced_sample(labels, val_size, seed=split_seed)
 
 
 def hold_out(data: Loaders, val_size: int, split_seed: int) -> Loaders:
-    """``data`` with ``val_size`` training images moved into a validation source."""
-    from mq.data.base import DeviceLoader, Loaders
-    from mq.data.imagenet import ImageNetLoader
-
+    """``data`` with ``val_size`` training images moved into a validation source, through the
+    BatchSource contract alone (``labels``, ``subset``, ``for_evaluation``)."""
     if val_size == 0:
         return data
     train = data.train
     total = train.num_samples
     check_val_size(val_size, total, train.batch_size)
-    labels = train._labels()  # type: ignore[attr-defined]
-    held = val_indices(labels, val_size, split_seed)
+    held = val_indices(torch.as_tensor(train.labels), val_size, split_seed)
     keep = torch.ones(total, dtype=torch.bool)
     keep[held] = False
     kept = keep.nonzero().squeeze(1)
-    new_train = train._subset(kept)  # type: ignore[attr-defined]
-    val = train._subset(held)  # type: ignore[attr-defined]
     # Evaluated like the test set: no augmentation (ImageNet: resize and center crop), fixed
-    # order, the test batch size.
-    val.train, val.batch_size = False, data.test.batch_size
-    # whole on every rank: rank 0 evaluates for all (mq.job.train)
-    if isinstance(val, ImageNetLoader):
-        val.rank, val.world_size = 0, 1
-    assert isinstance(val, (DeviceLoader, ImageNetLoader))
-    return Loaders(new_train, data.test, data.num_classes, val)
+    # order, the test batch size, whole on every rank.
+    val = train.subset(held).for_evaluation(data.test.batch_size)
+    return Loaders(train.subset(kept), data.test, data.num_classes, val)
 
 
 __all__ = ["check_split", "hold_out", "split_options", "val_indices", "with_split"]

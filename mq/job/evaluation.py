@@ -6,24 +6,17 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from mq.data.base import BatchSource
 from mq.quant.layers import QuantizedModel
 
 log = logging.getLogger(__name__)
-
-
-class BatchSource(Protocol):
-    num_samples: int
-
-    def __len__(self) -> int: ...
-    def epoch(self, epoch: int, start_batch: int = 0): ...
-    def sample(self, batches: int) -> BatchSource: ...
 
 
 class Evaluation(NamedTuple):

@@ -1,7 +1,7 @@
 """The checks of a single run before Hydra creates its folder (:class:`Guard`, a Hydra callback
 named in conf/config.yaml): bad values are refused with nothing written, a completed run is
 reported without touching its folder, the folders that do not exist yet are recorded, and the
-folder's lock is taken (mq.job.rundir)."""
+folder's lock is taken (mq.job.runlock)."""
 
 from __future__ import annotations
 
@@ -18,16 +18,8 @@ from omegaconf import DictConfig, open_dict, read_write
 from mq.core import folders
 from mq.core.errors import find_config_error
 from mq.core.folders import missing_dirs, remove_created
-from mq.job.rundir import (
-    FolderRefused,
-    RunLock,
-    Started,
-    check_location,
-    check_name,
-    check_output_subdir,
-    record_start,
-    wait_for_lock,
-)
+from mq.job.rundir import FolderRefused, check_location, check_name, check_output_subdir
+from mq.job.runlock import RunLock, Started, record_start, wait_for_lock
 
 
 def _task_config(config: DictConfig) -> DictConfig:
@@ -78,26 +70,27 @@ class Guard(Callback):
         task_cfg = _task_config(config)
         check_name("run_name", task_cfg.get("run_name"))  # before the folder it names
         check_location(run_dir)
+        from mq.job.checks import check  # imports torch
+        from mq.job.identity import check_run_dir, finished_message
         from mq.job.ledger import FINAL
-        from mq.job.run import check, check_run_dir, finished_message  # imports torch
 
         try:
-            check(task_cfg)  # plain values (run_name included), constructors, model.pretrained
+            # plain values (run_name included), the task, constructors, model.pretrained
+            task = check(task_cfg)
         except Exception as exc:
             if find_config_error(exc) is not None:
                 raise
-            # Not bad input as such: the job meets it again and reports it as before; the
+            # Not bad input as such: the job checks again and reports it as before; the
             # folder is still recorded and locked below, so that a failed start is undone.
+            task = None
         previous = check_run_dir(task_cfg, run_dir)
         if previous and previous.get("status") in FINAL:
             # Before Hydra rewrites .hydra/ and appends to launch.log: a repeat of a finished
             # run leaves its folder exactly as it was.
             print(finished_message(run_dir, previous))
             sys.exit(0)
-        if task_cfg.task.name != "eval":
-            from mq.job.resume import check_resumable
-
-            check_resumable(run_dir, task_cfg.epochs)  # a refused relaunch writes nothing
+        if task is not None:
+            task.check_folder(task_cfg, run_dir)  # a refused relaunch writes nothing
         if int(os.environ.get("RANK", "0")) != 0:
             # A data-parallel job's other ranks: rank 0 makes and locks the folder. Hydra makes
             # it here too, so wait for rank 0 first: it must see which folders are new.
@@ -109,7 +102,8 @@ class Guard(Callback):
             return
         created = missing_dirs(run_dir)
         check_free_space(run_dir, created)
-        record = Started(Path(os.path.abspath(run_dir)), created)
+        # The job receives this config: it builds on this verdict instead of checking again.
+        record = Started(Path(os.path.abspath(run_dir)), created, checked=task is not None)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             record.lock = RunLock(run_dir).acquire()

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from mq.core.checkpoint import load_checkpoint, write_json
 from mq.core.errors import ConfigError
 from mq.job.progress import Progress, summarize
+from mq.job.record import summary_head
 from mq.job.train import Settings, measure
 
 log = logging.getLogger(__name__)
@@ -82,14 +83,7 @@ def rebuild_summary(
     settings = Settings.of(cfg)
     _, measured = measure(settings, data.train, data.test, data.val)
     started = previous.get("started") or _first_time(run_dir / "metrics.jsonl") or time.time()
-    head = {
-        "name": cfg.run_name,
-        "choices": choices,
-        "wandb_id": previous.get("wandb_id"),
-        "started": started,
-    }
-    if os.environ.get("SLURM_JOB_ID"):
-        head["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+    head = summary_head(cfg, choices, previous.get("wandb_id"), started)
     summary = {**head, **summarize(progress, "completed", measured=measured)}
     write_json(summary, run_dir / "summary.json")
     said = f"said {previous['status']}" if previous.get("status") else "was missing or unreadable"

@@ -30,7 +30,8 @@ from mq.core import distributed
 from mq.core.checkpoint import save_checkpoint
 from mq.core.distributed import SINGLE, Ranks
 from mq.core.errors import ConfigError
-from mq.job.evaluation import BatchSource, evaluate, tested_on
+from mq.data.base import BatchSource
+from mq.job.evaluation import evaluate, tested_on
 from mq.job.loggers import MetricsFile
 from mq.job.preempt import CHECKPOINT, STOP
 from mq.job.progress import EpochSums, Progress, rng_state, set_rng_state, summarize

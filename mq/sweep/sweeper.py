@@ -188,7 +188,7 @@ class Sweeper(HydraSweeper):
 
     def _compose_all(self, jobs: list[list[str]]) -> list[Point]:
         """Compose and check every job; exit 2 with one line at the first bad one."""
-        from mq.job.run import check  # torch is imported only when a sweep is launched
+        from mq.job.checks import check  # torch is imported only when a sweep is launched
         from mq.job.rundir import check_output_subdir
 
         assert self.config is not None and self.hydra_context is not None
@@ -252,7 +252,7 @@ class Sweeper(HydraSweeper):
         folder another process held: it is waited for, and its own final status counts.
         ``trials``: tuning trials this launch ran besides ``results`` (their failures are
         results of the study)."""
-        from mq.job.rundir import wait_for_holder
+        from mq.job.runlock import wait_for_holder
 
         failed, elsewhere = [], 0
         for r in results:

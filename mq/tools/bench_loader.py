@@ -28,8 +28,7 @@ import torchvision
 from torchvision import transforms as T
 
 from mq.data.base import IMAGENET_MEAN, IMAGENET_STD
-from mq.data.imagenet import ImageNetLoader, gpu_decode, list_folder, transform
-from mq.data.imagenet import _one_thread as one_thread
+from mq.data.imagenet import ImageNetLoader, gpu_decode, list_folder, one_thread, transform
 
 TARGET = 3000  # img/s one GPU needs for ResNet-18 training
 
