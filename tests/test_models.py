@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ROOT, compose_config, launch, launch_env
+from conftest import ROOT, SMOKE, compose_config, launch, launch_env
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
@@ -146,6 +146,59 @@ def test_a_run_from_before_model_targets_with_another_model_is_refused(tmp_path)
     OmegaConf.save(OmegaConf.create(old), tmp_path / "config.yaml")
     with pytest.raises(ConfigError, match=r"model.depth: 32 -> 20; model.name: resnet32 -> resn"):
         check_run_dir(task, tmp_path)
+
+
+TINY_NET = """
+from pathlib import Path
+
+from torch import nn
+
+from mq.core.errors import ConfigError
+from mq.models.weights import finish_model
+
+
+def check_width(width):
+    if not isinstance(width, int) or width < 1:
+        raise ConfigError(f"model.width={width} is not allowed; allowed: an integer >= 1")
+
+
+def tiny_net(name, width, num_classes, pretrained=None):
+    Path("built").touch()  # in the launch's working directory
+    layers = [nn.Conv2d(3, width, 3, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    net = nn.Sequential(*layers, nn.Linear(width, num_classes))
+    return finish_model(net, pretrained, channels_last=True)
+
+
+tiny_net.check = check_width
+"""
+TINY_YAML = """# A two-layer net from outside the repository.
+_target_: tiny_model.tiny_net
+name: tiny # name in run names
+width: 4 # channels
+num_classes: ${dataset.num_classes} # output classes, from the dataset
+pretrained: null # full-precision checkpoint to start from
+"""
+
+
+def test_a_new_model_is_its_constructor_and_its_yaml(tmp_path, monkeypatch):
+    """Outside the repository (hydra.searchpath): its constructor's check refuses bad keys in
+    one line before anything is built or written; with good ones it trains."""
+    (tmp_path / "tiny_model.py").write_text(TINY_NET)
+    (tmp_path / "more_conf" / "model").mkdir(parents=True)
+    (tmp_path / "more_conf" / "model" / "tiny.yaml").write_text(TINY_YAML)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # launch() puts the checkout before it
+    args = ["model=tiny", f"hydra.searchpath=[file://{tmp_path / 'more_conf'}]", "meta=ste"]
+    refused = launch(*args, "model.width=0", *SMOKE, cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        "error: model.width=0 is not allowed; allowed: an integer >= 1"
+    ]
+    assert not (tmp_path / "built").exists() and not (tmp_path / "outputs").exists()
+    done = launch(*args, *SMOKE, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(
+        (tmp_path / "outputs/quantize/fake/tiny-dorefa-w1-ste-sgd-s0/summary.json").read_text()
+    )
+    assert summary["status"] == "completed" and (tmp_path / "built").exists()
 
 
 def _rows(run_dir) -> list[dict[str, Any]]:
