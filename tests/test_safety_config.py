@@ -100,7 +100,10 @@ def test_a_value_of_the_wrong_type_is_one_line_naming_key_value_and_type(overrid
             ["dataset=fake", "+dataset.num_trian=5"],
             "dataset.num_trian is not a config key; did you mean dataset.num_train?",
         ),
-        (["+model.depth=20"], "model.depth is not a config key; allowed: name, num_classes"),
+        (
+            ["model=resnet18", "+model.depth=20"],
+            "model.depth is not a config key; allowed: name, num_classes",
+        ),
         (["+task.mode=x"], "task.mode is not a config key; allowed: name"),
         (["~bits"], "~bits is not allowed: bits is a required key; allowed: bits=VALUE"),
         (["~meta"], "~meta is not allowed: meta is a required key"),

@@ -61,7 +61,7 @@ def upgrade(config: dict[str, Any]) -> dict[str, Any]:
     """A saved run config (a run folder's config.yaml) in today's layout, so that the resume
     check and the report compare old and new runs key by key: each step below turns one earlier
     layout into today's and returns other configs as given."""
-    for step in (_meta_net_by_target, _task_by_target):
+    for step in (_meta_net_by_target, _task_by_target, _model_by_target):
         config = step(config)
     return config
 
@@ -97,3 +97,24 @@ def _task_by_target(config: dict[str, Any]) -> dict[str, Any]:
     assert isinstance(option, dict)
     today = option.get("task", option)  # a _global_ option (pretrain, eval) nests its node
     return {**config, "task": {k: v for k, v in today.items() if k != "defaults"}}
+
+
+# The one constructor of every model before each conf/model option named its own.
+BUILD_MODEL = "mq.models.build_model"
+
+
+def _model_by_target(config: dict[str, Any]) -> dict[str, Any]:
+    """``model._target_: mq.models.build_model``, which chose the architecture by model.name ->
+    the constructor conf/model's option of that name (else torchvision's) names, with the keys
+    of that option the old layout lacked (a CIFAR ResNet's ``depth``)."""
+    model = config.get("model")
+    if not isinstance(model, dict) or model.get("_target_") != BUILD_MODEL:
+        return config
+    name = model.get("name")
+    option = name if isinstance(name, str) and name in options("model") else "torchvision"
+    from omegaconf import OmegaConf
+
+    today = OmegaConf.to_container(option_file("model", option))
+    assert isinstance(today, dict)
+    added = {k: v for k, v in today.items() if k not in model and k != "defaults"}
+    return {**config, "model": {**model, **added, "_target_": today["_target_"]}}

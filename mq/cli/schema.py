@@ -89,6 +89,11 @@ class Model:
 
 
 @dataclass
+class CifarResNetModel(Model):
+    depth: int = MISSING
+
+
+@dataclass
 class Dataset:
     _target_: str = MISSING
     num_classes: int = MISSING
@@ -203,6 +208,7 @@ SCHEMAS: dict[str, type] = {
     "task/train": TrainTask,
     "none": NoTarget,
     "model/model": Model,
+    "model/cifar_resnet": CifarResNetModel,
     "dataset/cifar": CifarDataset,
     "dataset/folder": FolderDataset,
     "dataset/fake": FakeDataset,

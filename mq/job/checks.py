@@ -122,7 +122,7 @@ def check(cfg: DictConfig, run_dir: Path | None = None) -> Task:
     resolve_original(cfg)  # model.pretrained=original -> the released file, in cfg itself
     validate(cfg)
     OmegaConf.to_container(cfg, resolve=True)  # an interpolation that fails, fails here
-    check_model(cfg.model.name, cfg.model.pretrained, cfg.model.num_classes)
+    check_model(cfg.model)
     task: Task = instantiate(cfg.task)
     task.check(cfg)
     if run_dir is not None:

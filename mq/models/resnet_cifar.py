@@ -1,8 +1,20 @@
-"""CIFAR ResNets (He et al. 2016, option B shortcuts) with the original MetaQuant key layout."""
+"""CIFAR ResNets (He et al. 2016, option B shortcuts) with the original MetaQuant key layout:
+``model=resnet20`` ... build them through :func:`cifar_resnet`."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
+
+from mq.core.errors import ConfigError
+from mq.models.weights import check_num_classes, finish_model
+
+# The CIFAR ResNets of the paper, by model.name: conf/model/resnet{20,32,44,56,110}.yaml, and
+# the released full-precision checkpoints (model.pretrained=original).
+CIFAR_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
+# The deepest CIFAR ResNet of He et al. 2016; far more is a typo that would build a huge net.
+MAX_DEPTH = 1202
 
 
 class BasicBlock(nn.Module):
@@ -57,3 +69,41 @@ class CifarResNet(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(self.avgpool(x).flatten(1))
+
+
+def check_cifar_resnet(name: Any, depth: Any) -> None:
+    """``depth`` is 6n+2 (n >= 1 blocks per stage) and ``name`` says it (``resnet{depth}``), so
+    that run names, folders and reports never call one depth by another's name."""
+    if (
+        not isinstance(depth, int)
+        or isinstance(depth, bool)
+        or not 8 <= depth <= MAX_DEPTH
+        or (depth - 2) % 6
+    ):
+        raise ConfigError(
+            f"model.depth={depth} is not allowed; allowed: 6n+2 in 8..{MAX_DEPTH} "
+            "(20, 32, 44, 56, 110)"
+        )
+    if name != f"resnet{depth}":
+        raise ConfigError(
+            f"model.name={name} does not name a CIFAR ResNet of model.depth={depth}; "
+            f"allowed: resnet{depth} (another depth is another model, e.g. model=resnet32)"
+        )
+
+
+def cifar_resnet(
+    name: str,
+    depth: int,
+    num_classes: int,
+    pretrained: str | None = None,
+    channels_last: bool = True,
+) -> nn.Module:
+    """The CIFAR ResNet of ``depth`` layers named ``name`` (``resnet{depth}``) for
+    ``num_classes`` classes, with ``pretrained`` weights loaded strictly (see finish_model)."""
+    check_cifar_resnet(name, depth)
+    check_num_classes(num_classes)
+    return finish_model(CifarResNet(depth, num_classes), pretrained, channels_last)
+
+
+# What mq.models.check_model runs for model=resnet20 ... before a sweep, building nothing.
+cifar_resnet.check = check_cifar_resnet  # type: ignore[attr-defined]
