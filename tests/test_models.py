@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from typing import Any
 
 import pytest
 import torch
-from conftest import ROOT, SMOKE, compose_config, launch, launch_env
+from conftest import SMOKE, compose_config, launch, start_launch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
@@ -213,14 +211,7 @@ def test_a_run_folder_from_before_model_targets_resumes(tmp_path):
     args = ["dataset=fake", "logger=none", "progress=false", "batch_size=32", "epochs=2"]
     args += ["limit_test_batches=1", "log_every=1", "meta=ste", "run_name=old"]
     run_dir = tmp_path / "outputs/quantize/fake/old"
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "launch.py"), *args],
-        cwd=tmp_path,
-        env=launch_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_launch(*args, cwd=tmp_path)
     deadline = time.monotonic() + 240
     try:
         while not [r for r in _rows(run_dir) if r.get("epoch") == 2]:
