@@ -413,7 +413,7 @@ def train(
     **settings: Any,
 ) -> dict[str, Any]:
     """Training(...).run() for a caller without signals or ranks (tests, scripts); returns the
-    summary (mq.job.run writes summary.json). ``resume``: a checkpoint dict."""
+    summary (mq.job.record writes summary.json). ``resume``: a checkpoint dict."""
     resume, logger = settings.pop("resume", None), settings.pop("logger", None)
     val_data = settings.pop("val_data", None)
     loop = Training(
