@@ -94,3 +94,39 @@ def test_launch_trains_with_every_quantizer(tmp_path):
     for quant in options("quant"):
         (run_dir,) = [tmp_path / "sweep" / n for n in names if f"quant={quant}," in f"{n},"]
         assert '"status": "completed"' in (run_dir / "summary.json").read_text(), quant
+
+
+@pytest.mark.parametrize(("quant", "bits"), _contract_cases())
+def test_unit_levels_are_the_levels_on_0_1_flat_as_layer_by_layer(quant, bits):
+    """The estimators' domain (mq.meta.estimator): x_q on the 2^k levels j / (2^k - 1), x on
+    [0, 1] wherever the STE passes gradient, W^ on the same side of 0 as 2 x_q - 1; the STE is
+    ``slope`` times its clip."""
+    torch.manual_seed(0)
+    model = quantize_model(build_model("resnet20", 10), build_quantizer(quant, bits))
+    quantizer, layout = model.weight_quant, model.layout()
+    params = list(model.quantized_weights().values())
+    with torch.no_grad():
+        w_tilde = quantizer.transform(layout.flatten(params), layout)
+        levels = quantizer.unit_levels(w_tilde, layout)
+    if levels is None:
+        pytest.skip(f"quant={quant} has no unit levels: the estimators refuse it")
+    x, x_q = levels
+    n = 2**bits - 1
+    torch.testing.assert_close(x_q * n, (x_q * n).round(), rtol=0, atol=1e-4)  # float32 levels
+    assert 0 <= x_q.min() and x_q.max() <= 1
+    w_tilde.requires_grad_()
+    w_hat = quantizer.quantize(w_tilde, layout)
+    (ste,) = torch.autograd.grad(w_hat, w_tilde, torch.ones_like(w_hat))
+    slope = quantizer.slope(w_tilde.detach(), layout)  # what an estimator multiplies
+    clipped = slope * torch.ones_like(w_hat) * (w_tilde.detach().abs() <= 1)
+    torch.testing.assert_close(ste, clipped, msg=f"{quant}: slope * 1{{|W~| <= 1}} is the STE")
+    passing = ste != 0
+    assert passing.any() and 0 <= x[passing].min() and x[passing].max() <= 1
+    nonzero = w_hat.detach() != 0
+    assert (w_hat.detach() * (2 * x_q - 1))[nonzero].min() > 0
+    for w, xs, qs in zip(params, layout.unflatten(x), layout.unflatten(x_q), strict=True):
+        with torch.no_grad():
+            alone = quantizer.unit_levels(quantizer.transform(w))
+        assert alone is not None
+        torch.testing.assert_close(xs, alone[0])
+        torch.testing.assert_close(qs, alone[1])

@@ -54,6 +54,10 @@ class STEStep:
         _set_lr(self.weight_optimizer, lr)
         _set_lr(self.other_optimizer, lr)
 
+    def set_progress(self, epoch: int, epochs: int) -> None:
+        """Called with the lr at the start of each epoch (``epoch`` of ``epochs``, from 0), for
+        an estimator that anneals over training (mq.meta.ede); the STE does not."""
+
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """One step on a batch; returns (loss, logits), both still on the device."""
         logits = self.model(x)
