@@ -1,0 +1,243 @@
+"""Weight-gradient estimators (mq.meta.estimator): the extension point keeps the STE's numbers,
+each estimator's update equals its authors' rule written as an autograd Function in the forward
+(in float64), and an estimator refuses a quantizer it cannot serve in one line. The estimators
+are found in conf/meta/ (an option whose class is an EstimatorStep), not listed here."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from conftest import SMOKE, build_quantizer, launch
+from hydra.utils import get_class
+
+from mq.cli.conf import option_file, options
+from mq.core.errors import ConfigError
+from mq.meta import STEStep
+from mq.meta.ede import EDEStep
+from mq.meta.estimator import EstimatorStep
+from mq.meta.ewgs import EWGSStep
+from mq.models import build_model
+from mq.quant import BWNWeight, DorefaWeight, WeightQuantizer, quantize_model
+from mq.quant.functions import bwn_scale, dorefa_transform
+
+
+def _is_estimator(option: str) -> bool:
+    target = option_file("meta", option).get("_target_")  # MetaQuant's comes from base/
+    return target is not None and issubclass(get_class(target), EstimatorStep)
+
+
+ESTIMATORS = [m for m in options("meta") if _is_estimator(m)]
+QUANTS = {
+    "dorefa1": lambda: DorefaWeight(1),
+    "dorefa2": lambda: DorefaWeight(2),
+    "bwn": lambda: BWNWeight(),
+    "bwn_f": lambda: BWNWeight(per_filter=True),
+}
+OPTIMIZERS = {
+    "sgd": functools.partial(torch.optim.SGD, lr=0.05),
+    "sgdm": functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4),
+    "adam": functools.partial(torch.optim.Adam, lr=1e-3, weight_decay=5e-4),
+}
+
+
+def batches(n=4, size=8, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(size, 3, 32, 32, generator=g).to(dtype),
+            torch.randint(0, 10, (size,), generator=g),
+        )
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.manual_seed(0)
+    return build_model("resnet20", 10)
+
+
+class UnitScale(EstimatorStep):
+    """The estimator path with the factor 1: the STE itself."""
+
+    name = "unit"
+
+    def scale(self, grad_hat, x, x_q):
+        return torch.ones_like(grad_hat)
+
+
+def test_the_estimators_are_found_in_conf_meta():
+    assert {"ewgs", "ede"} <= set(ESTIMATORS)
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("quant", sorted(QUANTS))
+def test_the_estimator_path_with_factor_one_trains_like_the_ste(base, quant, optimizer):
+    steps = []
+    for cls in (STEStep, UnitScale):
+        model = quantize_model(copy.deepcopy(base), QUANTS[quant]())
+        steps.append((model, cls(model, OPTIMIZERS[optimizer])))
+    for x, y in batches(3):
+        losses = [step.train_step(x, y)[0] for _, step in steps]
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+    (ste_model, _), (model, _) = steps
+    pairs = zip(ste_model.state_dict().items(), model.state_dict().values(), strict=True)
+    for (name, p), q in pairs:
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+class EWGSDiscretizer(torch.autograd.Function):
+    """The authors' EWGS_discretizer (cvlab-yonsei/EWGS, CIFAR10/custom_modules.py): x on
+    [0, 1] rounded to ``levels`` levels; backward g (1 + delta sign(g) (x - x_q))."""
+
+    @staticmethod
+    def forward(ctx, x, levels, delta):
+        x_q = torch.round(x * (levels - 1)) / (levels - 1)
+        ctx.delta = delta
+        ctx.save_for_backward(x - x_q)
+        return x_q
+
+    @staticmethod
+    def backward(ctx, g):
+        (diff,) = ctx.saved_tensors
+        return g * (1 + ctx.delta * torch.sign(g) * diff), None, None
+
+
+class BinaryQuantize(torch.autograd.Function):
+    """IR-Net's BinaryQuantize (htqin/IR-Net, modules/binaryfunction.py): sign forward,
+    k t (1 - tanh^2(t u)) g backward."""
+
+    @staticmethod
+    def forward(ctx, u, k, t):
+        ctx.save_for_backward(u)
+        ctx.k, ctx.t = k, t
+        return torch.sign(u)
+
+    @staticmethod
+    def backward(ctx, g):
+        (u,) = ctx.saved_tensors
+        return ctx.k * ctx.t * (1 - torch.tanh(u * ctx.t) ** 2) * g, None, None
+
+
+def reference_weights(quant, method, w, step):
+    """W^ of one weight tensor with the authors' Function where the STE would be."""
+    if quant.startswith("dorefa"):
+        x = dorefa_transform(w)
+        if method == "ewgs":
+            return 2 * EWGSDiscretizer.apply(x, 2 ** int(quant[-1]), step.delta) - 1
+        return BinaryQuantize.apply(2 * x - 1, step.k, step.t)
+    alpha = bwn_scale(w, per_filter=quant == "bwn_f")
+    if method == "ewgs":  # W on [-1, 1] mapped onto [0, 1], where BWN's clipped STE passes
+        x = ((w + 1) / 2).clamp(0, 1)  # the authors clamp before the discretizer
+        return alpha * (2 * EWGSDiscretizer.apply(x, 2, step.delta) - 1)
+    return alpha * BinaryQuantize.apply(w, step.k, step.t)
+
+
+def reference_step(model, quant, method, step, optimizer, x, y):
+    weights = model.quantized_weights()
+    w_hat = {n: reference_weights(quant, method, w, step) for n, w in weights.items()}
+    loss = torch.nn.functional.cross_entropy(model(x, w_hat), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+CASES = [
+    ("ewgs", "dorefa1", {"delta": 0.3}),
+    ("ewgs", "dorefa2", {"delta": 0.3}),
+    ("ewgs", "bwn", {"delta": 0.3}),
+    ("ewgs", "bwn_f", {"delta": 0.3}),
+    ("ede", "dorefa1", {}),
+    ("ede", "bwn", {}),
+    ("ede", "bwn_f", {}),
+]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize(("method", "quant", "kwargs"), CASES, ids=lambda c: str(c))
+def test_the_update_is_the_authors_rule_in_the_forward(base, method, quant, kwargs, optimizer):
+    cls = {"ewgs": EWGSStep, "ede": EDEStep}[method]
+    model = quantize_model(copy.deepcopy(base).double(), QUANTS[quant]())
+    ref_model = copy.deepcopy(model)
+    ste_model = copy.deepcopy(model)
+    step = cls(model, OPTIMIZERS[optimizer], **kwargs)
+    ste = STEStep(ste_model, OPTIMIZERS[optimizer])
+    ref_opt = OPTIMIZERS[optimizer](ref_model.parameters())
+    for epoch, (x, y) in enumerate(batches(3, dtype=torch.float64)):
+        step.set_progress(epoch + 1, 4)  # EDE: t = 10^(-1 + 2 e / 4), k = max(1 / t, 1)
+        loss = step.train_step(x, y)[0]
+        ste.train_step(x, y)
+        ref = reference_step(ref_model, quant, method, step, ref_opt, x, y)
+        torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
+    moved = 0.0
+    for name, p in model.quantized_weights().items():
+        q = ref_model.quantized_weights()[name]
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=name)
+        moved = max(moved, (p - ste_model.quantized_weights()[name]).abs().max().item())
+    assert moved > 1e-6  # the rule is not the STE's
+
+
+def test_ede_anneals_t_from_t_min_to_t_max_over_the_epochs(base):
+    step = EDEStep(quantize_model(copy.deepcopy(base), BWNWeight()), OPTIMIZERS["sgd"])
+    expected = {0: (0.1, 10.0), 50: (1.0, 1.0), 75: (10**0.5, 1.0), 100: (10.0, 1.0)}
+    for epoch, (t, k) in expected.items():
+        step.set_progress(epoch, 100)
+        assert step.t == pytest.approx(t) and step.k == pytest.approx(k)
+
+
+def test_ewgs_with_delta_zero_is_the_ste(base):
+    model = quantize_model(copy.deepcopy(base), DorefaWeight(1))
+    step = EWGSStep(model, OPTIMIZERS["sgd"], delta=0)
+    g = torch.randn(10)
+    assert torch.equal(step.scale(g, torch.rand(10), torch.rand(10).round()), torch.ones(10))
+
+
+class Levelless(WeightQuantizer):
+    """A real quantizer with no levels on [0, 1]: W^ = W, no unit_levels."""
+
+    bit_widths = range(1, 9)
+    bit_width = 1
+
+    def transform(self, weight, layout=None):
+        return weight
+
+    def quantize(self, w_tilde, layout=None):
+        return w_tilde * 1
+
+
+@pytest.mark.parametrize("method", ESTIMATORS)
+def test_an_estimator_refuses_what_it_cannot_serve_in_one_line(base, method):
+    cls = get_class(option_file("meta", method)._target_)
+    cases = [(base, f"meta={method} needs quantized weights but quant=none")]
+    cases.append((quantize_model(copy.deepcopy(base), Levelless()), "Levelless"))
+    for model, message in cases:
+        with pytest.raises(ConfigError) as info:
+            cls(model, OPTIMIZERS["sgd"])
+        assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_ede_refuses_more_than_one_bit():
+    with pytest.raises(ConfigError, match="meta=ede cannot serve bits=2; allowed: 1$"):
+        model = quantize_model(build_model("resnet20", 10), build_quantizer("dorefa", 2))
+        EDEStep(model, OPTIMIZERS["sgd"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["meta=ede", "bits=2"], "meta=ede cannot serve bits=2; allowed: 1"),
+        (["meta=ewgs", "quant=none"], "meta=ewgs needs quantized weights but quant=none"),
+        (["meta=ewgs", "meta.delta=-1"], "meta.delta=-1 is not allowed"),
+    ],
+)
+def test_bad_estimator_input_exits_2_in_one_line_and_writes_nothing(tmp_path, args, message):
+    result = launch(*args, *SMOKE, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "outputs").exists()
