@@ -7,13 +7,13 @@ import functools
 import pytest
 import torch
 from conftest import compose_config
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from mq.cli.conf import options
 from mq.core.errors import ConfigError, find_config_error
 from mq.job.checks import check, validate
-from mq.meta import MetaQuantStep, STEStep
+from mq.meta import STEStep
 from mq.quant import QuantizedModel, quantize_model
 
 
@@ -60,7 +60,7 @@ def test_every_quant_meta_optimizer_instantiates(quant, meta, optimizer):
         assert "quant=none" in str(find_config_error(err.value))
         return
     step = instantiate(cfg.meta, model=model, optimizer=opt)
-    assert isinstance(step, MetaQuantStep if meta != "ste" else STEStep)
+    assert type(step) is get_class(cfg.meta._target_) and isinstance(step, STEStep)
     assert isinstance(model, QuantizedModel) == (quant != "none")
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     loss, _ = step.train_step(x, y)
