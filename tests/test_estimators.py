@@ -241,3 +241,28 @@ def test_bad_estimator_input_exits_2_in_one_line_and_writes_nothing(tmp_path, ar
     assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("method", ESTIMATORS)
+def test_a_resumed_estimator_continues_as_an_uninterrupted_one(base, method):
+    """The state is the optimizers'; an annealing estimator is told its epoch again on resume
+    (the loop calls set_progress at each epoch's start), so nothing else is saved."""
+    cls = get_class(option_file("meta", method)._target_)
+    data = batches(4)
+    model = quantize_model(copy.deepcopy(base), DorefaWeight(1))
+    step = cls(model, OPTIMIZERS["adam"])
+    for epoch, (x, y) in enumerate(data[:2]):
+        step.set_progress(epoch, 4)
+        step.train_step(x, y)
+    saved = copy.deepcopy((model.state_dict(), step.state_dict()))
+    resumed_model = quantize_model(copy.deepcopy(base), DorefaWeight(1))
+    resumed_model.load_state_dict(saved[0])
+    resumed = cls(resumed_model, OPTIMIZERS["adam"])
+    resumed.load_state_dict(saved[1])
+    for epoch, (x, y) in enumerate(data[2:], start=2):
+        for s in (step, resumed):
+            s.set_progress(epoch, 4)
+        torch.testing.assert_close(resumed.train_step(x, y)[0], step.train_step(x, y)[0])
+    pairs = zip(model.state_dict().items(), resumed_model.state_dict().values(), strict=True)
+    for (name, p), q in pairs:
+        torch.testing.assert_close(p, q, msg=name)
