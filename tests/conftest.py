@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mq.cli.resolvers import register_resolvers
 
@@ -40,6 +40,12 @@ def compose_config(overrides: list[str]) -> DictConfig:
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     return cfg
+
+
+def task_config(overrides: list[str]) -> DictConfig:
+    """The config the job function receives (compose_config without the ``hydra`` node)."""
+    cfg = compose_config(overrides)
+    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
 
 
 def launch_env() -> dict[str, str]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import SMOKE, compose_config, launch, start_launch
+from conftest import SMOKE, compose_config, launch, start_launch, task_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
@@ -22,11 +22,6 @@ from mq.core.errors import ConfigError, find_config_error
 from mq.job.checks import check
 from mq.job.identity import check_run_dir, result_config
 from mq.models import check_model, cifar_resnet
-
-
-def task_config(overrides: list[str]):
-    cfg = compose_config(overrides)
-    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
 
 
 def old_layout(config: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SMOKE, compose_config, launch, launch_env
+from conftest import ROOT, SMOKE, compose_config, launch, launch_env, task_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from test_cli_errors import composition_error
@@ -21,11 +21,6 @@ from mq.job.checks import check, validate
 from mq.job.identity import check_run_dir
 
 BOOL = "allowed: true, false (also yes, no, on, off, 1, 0)"
-
-
-def task_config(overrides: list[str]):
-    cfg = compose_config(overrides)
-    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import SMOKE, compose_config, launch
+from conftest import SMOKE, launch, task_config
 from omegaconf import OmegaConf
 
 from mq.core.errors import ConfigError
@@ -61,8 +61,7 @@ def test_a_run_saved_before_tasks_had_targets_is_the_same_run(tmp_path, task):
     check (and the report) read them as today's task node."""
     pretrained = tmp_path / "fp.pth"
     torch.save(CifarResNet(20, 10).state_dict(), pretrained)
-    cfg = compose_config([f"task={task}", f"model.pretrained={pretrained}"])
-    job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    job_cfg = task_config([f"task={task}", f"model.pretrained={pretrained}"])
     old = result_config(job_cfg)
     assert old["task"]["_target_"].startswith("mq.job.tasks.")
     old["task"] = {"name": task}

@@ -35,6 +35,17 @@ def option_file(group: str, name: str) -> Any:
     return OmegaConf.load(CONF / group / f"{name}.yaml")
 
 
+def option_node(group: str, name: str) -> dict[str, Any]:
+    """The node conf/<group>/<name>.yaml gives its group, as a dict without its defaults list
+    (an option packaged ``_global_``, like task=pretrain, nests it under the group's key)."""
+    from omegaconf import OmegaConf
+
+    option = OmegaConf.to_container(option_file(group, name))
+    assert isinstance(option, dict)
+    node = option.get(group, option) if isinstance(option.get(group), dict) else option
+    return {k: v for k, v in node.items() if k != "defaults"}
+
+
 def exclude_keys() -> list[str]:
     """Override keys left out of sweep folder names (conf/config.yaml reads them through the
     ``${mq.exclude_keys:}`` resolver): mq.core.keys's volatile keys, with the dataset's location
@@ -77,10 +88,7 @@ def _meta_net_by_target(config: dict[str, Any]) -> dict[str, Any]:
     name = meta.pop("net")
     if name not in options("meta"):
         return config
-    from omegaconf import OmegaConf
-
-    today = OmegaConf.to_container(option_file("meta", name).net)
-    assert isinstance(today, dict)
+    today = option_node("meta", name)["net"]
     meta["net"] = {"_target_": today["_target_"]}
     meta["net"].update({k: meta.pop(k) for k in list(meta) if k in today and k != "_target_"})
     return config
@@ -91,12 +99,7 @@ def _task_by_target(config: dict[str, Any]) -> dict[str, Any]:
     task = config.get("task")
     if not isinstance(task, dict) or "_target_" in task or task.get("name") not in options("task"):
         return config
-    from omegaconf import OmegaConf
-
-    option = OmegaConf.to_container(option_file("task", task["name"]))
-    assert isinstance(option, dict)
-    today = option.get("task", option)  # a _global_ option (pretrain, eval) nests its node
-    return {**config, "task": {k: v for k, v in today.items() if k != "defaults"}}
+    return {**config, "task": option_node("task", task["name"])}
 
 
 # The one constructor of every model before each conf/model option named its own.
@@ -112,9 +115,6 @@ def _model_by_target(config: dict[str, Any]) -> dict[str, Any]:
         return config
     name = model.get("name")
     option = name if isinstance(name, str) and name in options("model") else "torchvision"
-    from omegaconf import OmegaConf
-
-    today = OmegaConf.to_container(option_file("model", option))
-    assert isinstance(today, dict)
-    added = {k: v for k, v in today.items() if k not in model and k != "defaults"}
+    today = option_node("model", option)
+    added = {k: v for k, v in today.items() if k not in model}
     return {**config, "model": {**model, **added, "_target_": today["_target_"]}}

@@ -2,8 +2,8 @@
 as Hydra's basic sweeper) on Hydra's public ``Sweeper`` interface, plus three things a long sweep
 needs, for every launcher (basic, submitit local, SLURM):
 
-1. every point is composed and checked (mq.job.checks.check) before anything runs; one bad
-   point ends the launch with one line naming its overrides, exit code 2, nothing submitted;
+1. every point is composed and checked (mq.job.checks.check) before anything runs; one bad point
+   ends the launch with one line naming its overrides, exit code 2, nothing submitted;
 2. points whose run directory says completed or diverged are skipped (not submitted at all),
    so launching the same command again reruns only the failed and unfinished jobs;
 3. sweep.json records the launch and fixes the sweep's wandb group.
