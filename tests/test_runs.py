@@ -87,6 +87,13 @@ def test_old_zero_based_and_new_one_based_metrics_read_alike(tmp_path):
     assert run.updated == 1.8e9 + 4
 
 
+@pytest.mark.parametrize("method", ["ste", "multifc", "ewgs"])
+def test_method_is_named_from_the_config_when_the_summary_is_missing(tmp_path, method):
+    """A job killed before its first summary: the method comes from its step's or net's class."""
+    run_dir = make_run(tmp_path, method, 0, [10.0], summary=False)
+    assert read_run(run_dir).method == method
+
+
 def test_values_are_normalized():
     assert normalize("1") == normalize(1) == normalize(1.0) == 1
     assert normalize("1e-3") == normalize(0.001)
