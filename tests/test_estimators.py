@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import math
+import signal
+import time
 
 import pytest
 import torch
-from conftest import SMOKE, build_quantizer, launch
+from conftest import SMOKE, build_quantizer, launch, start_launch
 from hydra.utils import get_class
 
 from mq.cli.conf import option_file, options
@@ -403,11 +406,41 @@ def test_bad_dsq_input_exits_2_in_one_line_and_writes_nothing(tmp_path, args, me
     test_bad_estimator_input_exits_2_in_one_line_and_writes_nothing(tmp_path, args, message)
 
 
-def test_a_dsq_run_checkpoints_alpha(tmp_path):
-    """The loop saves the step's state: alpha, learned, is in checkpoint.pt next to the model."""
-    result = launch("meta=dsq", "bits=2", *SMOKE, "keep_training_state=true", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    (checkpoint,) = tmp_path.glob("outputs/**/checkpoint.pt")
-    state = load_checkpoint(checkpoint)["step_state"]
-    (alpha,) = state["learned"]
-    assert alpha.shape == (22,) and not torch.equal(alpha, torch.full_like(alpha, 0.2))
+def test_a_killed_dsq_run_resumes_alpha_from_its_checkpoint(tmp_path):
+    """alpha is in checkpoint.pt (the step's state): a run killed in its second epoch resumes
+    from the end of the first and ends with the uninterrupted run's losses and alpha."""
+    args = ["meta=dsq", "bits=2", "optimizer=adam", "dataset=fake", "logger=none", "epochs=2"]
+    args += ["progress=false", "batch_size=32", "limit_test_batches=1", "log_every=1"]
+    args += ["keep_training_state=true"]
+    reference = launch(*args, "run_name=reference", cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    outputs = tmp_path / "outputs/quantize/fake"
+    metrics = outputs / "killed/metrics.jsonl"
+    proc = start_launch(*args, "run_name=killed", cwd=tmp_path)
+    deadline = time.monotonic() + 240
+    try:  # the first epoch's checkpoint is written, the second epoch under way
+        while sum(json.loads(r).get("epoch") == 2 for r in _lines(metrics)) < 3:
+            assert proc.poll() is None, f"run ended early:\n{proc.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    resumed = launch(*args, "run_name=killed", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed at epoch 2" in resumed.stdout + resumed.stderr
+    got = [json.loads(r) for r in _lines(metrics)]
+    want = [json.loads(r) for r in _lines(outputs / "reference/metrics.jsonl")]
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(got, want, strict=True):
+        for key in ("loss", "train_loss", "test_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a, b)
+    (alpha,) = load_checkpoint(outputs / "killed/checkpoint.pt")["step_state"]["learned"]
+    (expected,) = load_checkpoint(outputs / "reference/checkpoint.pt")["step_state"]["learned"]
+    assert alpha.shape == (22,) and (alpha != 0.2).any()
+    torch.testing.assert_close(alpha, expected, rtol=1e-5, atol=1e-7)
+
+
+def _lines(path):
+    return [line for line in path.read_text().splitlines() if line] if path.exists() else []
