@@ -7,15 +7,21 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
+import math
+import signal
+import time
 
 import pytest
 import torch
-from conftest import SMOKE, build_quantizer, launch
+from conftest import SMOKE, build_quantizer, launch, start_launch
 from hydra.utils import get_class
 
 from mq.cli.conf import option_file, options
+from mq.core.checkpoint import load_checkpoint
 from mq.core.errors import ConfigError
 from mq.meta import STEStep
+from mq.meta.dsq import DSQStep
 from mq.meta.ede import EDEStep
 from mq.meta.estimator import EstimatorStep
 from mq.meta.ewgs import EWGSStep
@@ -266,3 +272,175 @@ def test_a_resumed_estimator_continues_as_an_uninterrupted_one(base, method):
     pairs = zip(model.state_dict().items(), resumed_model.state_dict().values(), strict=True)
     for (name, p), q in pairs:
         torch.testing.assert_close(p, q, msg=name)
+
+
+# DSQ (Gong et al., ICCV 2019; no official code): the soft quantizer written from the paper's
+# definitions, independently of mq.meta.dsq: Q_S = Delta (i + (phi + 1) / 2) on interval i,
+# phi = s tanh(k (x - m_i)), k = log(2 / alpha - 1) / Delta, s = 1 / tanh(k Delta / 2); the
+# forward is the hard level Delta (i + (sign(phi) + 1) / 2), the backward Q_S's (x and alpha).
+
+
+def dsq_reference(x, alpha, bits):
+    n = 2**bits - 1
+    delta = 1 / n
+    i = torch.clamp(torch.floor(x.detach() / delta), 0, n - 1)
+    k = torch.log(2 / alpha - 1) / delta
+    s = 1 / torch.tanh(0.5 * k * delta)
+    phi = s * torch.tanh(k * (x - (i + 0.5) * delta))
+    soft = delta * (i + (phi + 1) / 2)
+    hard = delta * (i + (torch.sign(phi) + 1) / 2)
+    return soft + (hard - soft).detach()
+
+
+def dsq_reference_step(model, quant, alphas, optimizer, x, y):
+    bits = int(quant[-1]) if quant.startswith("dorefa") else 1
+    w_hat = {}
+    for (name, w), alpha in zip(model.quantized_weights().items(), alphas, strict=True):
+        if quant.startswith("dorefa"):
+            w_hat[name] = 2 * dsq_reference(dorefa_transform(w), alpha, bits) - 1
+        else:  # W on [-1, 1] mapped onto [0, 1]; Q_S is constant outside it (the clamp)
+            x_unit = ((w + 1) / 2).clamp(0, 1)
+            scale = bwn_scale(w, per_filter=quant == "bwn_f")
+            w_hat[name] = scale * (2 * dsq_reference(x_unit, alpha, 1) - 1)
+    loss = torch.nn.functional.cross_entropy(model(x, w_hat), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        alphas.clamp_(1e-4, 0.5)  # the paper's (0, 0.5)
+    return loss.detach()
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_dsq_factor_is_the_soft_quantizers_slope_and_its_sign_the_hard_level(base, bits):
+    model = quantize_model(copy.deepcopy(base).double(), DorefaWeight(bits))
+    step = DSQStep(model, OPTIMIZERS["sgd"])
+    layout = model.layout()
+    g = torch.Generator().manual_seed(bits)
+    with torch.no_grad():
+        step.alpha.copy_(0.01 + 0.48 * torch.rand(step.alpha.shape, generator=g))
+    x = torch.rand(layout.numel, generator=g, dtype=torch.float64).requires_grad_()
+    reference = dsq_reference(x, layout.broadcast(step.alpha.detach()), bits)
+    (slope,) = torch.autograd.grad(reference.sum(), x)
+    x_q = DorefaWeight(bits).unit_levels(x.detach())[1]
+    torch.testing.assert_close(step.scale(torch.ones_like(x), x.detach(), x_q), slope)
+    torch.testing.assert_close(reference.detach(), x_q)  # the forward is the hard level
+    soft = step.soft_level(x.detach(), x_q).detach()
+    assert ((soft - x_q).abs() <= 0.5 / (2**bits - 1) + 1e-12).all()
+    # Q_S rises by one level over each interval: the factor averages 1 there, as the STE's
+    with torch.no_grad():
+        step.alpha.fill_(0.2)
+    grid = (torch.arange(layout.numel, dtype=torch.float64) + 0.5) / layout.numel
+    assert step.scale(grid, grid, grid).mean().item() == pytest.approx(1, abs=1e-6)
+    # alpha = 0.2: 0.5 s log(2 / alpha - 1) = log(9) / 1.6 at the midpoints, 0.36 of it at the ends
+    ends = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64) / (2**bits - 1)
+    peak = math.log(9) / 1.6
+    expected = torch.tensor([0.36 * peak, peak, 0.36 * peak], dtype=torch.float64)
+    layer0 = DSQStep(
+        quantize_model(torch.nn.Linear(3, 1).double(), DorefaWeight(bits)), OPTIMIZERS["sgd"]
+    )
+    torch.testing.assert_close(layer0.scale(ends, ends, ends), expected)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("quant", ["dorefa1", "dorefa2", "bwn", "bwn_f"])
+def test_dsq_trains_weights_and_alpha_as_the_soft_quantizer_in_the_forward(base, quant, optimizer):
+    model = quantize_model(copy.deepcopy(base).double(), QUANTS[quant]())
+    ref_model = copy.deepcopy(model)
+    step = DSQStep(model, OPTIMIZERS[optimizer])
+    alphas = torch.nn.Parameter(torch.full((len(model.layout().sizes),), 0.2, dtype=torch.float64))
+    ref_opt = OPTIMIZERS[optimizer]([*ref_model.parameters(), alphas])
+    for x, y in batches(3, dtype=torch.float64):
+        loss = step.train_step(x, y)[0]
+        ref = dsq_reference_step(ref_model, quant, alphas, ref_opt, x, y)
+        torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
+    for name, p in model.state_dict().items():
+        torch.testing.assert_close(p, ref_model.state_dict()[name], rtol=1e-9, atol=1e-12, msg=name)
+    torch.testing.assert_close(step.alpha.detach(), alphas.detach(), rtol=1e-9, atol=1e-12)
+    assert (step.alpha - 0.2).abs().max() > 1e-6  # alpha learns
+
+
+def test_dsq_alpha_stays_in_its_interval_and_is_fixed_without_learning(base):
+    data = batches(2)
+    fixed = DSQStep(
+        quantize_model(copy.deepcopy(base), DorefaWeight(2)), OPTIMIZERS["sgd"], learn_alpha=False
+    )
+    steep = functools.partial(torch.optim.SGD, lr=1e3)  # alpha's steps far past its interval
+    clamped = DSQStep(quantize_model(copy.deepcopy(base), DorefaWeight(2)), steep)
+    for x, y in data:
+        fixed.train_step(x, y)
+        clamped.train_step(x, y)
+    assert torch.equal(fixed.alpha, torch.full_like(fixed.alpha, 0.2))
+    assert "learned" not in fixed.state_dict()
+    assert ((clamped.alpha >= 1e-4) & (clamped.alpha <= 0.5)).all()
+    assert {1e-4, 0.5} & set(clamped.alpha.tolist())  # the clamp was needed
+
+
+def test_a_resumed_dsq_restores_alpha(base):
+    data = batches(4)
+    model = quantize_model(copy.deepcopy(base), DorefaWeight(2))
+    step = DSQStep(model, OPTIMIZERS["adam"])
+    for x, y in data[:2]:
+        step.train_step(x, y)
+    saved = copy.deepcopy((model.state_dict(), step.state_dict()))
+    resumed_model = quantize_model(copy.deepcopy(base), DorefaWeight(2))
+    resumed_model.load_state_dict(saved[0])
+    resumed = DSQStep(resumed_model, OPTIMIZERS["adam"])
+    assert torch.equal(resumed.alpha, torch.full_like(resumed.alpha, 0.2))
+    resumed.load_state_dict(saved[1])
+    assert torch.equal(resumed.alpha, step.alpha) and (step.alpha != 0.2).any()
+    for x, y in data[2:]:
+        torch.testing.assert_close(resumed.train_step(x, y)[0], step.train_step(x, y)[0])
+    torch.testing.assert_close(resumed.alpha, step.alpha)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["meta=dsq", "meta.alpha=0.7"], "meta.alpha=0.7 is not allowed; allowed: a number in"),
+        (["meta=dsq", "meta.alpha=0"], "meta.alpha=0 is not allowed"),
+        (["meta=dsq", "meta.learn_alpha=2"], "meta.learn_alpha=2 is not allowed"),
+    ],
+)
+def test_bad_dsq_input_exits_2_in_one_line_and_writes_nothing(tmp_path, args, message):
+    test_bad_estimator_input_exits_2_in_one_line_and_writes_nothing(tmp_path, args, message)
+
+
+def test_a_killed_dsq_run_resumes_alpha_from_its_checkpoint(tmp_path):
+    """alpha is in checkpoint.pt (the step's state): a run killed in its second epoch resumes
+    from the end of the first and ends with the uninterrupted run's losses and alpha."""
+    args = ["meta=dsq", "bits=2", "optimizer=adam", "dataset=fake", "logger=none", "epochs=2"]
+    args += ["progress=false", "batch_size=32", "limit_test_batches=1", "log_every=1"]
+    args += ["keep_training_state=true"]
+    reference = launch(*args, "run_name=reference", cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    outputs = tmp_path / "outputs/quantize/fake"
+    metrics = outputs / "killed/metrics.jsonl"
+    proc = start_launch(*args, "run_name=killed", cwd=tmp_path)
+    deadline = time.monotonic() + 240
+    try:  # the first epoch's checkpoint is written, the second epoch under way
+        while sum(json.loads(r).get("epoch") == 2 for r in _lines(metrics)) < 3:
+            assert proc.poll() is None, f"run ended early:\n{proc.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    resumed = launch(*args, "run_name=killed", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed at epoch 2" in resumed.stdout + resumed.stderr
+    got = [json.loads(r) for r in _lines(metrics)]
+    want = [json.loads(r) for r in _lines(outputs / "reference/metrics.jsonl")]
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(got, want, strict=True):
+        for key in ("loss", "train_loss", "test_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a, b)
+    (alpha,) = load_checkpoint(outputs / "killed/checkpoint.pt")["step_state"]["learned"]
+    (expected,) = load_checkpoint(outputs / "reference/checkpoint.pt")["step_state"]["learned"]
+    assert alpha.shape == (22,) and (alpha != 0.2).any()
+    torch.testing.assert_close(alpha, expected, rtol=1e-5, atol=1e-7)
+
+
+def _lines(path):
+    return [line for line in path.read_text().splitlines() if line] if path.exists() else []

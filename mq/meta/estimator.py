@@ -5,7 +5,9 @@ multiplies it elementwise by a factor of its own, computed from g_W^ and from wh
 sits between the quantizer's levels: ``WeightQuantizer.unit_levels`` gives W~ and its level
 mapped onto [0, 1] (x, x_q), the domain in which EWGS and IR-Net write their rules. A new
 estimator is a subclass with ``scale`` (and, if it anneals, ``set_progress``) plus its YAML in
-conf/meta/.
+conf/meta/. An estimator with learnable parameters of its own (DSQ's alpha) registers them with
+``learn``: they join the optimizer of the unquantized parameters and the checkpoint, and take
+their gradient through ``soft_level``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import Tensor, nn
 
 from mq.core.errors import ConfigError
 from mq.meta.step import OptimizerFactory, STEStep, _params
+from mq.quant.flat import FlatLayout
 from mq.quant.layers import QuantizedModel
 
 
@@ -53,6 +56,20 @@ class EstimatorStep(STEStep):
                 f"meta={self.name} cannot serve the quantizer {type(self.quantizer).__name__}: "
                 "it has no levels on [0, 1] (WeightQuantizer.unit_levels)"
             )
+        self.learned: list[nn.Parameter] = []  # the estimator's own parameters (learn)
+
+    def learn(self, params: list[nn.Parameter]) -> None:
+        """Make ``params`` the estimator's own learnable parameters: one more parameter group of
+        the unquantized parameters' optimizer (its lr schedule and settings), saved in and
+        restored from the step's state; their gradient comes from ``soft_level``."""
+        self.learned = list(params)
+        self.other_optimizer.add_param_group({"params": self.learned})
+
+    def soft_level(self, x: Tensor, x_q: Tensor) -> Tensor:
+        """For an estimator with ``learn``ed parameters: the level on [0, 1] as the estimator's
+        smooth model of the quantizer sees it, differentiable in those parameters. Their
+        gradient is sum g_xq * d soft_level / d param, g_xq the STE's gradient on x_q."""
+        raise NotImplementedError
 
     def scale(self, grad_hat: Tensor, x: Tensor, x_q: Tensor) -> Tensor:
         """The factor on the quantizer's STE gradient, elementwise; flat tensors of all layers."""
@@ -77,11 +94,43 @@ class EstimatorStep(STEStep):
             w = w_tilde.detach()
             levels = self.quantizer.unit_levels(w, layout)
             assert levels is not None
-            grad = self.quantizer.slope(w, layout) * grad_hat * self.scale(grad_hat, *levels)
+            ste = self.quantizer.slope(w, layout) * grad_hat
+            grad = ste * self.scale(grad_hat, *levels)
             if self.clip:  # the quantizer's clipped STE, times the factor
                 grad = grad * (w.abs() <= 1).to(grad.dtype)
+        if self.learned:
+            self._learned_gradients(ste, w, levels, layout)
         torch.autograd.backward(w_tilde, grad)  # on through A to W
         for opt in (self.weight_optimizer, self.other_optimizer):
             if opt is not None:
                 opt.step()
         return loss.detach(), logits.detach()
+
+    def _learned_gradients(
+        self, ste: Tensor, w: Tensor, levels: tuple[Tensor, Tensor], layout: FlatLayout
+    ) -> None:
+        """Accumulate the ``learn``ed parameters' gradients: g_xq = g_W~ (the STE's, slope
+        g_W^) / (dx/dW~), the STE's gradient on the level in x's units (x is elementwise in
+        W~; its derivative, by autograd through ``unit_levels``), zero outside the clip."""
+        with torch.enable_grad():
+            w_leaf = w.detach().requires_grad_()
+            levels_of_leaf = self.quantizer.unit_levels(w_leaf, layout)
+            assert levels_of_leaf is not None
+            (dx,) = torch.autograd.grad(levels_of_leaf[0].sum(), w_leaf)
+            g_levels = ste / dx
+            if self.clip:
+                g_levels = g_levels * (w.abs() <= 1).to(g_levels.dtype)
+            torch.autograd.backward(self.soft_level(*levels), g_levels)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.learned:
+            state["learned"] = [p.detach().clone() for p in self.learned]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.learned:
+            with torch.no_grad():
+                for p, saved in zip(self.learned, state["learned"], strict=True):
+                    p.copy_(saved)

@@ -55,7 +55,8 @@ class WeightQuantizer(nn.Module):
     ) -> tuple[Tensor, Tensor] | None:
         """(x, x_q): W~ and its quantized level mapped onto [0, 1], the interval in which the
         clipped STE passes gradient, levels at j / (2^k - 1); the domain of the estimators'
-        rules (mq.meta.estimator). None: this quantizer has no such levels."""
+        rules (mq.meta.estimator); x elementwise and differentiable in W~ (an estimator with
+        parameters of its own takes dx/dW~ from it). None: this quantizer has no such levels."""
         return None
 
     def slope(self, w_tilde: Tensor, layout: FlatLayout | None = None) -> Tensor | float:
@@ -167,8 +168,7 @@ class BWNWeight(WeightQuantizer):
         self, w_tilde: Tensor, layout: FlatLayout | None = None
     ) -> tuple[Tensor, Tensor]:
         # sign's input W~ = W, clipped to [-1, 1] by the STE, mapped onto [0, 1]; levels 0, 1
-        w = w_tilde.detach()
-        return (w + 1) / 2, (torch.sign(w) + 1) / 2
+        return (w_tilde + 1) / 2, (torch.sign(w_tilde.detach()) + 1) / 2
 
     def slope(self, w_tilde: Tensor, layout: FlatLayout | None = None) -> Tensor | float:
         return bwn_scale(w_tilde, self.per_filter, layout) if self.ste_slope == "forward" else 1.0
