@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 
 import pytest
 import torch
@@ -266,3 +267,139 @@ def test_a_resumed_estimator_continues_as_an_uninterrupted_one(base, method):
     pairs = zip(model.state_dict().items(), resumed_model.state_dict().values(), strict=True)
     for (name, p), q in pairs:
         torch.testing.assert_close(p, q, msg=name)
+
+
+# ReSTE (meta=reste)
+
+
+class BinaryReSTE(torch.autograd.Function):
+    """The authors' Binary_ReSTE (DravenALG/ReSTE, model/binary_module/binarized_modules.py):
+    sign forward; backward (1/o) |u|^((1-o)/o) on interval < |u| <= t, interval^(1/o) / interval
+    on |u| <= interval, 0 beyond t, written with their masks in their order."""
+
+    @staticmethod
+    def forward(ctx, u, t, o, interval):
+        ctx.save_for_backward(u)
+        ctx.t, ctx.o, ctx.interval = t, o, interval
+        return torch.sign(u)
+
+    @staticmethod
+    def backward(ctx, g):
+        (u,) = ctx.saved_tensors
+        t, o, interval = ctx.t, ctx.o, ctx.interval
+        tmp = torch.zeros_like(u)
+        mask1 = (u <= t) & (u > interval)
+        tmp[mask1] = (1 / o) * torch.pow(u[mask1], (1 - o) / o)
+        mask2 = (u >= -t) & (u < -interval)
+        tmp[mask2] = (1 / o) * torch.pow(-u[mask2], (1 - o) / o)
+        tmp[(u <= interval) & (u >= 0)] = interval ** (1 / o) / interval
+        tmp[(u <= 0) & (u >= -interval)] = interval ** (1 / o) / interval
+        return tmp * g, None, None, None
+
+
+def reste_reference_step(model, quant, step, optimizer, x, y):
+    w_hat = {}
+    for name, w in model.quantized_weights().items():
+        args = (step.threshold, step.o, step.interval)
+        if quant.startswith("dorefa"):
+            w_hat[name] = BinaryReSTE.apply(2 * dorefa_transform(w) - 1, *args)
+        else:
+            alpha = bwn_scale(w, per_filter=quant == "bwn_f")
+            w_hat[name] = alpha * BinaryReSTE.apply(w, *args)
+    loss = torch.nn.functional.cross_entropy(model(x, w_hat), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+RESTE_CASES = [
+    ("dorefa1", {}),
+    ("bwn", {}),
+    ("bwn_f", {}),
+    ("dorefa1", {"o_end": 4.0, "threshold": 0.5, "interval": 0.2}),  # the clip inside [-1, 1]
+]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize(("quant", "kwargs"), RESTE_CASES, ids=lambda c: str(c))
+def test_reste_updates_as_binary_reste_in_the_forward(base, quant, kwargs, optimizer):
+    from mq.meta.reste import ReSTEStep
+
+    model = quantize_model(copy.deepcopy(base).double(), QUANTS[quant]())
+    ref_model = copy.deepcopy(model)
+    ste_model = copy.deepcopy(model)
+    step = ReSTEStep(model, OPTIMIZERS[optimizer], **kwargs)
+    ste = STEStep(ste_model, OPTIMIZERS[optimizer])
+    ref_opt = OPTIMIZERS[optimizer](ref_model.parameters())
+    for epoch, (x, y) in enumerate(batches(3, dtype=torch.float64)):
+        step.set_progress(epoch + 1, 3)  # o = 3 - sqrt(3), 2, o_end (defaults)
+        loss = step.train_step(x, y)[0]
+        ste.train_step(x, y)
+        ref = reste_reference_step(ref_model, quant, step, ref_opt, x, y)
+        torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
+    moved = 0.0
+    for name, p in model.quantized_weights().items():
+        q = ref_model.quantized_weights()[name]
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=name)
+        moved = max(moved, (p - ste_model.quantized_weights()[name]).abs().max().item())
+    assert moved > 1e-6  # the rule is not the STE's
+
+
+def test_reste_gradient_is_their_formula_at_hand_computed_points(base):
+    from mq.meta.reste import ReSTEStep
+
+    step = ReSTEStep(quantize_model(copy.deepcopy(base), BWNWeight()), OPTIMIZERS["sgd"])
+    u = torch.tensor([0.0, -0.05, 0.08, 0.25, -1.0, 1.44, 1.5, -1.6, 3.0], dtype=torch.float64)
+    x = (u + 1) / 2
+    step.o = 2.0  # band: 0.1^(1/2) / 0.1 = sqrt(10); else (1/2) |u|^(-1/2); 0 past 1.5
+    power = [0.5 / 0.25**0.5, 0.5 / 1.0, 0.5 / 1.2, 0.5 / 1.5**0.5, 0.0, 0.0]
+    expected = torch.tensor([10**0.5] * 3 + power, dtype=torch.float64)
+    torch.testing.assert_close(step.scale(torch.ones_like(u), x, x.round()), expected)
+    step.set_progress(0, 10)  # o = 1: the STE, clipped at 1.5 instead of 1
+    ste = torch.tensor([1.0] * 7 + [0.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(step.scale(torch.ones_like(u), x, x.round()), ste)
+
+
+def test_reste_anneals_o_from_1_to_o_end_on_a_quarter_cosine(base):
+    from mq.meta.reste import ReSTEStep
+
+    step = ReSTEStep(quantize_model(copy.deepcopy(base), DorefaWeight(1)), OPTIMIZERS["sgd"])
+    # o = 1 + (1 - cos(pi/2 e/E)) (o_end - 1): cos(pi/6) = sqrt(3)/2, cos(pi/3) = 1/2
+    for epoch, o in {0: 1.0, 1: 3 - 3**0.5, 2: 2.0, 3: 3.0}.items():
+        step.set_progress(epoch, 3)
+        assert step.o == pytest.approx(o, rel=1e-12)
+    step.set_progress(99, 100)  # a run's last epoch: their loop, as mq's, stops before o_end
+    assert step.o == pytest.approx(1 + 2 * (1 - math.sin(math.pi / 200)), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"o_end": 0.5}, "meta.o_end=0.5 is not allowed; allowed: a number >= 1"),
+        ({"o_end": True}, "meta.o_end=True is not allowed; allowed: a number >= 1"),
+        ({"threshold": 0}, "meta.threshold=0 is not allowed; allowed: a number > 0"),
+        ({"threshold": float("nan")}, "meta.threshold=nan is not allowed"),
+        ({"interval": 0}, "meta.interval=0 is not allowed; allowed: a number > 0 and < "),
+        ({"interval": 1.5}, "meta.interval=1.5 is not allowed; allowed: a number > 0 and < "),
+        ({"interval": "0.1"}, "meta.interval=0.1 is not allowed"),
+    ],
+)
+def test_reste_refuses_bad_keys_in_one_line(base, kwargs, message):
+    from mq.meta.reste import ReSTEStep
+
+    model = quantize_model(copy.deepcopy(base), DorefaWeight(1))
+    with pytest.raises(ConfigError) as info:
+        ReSTEStep(model, OPTIMIZERS["sgd"], **kwargs)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["meta=reste", "bits=2"], "meta=reste cannot serve bits=2; allowed: 1"),
+        (["meta=reste", "meta.interval=2"], "meta.interval=2 is not allowed"),
+    ],
+)
+def test_bad_reste_input_exits_2_in_one_line_and_writes_nothing(tmp_path, args, message):
+    test_bad_estimator_input_exits_2_in_one_line_and_writes_nothing(tmp_path, args, message)
