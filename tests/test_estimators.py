@@ -9,6 +9,7 @@ import copy
 import functools
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import SMOKE, build_quantizer, launch
@@ -403,3 +404,89 @@ def test_reste_refuses_bad_keys_in_one_line(base, kwargs, message):
 )
 def test_bad_reste_input_exits_2_in_one_line_and_writes_nothing(tmp_path, args, message):
     test_bad_estimator_input_exits_2_in_one_line_and_writes_nothing(tmp_path, args, message)
+
+
+# EWGS with delta from the Hessian trace (meta.hessian_every)
+
+
+def their_trace(params, grads, max_iter=50, tol=1e-3):
+    """EWGS's trace() (CIFAR10/utils.py): Hutchinson with Rademacher vectors from torch's
+    global generator, stopped when the running mean moves by less than tol."""
+    values, trace = [], 0.0
+    for _ in range(max_iter):
+        v = [torch.randint_like(p, high=2) for p in params]
+        for v_i in v:
+            v_i[v_i == 0] = -1
+        hv = torch.autograd.grad(grads, params, grad_outputs=v, only_inputs=True, retain_graph=True)
+        values.append(sum(torch.sum(h * v_i) for h, v_i in zip(hv, v, strict=False)).item())
+        if abs(np.mean(values) - trace) / (trace + 1e-6) < tol:
+            return values
+        trace = np.mean(values)
+    return values
+
+
+def their_hessian_delta(model, quant, data, epoch):
+    """EWGS's update_grad_scales for weights: per layer, over the batches, tr(H) / n over
+    3 std(g), in x_q (W^ = 2 x_q - 1, times BWN's alpha), averaged and clipped at 0."""
+    torch.manual_seed(epoch)  # mq draws its vectors from a generator seeded with the epoch
+    weights = model.quantized_weights()
+    scale = [0.0] * len(weights)
+    for x, y in data:
+        leaves, w_hat = [], {}
+        for name, w in weights.items():
+            if quant.startswith("dorefa"):
+                x_q = (torch.sign(2 * dorefa_transform(w) - 1) + 1) / 2
+                alpha = 1.0
+            else:
+                x_q, alpha = (torch.sign(w) + 1) / 2, bwn_scale(w, per_filter=quant == "bwn_f")
+            leaves.append(x_q.detach().requires_grad_())
+            w_hat[name] = alpha * (2 * leaves[-1] - 1)
+        loss = torch.nn.functional.cross_entropy(model(x, w_hat), y)
+        loss.backward(create_graph=True)
+        grads = [leaf.grad for leaf in leaves]
+        for i, (leaf, grad) in enumerate(zip(leaves, grads, strict=False)):
+            trace = np.mean(their_trace([leaf], [grad]))
+            scale[i] += trace / leaf.numel() / (grad.std().item() * 3.0)
+    return [max(s / len(data), 0.0) for s in scale]
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph")  # theirs does
+@pytest.mark.parametrize("quant", ["dorefa1", "bwn", "bwn_f"])
+def test_ewgs_hessian_delta_is_their_update_grad_scales(quant):
+    torch.manual_seed(1)
+    model = quantize_model(build_model("resnet20", 10).double(), QUANTS[quant]())
+    ref_model = copy.deepcopy(model)
+    step = EWGSStep(model, OPTIMIZERS["sgd"], delta=0.5, hessian_every=2)
+    g = torch.Generator().manual_seed(0)
+    data = [
+        (torch.randn(4, 3, 8, 8, generator=g).double(), torch.randint(0, 10, (4,), generator=g))
+        for _ in range(4)
+    ]
+    step.set_progress(1, 4)
+    step.start_epoch(iter(data))
+    assert step.delta == 0.5  # epoch 1 of every 2: no update
+    step.set_progress(2, 4)
+    step.start_epoch(iter(data))
+    expected = their_hessian_delta(ref_model, quant, data[:3], epoch=2)
+    layout = model.layout(step.weights)
+    per_layer = [part[0].item() for part in step.delta.split(layout.sizes)]
+    assert per_layer == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert any(d > 0 for d in expected) and any(d == 0 for d in expected)  # clipped at 0
+    assert all(torch.all(part == part[0]) for part in step.delta.split(layout.sizes))
+    for name, buffer in model.net.named_buffers():  # 3 forwards in train mode, as theirs
+        torch.testing.assert_close(buffer, dict(ref_model.net.named_buffers())[name], msg=name)
+
+
+def test_ewgs_hessian_delta_survives_a_resume_and_is_refused_when_bad(base):
+    model = quantize_model(copy.deepcopy(base), DorefaWeight(1))
+    step = EWGSStep(model, OPTIMIZERS["sgd"], hessian_every=1)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(2, 3, 8, 8, generator=g), torch.randint(0, 10, (2,), generator=g))]
+    step.set_progress(1, 2)
+    step.start_epoch(iter(data))
+    resumed = EWGSStep(quantize_model(copy.deepcopy(base), DorefaWeight(1)), OPTIMIZERS["sgd"])
+    resumed.load_state_dict(copy.deepcopy(step.state_dict()))
+    assert torch.equal(resumed.delta, step.delta)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match=f"^meta.hessian_every={bad} is not allowed; "):
+            EWGSStep(model, OPTIMIZERS["sgd"], hessian_every=bad)
