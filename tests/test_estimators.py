@@ -12,6 +12,7 @@ import math
 import signal
 import time
 
+import numpy as np
 import pytest
 import torch
 from conftest import SMOKE, build_quantizer, launch, start_launch
@@ -444,3 +445,225 @@ def test_a_killed_dsq_run_resumes_alpha_from_its_checkpoint(tmp_path):
 
 def _lines(path):
     return [line for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+# ReSTE (meta=reste)
+
+
+class BinaryReSTE(torch.autograd.Function):
+    """The authors' Binary_ReSTE (DravenALG/ReSTE, model/binary_module/binarized_modules.py):
+    sign forward; backward (1/o) |u|^((1-o)/o) on interval < |u| <= t, interval^(1/o) / interval
+    on |u| <= interval, 0 beyond t, written with their masks in their order."""
+
+    @staticmethod
+    def forward(ctx, u, t, o, interval):
+        ctx.save_for_backward(u)
+        ctx.t, ctx.o, ctx.interval = t, o, interval
+        return torch.sign(u)
+
+    @staticmethod
+    def backward(ctx, g):
+        (u,) = ctx.saved_tensors
+        t, o, interval = ctx.t, ctx.o, ctx.interval
+        tmp = torch.zeros_like(u)
+        mask1 = (u <= t) & (u > interval)
+        tmp[mask1] = (1 / o) * torch.pow(u[mask1], (1 - o) / o)
+        mask2 = (u >= -t) & (u < -interval)
+        tmp[mask2] = (1 / o) * torch.pow(-u[mask2], (1 - o) / o)
+        tmp[(u <= interval) & (u >= 0)] = interval ** (1 / o) / interval
+        tmp[(u <= 0) & (u >= -interval)] = interval ** (1 / o) / interval
+        return tmp * g, None, None, None
+
+
+def reste_reference_step(model, quant, step, optimizer, x, y):
+    w_hat = {}
+    for name, w in model.quantized_weights().items():
+        args = (step.threshold, step.o, step.interval)
+        if quant.startswith("dorefa"):
+            w_hat[name] = BinaryReSTE.apply(2 * dorefa_transform(w) - 1, *args)
+        else:
+            alpha = bwn_scale(w, per_filter=quant == "bwn_f")
+            w_hat[name] = alpha * BinaryReSTE.apply(w, *args)
+    loss = torch.nn.functional.cross_entropy(model(x, w_hat), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+RESTE_CASES = [
+    ("dorefa1", {}),
+    ("bwn", {}),
+    ("bwn_f", {}),
+    ("dorefa1", {"o_end": 4.0, "threshold": 0.5, "interval": 0.2}),  # the clip inside [-1, 1]
+]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize(("quant", "kwargs"), RESTE_CASES, ids=lambda c: str(c))
+def test_reste_updates_as_binary_reste_in_the_forward(base, quant, kwargs, optimizer):
+    from mq.meta.reste import ReSTEStep
+
+    model = quantize_model(copy.deepcopy(base).double(), QUANTS[quant]())
+    ref_model = copy.deepcopy(model)
+    ste_model = copy.deepcopy(model)
+    step = ReSTEStep(model, OPTIMIZERS[optimizer], **kwargs)
+    ste = STEStep(ste_model, OPTIMIZERS[optimizer])
+    ref_opt = OPTIMIZERS[optimizer](ref_model.parameters())
+    for epoch, (x, y) in enumerate(batches(3, dtype=torch.float64)):
+        step.set_progress(epoch + 1, 3)  # o = 3 - sqrt(3), 2, o_end (defaults)
+        loss = step.train_step(x, y)[0]
+        ste.train_step(x, y)
+        ref = reste_reference_step(ref_model, quant, step, ref_opt, x, y)
+        torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
+    moved = 0.0
+    for name, p in model.quantized_weights().items():
+        q = ref_model.quantized_weights()[name]
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=name)
+        moved = max(moved, (p - ste_model.quantized_weights()[name]).abs().max().item())
+    assert moved > 1e-6  # the rule is not the STE's
+
+
+def test_reste_gradient_is_their_formula_at_hand_computed_points(base):
+    from mq.meta.reste import ReSTEStep
+
+    step = ReSTEStep(quantize_model(copy.deepcopy(base), BWNWeight()), OPTIMIZERS["sgd"])
+    u = torch.tensor([0.0, -0.05, 0.08, 0.25, -1.0, 1.44, 1.5, -1.6, 3.0], dtype=torch.float64)
+    x = (u + 1) / 2
+    step.o = 2.0  # band: 0.1^(1/2) / 0.1 = sqrt(10); else (1/2) |u|^(-1/2); 0 past 1.5
+    power = [0.5 / 0.25**0.5, 0.5 / 1.0, 0.5 / 1.2, 0.5 / 1.5**0.5, 0.0, 0.0]
+    expected = torch.tensor([10**0.5] * 3 + power, dtype=torch.float64)
+    torch.testing.assert_close(step.scale(torch.ones_like(u), x, x.round()), expected)
+    step.set_progress(0, 10)  # o = 1: the STE, clipped at 1.5 instead of 1
+    ste = torch.tensor([1.0] * 7 + [0.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(step.scale(torch.ones_like(u), x, x.round()), ste)
+
+
+def test_reste_anneals_o_from_1_to_o_end_on_a_quarter_cosine(base):
+    from mq.meta.reste import ReSTEStep
+
+    step = ReSTEStep(quantize_model(copy.deepcopy(base), DorefaWeight(1)), OPTIMIZERS["sgd"])
+    # o = 1 + (1 - cos(pi/2 e/E)) (o_end - 1): cos(pi/6) = sqrt(3)/2, cos(pi/3) = 1/2
+    for epoch, o in {0: 1.0, 1: 3 - 3**0.5, 2: 2.0, 3: 3.0}.items():
+        step.set_progress(epoch, 3)
+        assert step.o == pytest.approx(o, rel=1e-12)
+    step.set_progress(99, 100)  # a run's last epoch: their loop, as mq's, stops before o_end
+    assert step.o == pytest.approx(1 + 2 * (1 - math.sin(math.pi / 200)), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"o_end": 0.5}, "meta.o_end=0.5 is not allowed; allowed: a number >= 1"),
+        ({"o_end": True}, "meta.o_end=True is not allowed; allowed: a number >= 1"),
+        ({"threshold": 0}, "meta.threshold=0 is not allowed; allowed: a number > 0"),
+        ({"threshold": float("nan")}, "meta.threshold=nan is not allowed"),
+        ({"interval": 0}, "meta.interval=0 is not allowed; allowed: a number > 0 and < "),
+        ({"interval": 1.5}, "meta.interval=1.5 is not allowed; allowed: a number > 0 and < "),
+        ({"interval": "0.1"}, "meta.interval=0.1 is not allowed"),
+    ],
+)
+def test_reste_refuses_bad_keys_in_one_line(base, kwargs, message):
+    from mq.meta.reste import ReSTEStep
+
+    model = quantize_model(copy.deepcopy(base), DorefaWeight(1))
+    with pytest.raises(ConfigError) as info:
+        ReSTEStep(model, OPTIMIZERS["sgd"], **kwargs)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["meta=reste", "bits=2"], "meta=reste cannot serve bits=2; allowed: 1"),
+        (["meta=reste", "meta.interval=2"], "meta.interval=2 is not allowed"),
+    ],
+)
+def test_bad_reste_input_exits_2_in_one_line_and_writes_nothing(tmp_path, args, message):
+    test_bad_estimator_input_exits_2_in_one_line_and_writes_nothing(tmp_path, args, message)
+
+
+# EWGS with delta from the Hessian trace (meta.hessian_every)
+
+
+def their_trace(params, grads, max_iter=50, tol=1e-3):
+    """EWGS's trace() (CIFAR10/utils.py): Hutchinson with Rademacher vectors from torch's
+    global generator, stopped when the running mean moves by less than tol."""
+    values, trace = [], 0.0
+    for _ in range(max_iter):
+        v = [torch.randint_like(p, high=2) for p in params]
+        for v_i in v:
+            v_i[v_i == 0] = -1
+        hv = torch.autograd.grad(grads, params, grad_outputs=v, only_inputs=True, retain_graph=True)
+        values.append(sum(torch.sum(h * v_i) for h, v_i in zip(hv, v, strict=False)).item())
+        if abs(np.mean(values) - trace) / (trace + 1e-6) < tol:
+            return values
+        trace = np.mean(values)
+    return values
+
+
+def their_hessian_delta(model, quant, data, epoch):
+    """EWGS's update_grad_scales for weights: per layer, over the batches, tr(H) / n over
+    3 std(g), in x_q (W^ = 2 x_q - 1, times BWN's alpha), averaged and clipped at 0."""
+    torch.manual_seed(epoch)  # mq draws its vectors from a generator seeded with the epoch
+    weights = model.quantized_weights()
+    scale = [0.0] * len(weights)
+    for x, y in data:
+        leaves, w_hat = [], {}
+        for name, w in weights.items():
+            if quant.startswith("dorefa"):
+                x_q = (torch.sign(2 * dorefa_transform(w) - 1) + 1) / 2
+                alpha = 1.0
+            else:
+                x_q, alpha = (torch.sign(w) + 1) / 2, bwn_scale(w, per_filter=quant == "bwn_f")
+            leaves.append(x_q.detach().requires_grad_())
+            w_hat[name] = alpha * (2 * leaves[-1] - 1)
+        loss = torch.nn.functional.cross_entropy(model(x, w_hat), y)
+        loss.backward(create_graph=True)
+        grads = [leaf.grad for leaf in leaves]
+        for i, (leaf, grad) in enumerate(zip(leaves, grads, strict=False)):
+            trace = np.mean(their_trace([leaf], [grad]))
+            scale[i] += trace / leaf.numel() / (grad.std().item() * 3.0)
+    return [max(s / len(data), 0.0) for s in scale]
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph")  # theirs does
+@pytest.mark.parametrize("quant", ["dorefa1", "bwn", "bwn_f"])
+def test_ewgs_hessian_delta_is_their_update_grad_scales(quant):
+    torch.manual_seed(1)
+    model = quantize_model(build_model("resnet20", 10).double(), QUANTS[quant]())
+    ref_model = copy.deepcopy(model)
+    step = EWGSStep(model, OPTIMIZERS["sgd"], delta=0.5, hessian_every=2)
+    g = torch.Generator().manual_seed(0)
+    data = [
+        (torch.randn(4, 3, 8, 8, generator=g).double(), torch.randint(0, 10, (4,), generator=g))
+        for _ in range(4)
+    ]
+    step.set_progress(1, 4)
+    step.start_epoch(iter(data))
+    assert step.delta == 0.5  # epoch 1 of every 2: no update
+    step.set_progress(2, 4)
+    step.start_epoch(iter(data))
+    expected = their_hessian_delta(ref_model, quant, data[:3], epoch=2)
+    layout = model.layout(step.weights)
+    per_layer = [part[0].item() for part in step.delta.split(layout.sizes)]
+    assert per_layer == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert any(d > 0 for d in expected) and any(d == 0 for d in expected)  # clipped at 0
+    assert all(torch.all(part == part[0]) for part in step.delta.split(layout.sizes))
+    for name, buffer in model.net.named_buffers():  # 3 forwards in train mode, as theirs
+        torch.testing.assert_close(buffer, dict(ref_model.net.named_buffers())[name], msg=name)
+
+
+def test_ewgs_hessian_delta_survives_a_resume_and_is_refused_when_bad(base):
+    model = quantize_model(copy.deepcopy(base), DorefaWeight(1))
+    step = EWGSStep(model, OPTIMIZERS["sgd"], hessian_every=1)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(2, 3, 8, 8, generator=g), torch.randint(0, 10, (2,), generator=g))]
+    step.set_progress(1, 2)
+    step.start_epoch(iter(data))
+    resumed = EWGSStep(quantize_model(copy.deepcopy(base), DorefaWeight(1)), OPTIMIZERS["sgd"])
+    resumed.load_state_dict(copy.deepcopy(step.state_dict()))
+    assert torch.equal(resumed.delta, step.delta)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match=f"^meta.hessian_every={bad} is not allowed; "):
+            EWGSStep(model, OPTIMIZERS["sgd"], hessian_every=bad)

@@ -135,6 +135,9 @@ class PlainStep:
     def set_progress(self, epoch, epochs):
         self.progress.append((epoch, epochs))
 
+    def start_epoch(self, batches):
+        pass
+
     def state_dict(self):
         return self.opt.state_dict()
 

@@ -17,7 +17,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -48,6 +48,7 @@ class Step(Protocol):
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]: ...
     def set_lr(self, lr: float, meta_lr_factor: float = 1.0) -> None: ...
     def set_progress(self, epoch: int, epochs: int) -> None: ...
+    def start_epoch(self, batches: Iterator[tuple[Tensor, Tensor]]) -> None: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -166,6 +167,8 @@ class Training:
         lr = lr_at(self.s.lr, epoch, lr_step)
         self.step.set_lr(lr, meta_lr_factor=0.1 ** (epoch // lr_step))
         self.step.set_progress(epoch, self.s.epochs)
+        if self.progress.batch == 0:  # part-way, the step's state has what the start measured
+            self.step.start_epoch(self.train_data.epoch(epoch))
         return lr
 
     def train_epoch(self, lr: float, started: float, seen_at_start: float) -> bool:

@@ -9,7 +9,7 @@ fc bias) by a second one, so the quantized weights can wait for their meta gradi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,12 @@ class STEStep:
     def set_progress(self, epoch: int, epochs: int) -> None:
         """Called with the lr at the start of each epoch (``epoch`` of ``epochs``, from 0), for
         an estimator that anneals over training (mq.meta.ede); the STE does not."""
+
+    def start_epoch(self, batches: Iterator[tuple[Tensor, Tensor]]) -> None:
+        """Called after ``set_progress`` at the start of an epoch that starts at its first batch
+        (not on resuming one part-way), with that epoch's training batches, for an estimator
+        that measures the model before the epoch's steps (EWGS's Hessian delta); the STE
+        does not. Batches it does not take are not drawn."""
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """One step on a batch; returns (loss, logits), both still on the device."""
