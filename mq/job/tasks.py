@@ -49,6 +49,18 @@ def build_quantizer(cfg: DictConfig) -> Any:
     return instantiate(cfg.quant) if cfg.quant.get("_target_") else None
 
 
+def build_act_quantizer(cfg: DictConfig) -> Any:
+    """The activation quantizer cfg.act names, or None (act=none, and configs from before the
+    act group: activations full precision)."""
+    act = cfg.get("act")
+    return instantiate(act) if act is not None and act.get("_target_") else None
+
+
+def build_quantized(cfg: DictConfig, net: torch.nn.Module) -> torch.nn.Module:
+    """``net`` with cfg's weight and activation quantizers (mq.quant.layers.quantize_model)."""
+    return quantize_model(net, build_quantizer(cfg), build_act_quantizer(cfg))
+
+
 class Task:
     """A task's interface. ``name`` names its outputs/ folder (conf/config.yaml)."""
 
@@ -82,7 +94,7 @@ class Train(Task):
         self.from_pretrained = from_pretrained
 
     def check(self, cfg: DictConfig) -> None:
-        stand_in = quantize_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), build_quantizer(cfg))
+        stand_in = build_quantized(cfg, torch.nn.Sequential(torch.nn.Linear(2, 2)))
         instantiate(cfg.meta, model=stand_in, optimizer=instantiate(cfg.optimizer))
 
     def check_folder(self, cfg: DictConfig, run_dir: Path) -> None:
@@ -145,7 +157,7 @@ class Evaluate(Task):
             raise ConfigError(
                 "task=eval needs model.pretrained=PATH (a checkpoint or run directory)"
             )
-        build_quantizer(cfg)
+        build_quantized(cfg, torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
     def identity(self, cfg: DictConfig) -> dict[str, Any]:
         # The folder names the checkpoint's path; its content is part of the result too: a
