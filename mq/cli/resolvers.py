@@ -18,9 +18,10 @@ def act_tag(act: str, act_bits: Any) -> str:
 def register_resolvers() -> None:
     """The resolvers conf/ uses: ``${mq.subdir:}`` (sweep folder names), ``${mq.exclude_keys:}``
     (the keys left out of them), ``${mq_checkpoint_tag:}`` (eval folders), ``${mq.act_tag:}``
-    (run_name's activation part) and ``${mq.help:}`` (--help), and the schemas that type conf/'s keys (mq.cli.schema). Registered by the programs
-    that compose conf/ (launch.py before Hydra starts, each submitit job, mq.bench, the tests),
-    never as a side effect of an import."""
+    (run_name's activation part) and ``${mq.help:}`` (--help), and the schemas that type
+    conf/'s keys (mq.cli.schema). Registered by the programs that compose conf/ (launch.py
+    before Hydra starts, each submitit job, mq.bench, the tests), never as a side effect of an
+    import."""
     from omegaconf import OmegaConf
 
     from mq.cli import dirname, helptext, schema
