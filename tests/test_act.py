@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 from conftest import SMOKE, compose_config, launch, start_launch, task_config
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -312,18 +312,3 @@ def test_bad_act_input_exits_2_in_one_line_and_writes_nothing(tmp_path, args, me
     assert lines[-1] == f"error: {message}" or lines[-1].startswith(f"error: {message}")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "outputs").exists()
-
-
-@pytest.mark.parametrize("act", ACTS)
-def test_act_bits_outside_the_quantizers_range_are_refused_in_one_line(act):
-    cls = get_class(option_file("act", act)._target_)
-    for bits in cls.bit_widths:
-        act_quantizer(act, bits)
-    for bits in (cls.bit_widths[0] - 1, cls.bit_widths[-1] + 1):
-        with pytest.raises(Exception) as info:
-            act_quantizer(act, bits)
-        from mq.core.errors import find_config_error
-
-        message = str(find_config_error(info.value))
-        assert message.startswith(f"act_bits={bits} is not allowed for {act}; allowed: ")
-        assert "\n" not in message
