@@ -312,3 +312,29 @@ def test_bad_act_input_exits_2_in_one_line_and_writes_nothing(tmp_path, args, me
     assert lines[-1] == f"error: {message}" or lines[-1].startswith(f"error: {message}")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_eval_of_an_act_run_tests_its_trained_alpha_and_s(tmp_path):
+    """task=eval loads the run's activation quantizers with its weights: the same test accuracy
+    as the run's last epoch; a checkpoint without them is refused in one line."""
+    args = ["act=lsq", "act_bits=2", "meta=ste", *SMOKE, "limit_train_batches=2", "run_name=r"]
+    trained = launch(*args, cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run_dir = tmp_path / "outputs/quantize/fake/r"
+    final = json.loads((run_dir / "summary.json").read_text())["final_test_acc"]
+    common = ["task=eval", "dataset=fake", "logger=none", "progress=false", "limit_test_batches=2"]
+    evaluated = launch(
+        *common, "act=lsq", "act_bits=2", f"model.pretrained={run_dir}", cwd=tmp_path
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    (eval_dir,) = (tmp_path / "outputs/eval/fake").iterdir()
+    assert eval_dir.name.startswith("resnet20-dorefa-w1-a2-lsq-s0-r-")
+    assert json.loads((eval_dir / "summary.json").read_text())["final_test_acc"] == final
+    fp = launch(*args[:-1], "act=none", "run_name=fp", cwd=tmp_path)
+    assert fp.returncode == 0, fp.stderr[-3000:]
+    refused = launch(
+        *common, "act=lsq", f"model.pretrained={tmp_path}/outputs/quantize/fake/fp", cwd=tmp_path
+    )
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    last = [line for line in refused.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("error: task=eval act=lsq needs model.pretrained from a run trained")

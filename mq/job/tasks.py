@@ -61,6 +61,18 @@ def build_quantized(cfg: DictConfig, net: torch.nn.Module) -> torch.nn.Module:
     return quantize_model(net, build_quantizer(cfg), build_act_quantizer(cfg))
 
 
+def pretrained_act_state(cfg: DictConfig) -> dict[str, torch.Tensor] | None:
+    """The activation quantizers' state (PACT's alpha, LSQ's s) saved with model.pretrained, when
+    that is a checkpoint of an mq run with act; None otherwise (a full-precision model, an
+    original checkpoint, a run with act=none). Read only when cfg quantizes activations."""
+    path = cfg.model.pretrained
+    if not path or build_act_quantizer(cfg) is None:
+        return None
+    state = load_checkpoint(checkpoint_file(str(path)), "cpu")
+    act = state.get("act") if isinstance(state, dict) else None
+    return act if isinstance(act, dict) else None
+
+
 class Task:
     """A task's interface. ``name`` names its outputs/ folder (conf/config.yaml)."""
 
@@ -158,6 +170,13 @@ class Evaluate(Task):
                 "task=eval needs model.pretrained=PATH (a checkpoint or run directory)"
             )
         build_quantized(cfg, torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        act = build_act_quantizer(cfg)
+        if act is not None and pretrained_act_state(cfg) is None:
+            # a fresh alpha or s would be tested, not the trained one
+            raise ConfigError(
+                f"task=eval act={act.name} needs model.pretrained from a run trained with "
+                f"act={act.name}: {cfg.model.pretrained} holds no activation quantizer state"
+            )
 
     def identity(self, cfg: DictConfig) -> dict[str, Any]:
         # The folder names the checkpoint's path; its content is part of the result too: a
