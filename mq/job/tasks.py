@@ -171,7 +171,8 @@ class Evaluate(Task):
             )
         build_quantized(cfg, torch.nn.Sequential(torch.nn.Linear(2, 2)))
         act = build_act_quantizer(cfg)
-        if act is not None and pretrained_act_state(cfg) is None:
+        learned = act is not None and bool(act.state_dict())  # sign learns nothing
+        if learned and pretrained_act_state(cfg) is None:
             # a fresh alpha or s would be tested, not the trained one
             raise ConfigError(
                 f"task=eval act={act.name} needs model.pretrained from a run trained with "
