@@ -20,8 +20,7 @@ from mq.job.identity import check_run_dir, finished_message
 from mq.job.ledger import FINAL
 from mq.job.rundir import FolderRefused, check_location
 from mq.job.runlock import started, take_lock
-from mq.job.tasks import Job, Task, build_quantized, pretrained_act_state
-from mq.quant.layers import load_act_state
+from mq.job.tasks import Job, Task, build_quantized
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +83,6 @@ def job(
         return previous
     torch.manual_seed(cfg.seed)
     model = build_quantized(cfg, instantiate(cfg.model)).to(device)
-    act_state = pretrained_act_state(cfg)  # a run with act: its trained alpha or s go on
-    if act_state is not None:
-        load_act_state(model, act_state, f"model.pretrained={cfg.model.pretrained}")
     if cfg.get("sync_bn", False) and ranks.launched:  # before the optimizers take the params
         model = distributed.sync_batchnorm(model, device)
     shard = {"rank": ranks.rank, "world_size": ranks.world_size} if ranks.parallel else {}

@@ -25,7 +25,7 @@ from mq.job.resume import check_resumable, completed_progress, rebuild_summary
 from mq.job.rundir import check_name
 from mq.job.train import Settings, Training
 from mq.models import checkpoint_file
-from mq.quant.layers import quantize_model
+from mq.quant.layers import load_act_state, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,21 @@ def pretrained_act_state(cfg: DictConfig) -> dict[str, torch.Tensor] | None:
     state = load_checkpoint(checkpoint_file(str(path)), "cpu")
     act = state.get("act") if isinstance(state, dict) else None
     return act if isinstance(act, dict) else None
+
+
+def load_pretrained_act(cfg: DictConfig, model: torch.nn.Module, strict: bool) -> None:
+    """Give ``model``'s activation quantizers the state saved with model.pretrained, if any.
+    ``strict`` (task=eval): a state of another act choice is an error; else (a run that
+    starts from another run's weights) it is left out, logged, and they start fresh."""
+    state = pretrained_act_state(cfg)
+    if state is None:
+        return
+    try:
+        load_act_state(model, state, f"model.pretrained={cfg.model.pretrained}")
+    except ConfigError as exc:
+        if strict:
+            raise
+        log.info("%s: the activation quantizers start fresh", exc)
 
 
 class Task:
@@ -120,6 +135,7 @@ class Train(Task):
                 "starts from a full-precision model: run task=pretrain first (see README).",
                 job.choices.get("model", cfg.model.name),
             )
+        load_pretrained_act(cfg, job.model, strict=False)  # a run with act: its alpha or s go on
         step = instantiate(cfg.meta, model=job.model, optimizer=instantiate(cfg.optimizer))
         if ranks.launched:
             step.all_reduce = distributed.average_gradients
@@ -188,6 +204,7 @@ class Evaluate(Task):
 
     def __call__(self, job: Job) -> dict[str, Any]:
         cfg = job.cfg
+        load_pretrained_act(cfg, job.model, strict=True)  # the run's trained alpha or s
         summary = evaluate_only(job.model, job.data.test, cfg.limit_test_batches, cfg.progress)
         # config.yaml makes a repeat find this result (reported, never overwritten)
         OmegaConf.save(OmegaConf.create(result_config(cfg)), job.run_dir / "config.yaml")
