@@ -47,10 +47,10 @@ class Config:
     """conf/config.yaml's own keys; the groups' nodes are typed by their options' schemas."""
 
     bits: int = MISSING
-    act_bits: int = MISSING
     epochs: int = MISSING
     batch_size: int = MISSING
     seed: int = MISSING
+    act_bits: int = MISSING
     lr_step: int = MISSING
     device: str = MISSING
     cudnn_benchmark: bool = MISSING
