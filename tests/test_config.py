@@ -163,3 +163,27 @@ def test_a_run_from_before_meta_net_targets_resumes(tmp_path, meta):
     OmegaConf.save(OmegaConf.create(old), tmp_path / "config.yaml")
     with pytest.raises(ConfigError, match=r"meta.net.hidden_size: 8 -> 7"):
         check_run_dir(task, tmp_path)
+
+
+@pytest.mark.parametrize("quant", options("quant"))
+@pytest.mark.parametrize("act", options("act"))
+def test_every_act_option_instantiates_with_every_quantizer_or_refuses_quant_none(act, quant):
+    from mq.job.tasks import build_quantized
+
+    cfg = compose_config([f"act={act}", f"quant={quant}", "meta=ste"])
+    validate(cfg)
+    task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    if quant == "none" and act != "none":
+        with pytest.raises(Exception) as err:
+            check(task)
+        assert str(find_config_error(err.value)) == (
+            f"act={act} needs quantized weights but quant=none; allowed with quant=none: act=none"
+        )
+        return
+    check(task)
+    model = build_quantized(cfg, instantiate(cfg.model))
+    assert isinstance(model, QuantizedModel) == (quant != "none")
+    assert hasattr(model, "act") == (act != "none")
+    step = instantiate(cfg.meta, model=model, optimizer=instantiate(cfg.optimizer))
+    loss, _ = step.train_step(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    assert torch.isfinite(loss)

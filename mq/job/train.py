@@ -35,7 +35,7 @@ from mq.job.evaluation import evaluate, tested_on
 from mq.job.loggers import MetricsFile
 from mq.job.preempt import CHECKPOINT, STOP
 from mq.job.progress import EpochSums, Progress, rng_state, set_rng_state, summarize
-from mq.quant.layers import plain_state_dict, unwrap
+from mq.quant.layers import act_state_dict, load_act_state, plain_state_dict, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -334,6 +334,7 @@ class Training:
             state = {
                 "version": 1,
                 "model": plain_state_dict(self.model),
+                "act": act_state_dict(self.model),  # PACT's alpha, LSQ's s: None without act
                 "step_state": self.step.state_dict(),
                 "progress": self.progress.state(),
                 "rng": rng_state(),
@@ -358,6 +359,7 @@ class Training:
                 "statistics and the data shards depend on it"
             )
         unwrap(self.model).load_state_dict(resume["model"])
+        load_act_state(self.model, resume.get("act"), f"the checkpoint in {self.run_dir}")
         self.step.load_state_dict(resume["step_state"])
         progress = Progress(**resume["progress"])
         set_rng_state(resume["rng"])
