@@ -35,8 +35,8 @@ PRESETS = {
     "fair_compare": 1,  # one grid point; its 9 groups are studies (hydra/sweeper=tune)
     "step_size": 24,
     "step_size_bwn": 12,
-    # every option of the meta group (glob(*)) x dorefa, bwn x sgd, adam x 5 seeds
-    "estimators": len(list((ROOT / "conf" / "meta").glob("*.yaml"))) * 2 * 2 * 5,
+    # w1a32, w1a1 x every option of the meta group (glob(*)) x dorefa, bwn x sgd, adam x 5 seeds
+    "estimators": 2 * len(list((ROOT / "conf" / "meta").glob("*.yaml"))) * 2 * 2 * 5,
 }
 FAST = [*SMOKE, "meta=ste"]  # STE: the fastest step
 
@@ -91,8 +91,16 @@ def test_every_preset_point_composes_and_checks(preset):
         assert (cfg.epochs, cfg.lr_step, cfg.optimizer.lr, cfg.batch_size) == (30, 10, 1e-4, 128)
         assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.dataset.num_classes == 1000
         assert compose_config(["+sweep=table3", "meta=multifc"]).meta.lr == 1e-3  # gamma
-    if preset == "estimators":  # Table 1's protocol from the released model, every meta option
-        assert compose_config(["+sweep=estimators"]).model.pretrained == "original"
+    if preset == "estimators":  # every meta option, W1A32 as Table 1 and the binary papers' W1A1
+        w1a32 = compose_config(["+sweep=estimators", "+sweep/precision=w1a32"])
+        assert (w1a32.model.name, w1a32.model.pretrained) == ("resnet20", "original")
+        assert w1a32.act._target_ is None  # act=none
+        w1a1 = compose_config(["+sweep=estimators", "+sweep/precision=w1a1"])
+        assert (w1a1.model.name, w1a1.act._target_.rsplit(".")[-1]) == (
+            "resnet20_irnet",
+            "SignActivation",
+        )
+        assert w1a1.model.pretrained == "outputs/pretrain/cifar10/resnet20_irnet-fp-sgdm-s0"
         assert {o.split("=")[1] for o in covered if o.startswith("meta=")} == {
             p.stem for p in (ROOT / "conf" / "meta").glob("*.yaml")
         }
