@@ -119,6 +119,7 @@ class PlainStep:
         self.model = model
         self.opt = torch.optim.SGD(model.parameters(), lr=0.01)
         self.progress: list[tuple[int, int]] = []  # set_progress calls (an annealing estimator)
+        self.started: list[torch.Tensor] = []  # start_epoch calls (EWGS's Hessian delta)
 
     def train_step(self, x, y):
         logits = self.model(x)
@@ -136,7 +137,7 @@ class PlainStep:
         self.progress.append((epoch, epochs))
 
     def start_epoch(self, batches):
-        pass
+        self.started.append(next(batches)[1])  # the labels of the epoch's first batch
 
     def state_dict(self):
         return self.opt.state_dict()
@@ -155,6 +156,8 @@ def test_metrics_rows_count_epochs_from_one_and_carry_times(tmp_path):
     step = PlainStep(model)
     first = train(model, step, data.train, data.test, epochs=2, **common, **limits)
     assert step.progress == [(0, 2), (1, 2)]  # at each epoch's start, from 0
+    firsts = [next(data.train.epoch(e))[1] for e in (0, 1)]  # and the epoch's own batches
+    assert len(step.started) == 2 and all(map(torch.equal, step.started, firsts))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in rows if r["kind"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2]  # epochs completed, as the logs say
@@ -172,6 +175,7 @@ def test_metrics_rows_count_epochs_from_one_and_carry_times(tmp_path):
     step = PlainStep(model)
     second = train(model, step, data.train, data.test, epochs=3, resume=resume, **common)
     assert step.progress == [(2, 3)]  # a resumed run tells the step where it stands
+    assert len(step.started) == 1 and torch.equal(step.started[0], next(data.train.epoch(2))[1])
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2, 3]
     # (the checkpoint's elapsed, not the summary's: the first run's summary also counts the
