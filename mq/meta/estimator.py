@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mq.core.errors import ConfigError
-from mq.meta.step import OptimizerFactory, STEStep, _params
+from mq.meta.step import OptimizerFactory, STEStep, _params, needs_quantized
 from mq.quant.flat import FlatLayout
 from mq.quant.layers import QuantizedModel
 
@@ -40,12 +40,7 @@ class EstimatorStep(STEStep):
 
     def __init__(self, model: nn.Module, optimizer: OptimizerFactory) -> None:
         super().__init__(model, optimizer)
-        if not isinstance(model, QuantizedModel):
-            raise ConfigError(
-                f"meta={self.name} needs quantized weights but quant=none; "
-                "allowed with quant=none: ste"
-            )
-        self.model: QuantizedModel = model
+        self.model: QuantizedModel = needs_quantized(model, self.name)
         self.quantizer = model.weight_quant
         bits = self.quantizer.bit_width
         if self.bit_widths is not None and bits not in self.bit_widths:

@@ -37,6 +37,15 @@ def _set_lr(optimizer: torch.optim.Optimizer | None, lr: float) -> None:
             group["lr"] = lr
 
 
+def needs_quantized(model: nn.Module, option: str) -> QuantizedModel:
+    """``model`` if its weights are quantized; meta=``option`` cannot serve quant=none."""
+    if not isinstance(model, QuantizedModel):
+        raise ConfigError(
+            f"meta={option} needs quantized weights but quant=none; allowed with quant=none: ste"
+        )
+    return model
+
+
 class STEStep:
     """Baseline: autograd through A(W) and the clipped STE, then ordinary optimizer steps."""
 
@@ -142,12 +151,7 @@ class MetaQuantStep(STEStep):
         super().__init__(model, optimizer)
         if update not in UPDATES:
             raise ConfigError(f"meta.update={update} is not known; allowed: {', '.join(UPDATES)}")
-        if not isinstance(model, QuantizedModel):
-            raise ConfigError(
-                f"meta={type(net).__name__.lower()} needs quantized weights but quant=none; "
-                "allowed with quant=none: ste"
-            )
-        self.model: QuantizedModel = model
+        self.model: QuantizedModel = needs_quantized(model, type(net).__name__.lower())
         self.quantizer = model.weight_quant
         self.update = update
         self.base_meta_lr = lr

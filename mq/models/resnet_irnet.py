@@ -7,7 +7,7 @@ bypasses each binary conv; downsampling shortcuts are option A (every other pixe
 padded on both sides: no parameters); the stem ends in hardtanh and the pooled features pass a
 BatchNorm1d before the fc. Module names and the initialisation (kaiming_normal_ on conv and fc
 weights) are theirs, so their state dicts load strictly. IR-Net binarizes the activations inside
-each conv too; mq quantizes weights only, so here the activations stay real.
+each conv too; in mq that is ``act=sign`` (the act group, on every conv input but the first).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mq.core.errors import ConfigError
-from mq.models.resnet_cifar import MAX_DEPTH
+from mq.models.resnet_cifar import MAX_DEPTH, cifar_stages
 from mq.models.weights import check_num_classes, finish_model
 
 
@@ -58,15 +58,7 @@ class IRNetResNet(nn.Module):
         blocks = (depth - 2) // 6
         self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
-        planes = 16
-        stages = []
-        for width, stride in ((16, 1), (32, 2), (64, 2)):
-            layers = []
-            for i in range(blocks):
-                layers.append(IRNetBlock(planes, width, stride if i == 0 else 1))
-                planes = width
-            stages.append(nn.Sequential(*layers))
-        self.layer1, self.layer2, self.layer3 = stages
+        self.layer1, self.layer2, self.layer3 = cifar_stages(IRNetBlock, blocks)
         self.bn2 = nn.BatchNorm1d(64)
         self.linear = nn.Linear(64, num_classes)
         for m in self.modules():
