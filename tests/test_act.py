@@ -256,6 +256,7 @@ ARGS = ["dataset=fake", "logger=none", "progress=false", "batch_size=32", "epoch
 ARGS += ["limit_test_batches=1", "log_every=1", "meta=ste", "keep_training_state=true"]
 
 
+@pytest.mark.slow  # a training run killed and relaunched: 20-30 s
 def test_a_resumed_lsq_run_continues_as_an_uninterrupted_one(tmp_path):
     """s and its initialised flag are saved in checkpoint.pt: the run killed in its second
     epoch ends with the same step sizes and accuracies as the one never stopped."""
@@ -314,6 +315,7 @@ def test_bad_act_input_exits_2_in_one_line_and_writes_nothing(tmp_path, args, me
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow  # a training run killed and relaunched: 20-30 s
 def test_eval_of_an_act_run_tests_its_trained_alpha_and_s(tmp_path):
     """task=eval loads the run's activation quantizers with its weights: the same test accuracy
     as the run's last epoch; a checkpoint without them is refused in one line."""

@@ -407,6 +407,7 @@ def test_bad_dsq_input_exits_2_in_one_line_and_writes_nothing(tmp_path, args, me
     test_bad_estimator_input_exits_2_in_one_line_and_writes_nothing(tmp_path, args, message)
 
 
+@pytest.mark.slow  # a training run killed and relaunched: 20-30 s
 def test_a_killed_dsq_run_resumes_alpha_from_its_checkpoint(tmp_path):
     """alpha is in checkpoint.pt (the step's state): a run killed in its second epoch resumes
     from the end of the first and ends with the uninterrupted run's losses and alpha."""
@@ -627,6 +628,7 @@ def their_hessian_delta(model, quant, data, epoch):
     return [max(s / len(data), 0.0) for s in scale]
 
 
+@pytest.mark.slow  # 8-20 s per quantizer: three Hutchinson traces
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph")  # theirs does
 @pytest.mark.parametrize("quant", ["dorefa1", "bwn", "bwn_f"])
 def test_ewgs_hessian_delta_is_their_update_grad_scales(quant):
