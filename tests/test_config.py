@@ -7,13 +7,13 @@ import functools
 import pytest
 import torch
 from conftest import compose_config
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from mq.cli.conf import options
 from mq.core.errors import ConfigError, find_config_error
 from mq.job.checks import check, validate
-from mq.meta import MetaQuantStep, STEStep
+from mq.meta import STEStep
 from mq.quant import QuantizedModel, quantize_model
 
 
@@ -38,8 +38,9 @@ def test_every_model_instantiates(model):
         if cfg.model.name in ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
         else 64
     )
-    # ImageNet nets at 32x32 end in 1x1 maps: one image per batch then trips BatchNorm's check
-    assert net(torch.zeros(1, 3, size, size)).shape[1] == 10
+    # ImageNet nets at 32x32 end in 1x1 maps, and IR-Net's ResNet normalises the pooled
+    # features (BatchNorm1d): one image per batch would trip BatchNorm's check
+    assert net(torch.zeros(2, 3, size, size)).shape[1] == 10
 
 
 @pytest.mark.parametrize("quant", options("quant"))
@@ -60,7 +61,7 @@ def test_every_quant_meta_optimizer_instantiates(quant, meta, optimizer):
         assert "quant=none" in str(find_config_error(err.value))
         return
     step = instantiate(cfg.meta, model=model, optimizer=opt)
-    assert isinstance(step, MetaQuantStep if meta != "ste" else STEStep)
+    assert type(step) is get_class(cfg.meta._target_) and isinstance(step, STEStep)
     assert isinstance(model, QuantizedModel) == (quant != "none")
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     loss, _ = step.train_step(x, y)
@@ -162,3 +163,27 @@ def test_a_run_from_before_meta_net_targets_resumes(tmp_path, meta):
     OmegaConf.save(OmegaConf.create(old), tmp_path / "config.yaml")
     with pytest.raises(ConfigError, match=r"meta.net.hidden_size: 8 -> 7"):
         check_run_dir(task, tmp_path)
+
+
+@pytest.mark.parametrize("quant", options("quant"))
+@pytest.mark.parametrize("act", options("act"))
+def test_every_act_option_instantiates_with_every_quantizer_or_refuses_quant_none(act, quant):
+    from mq.job.tasks import build_quantized
+
+    cfg = compose_config([f"act={act}", f"quant={quant}", "meta=ste"])
+    validate(cfg)
+    task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    if quant == "none" and act != "none":
+        with pytest.raises(Exception) as err:
+            check(task)
+        assert str(find_config_error(err.value)) == (
+            f"act={act} needs quantized weights but quant=none; allowed with quant=none: act=none"
+        )
+        return
+    check(task)
+    model = build_quantized(cfg, instantiate(cfg.model))
+    assert isinstance(model, QuantizedModel) == (quant != "none")
+    assert hasattr(model, "act") == (act != "none")
+    step = instantiate(cfg.meta, model=model, optimizer=instantiate(cfg.optimizer))
+    loss, _ = step.train_step(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    assert torch.isfinite(loss)

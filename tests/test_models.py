@@ -6,6 +6,7 @@ mq.models.build_model are still the same runs and resume."""
 from __future__ import annotations
 
 import json
+import math
 import signal
 import time
 from typing import Any
@@ -21,7 +22,7 @@ from mq.cli.conf import option_file, options, upgrade
 from mq.core.errors import ConfigError, find_config_error
 from mq.job.checks import check
 from mq.job.identity import check_run_dir, result_config
-from mq.models import check_model, cifar_resnet
+from mq.models import check_model, cifar_resnet, constructor
 
 
 def old_layout(config: dict[str, Any]) -> dict[str, Any]:
@@ -38,7 +39,9 @@ def old_layout(config: dict[str, Any]) -> dict[str, Any]:
 def test_every_option_names_its_own_constructor():
     for name in options("model"):
         target = option_file("model", name)["_target_"]
-        assert target in ("mq.models.cifar_resnet", "mq.models.torchvision_model"), name
+        # a constructor of mq.models with its own checks, not the old by-name build_model
+        assert target.startswith("mq.models.") and target != "mq.models.build_model", name
+        assert callable(getattr(constructor({"_target_": target}), "check", None)), name
     assert compose_config(["model=resnet56"]).model.depth == 56
 
 
@@ -226,3 +229,48 @@ def test_a_run_folder_from_before_model_targets_resumes(tmp_path):
     assert "resumed at epoch 2" in again.stdout + again.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and len(summary["test_acc"]) == 2
+
+
+def test_irnet_resnet20_is_the_authors_architecture():
+    net = instantiate(task_config(["model=resnet20_irnet"]).model)
+    # 269,850: IR-Net's resnet20_1w1a for 10 classes (htqin/IR-Net f63a590,
+    # CIFAR-10/ResNet20/1w1a/resnet.py), counted by building their class outside the repository;
+    # mq's He et al. ResNet-20 (option B projections) has more
+    assert sum(p.numel() for p in net.parameters()) == 269_850
+    assert sum(p.numel() for p in cifar_resnet("resnet20", 20, 10).parameters()) != 269_850
+    # A shortcut around every conv: with every block's convs zero (eval; BatchNorm of 0 is 0),
+    # each block hands its input on, downsampled by option A (every other pixel, zero channels
+    # on both sides); with a shortcut per two convs, zero convs would cut the signal instead.
+    net.eval()
+    with torch.no_grad():
+        for stage in (net.layer1, net.layer2, net.layer3):
+            for block in stage:
+                block.conv1.weight.zero_()
+                block.conv2.weight.zero_()
+        x = torch.randn(2, 3, 32, 32)
+        stem = torch.nn.functional.hardtanh(net.bn1(net.conv1(x)))
+        out = net.layer3(net.layer2(net.layer1(stem)))
+        pad = torch.nn.functional.pad
+        expected = pad(
+            pad(stem[:, :, ::2, ::2], (0, 0, 0, 0, 8, 8))[:, :, ::2, ::2], (0,) * 4 + (16, 16)
+        )
+    assert out.shape == (2, 64, 8, 8) and stem.abs().max() > 0.1
+    torch.testing.assert_close(out, expected)
+
+
+def test_irnet_resnet20_trains_and_refuses_the_released_metaquant_checkpoints(tmp_path):
+    args = ["model=resnet20_irnet", "dataset=fake", "logger=none", "progress=false", "epochs=1"]
+    args += ["limit_train_batches=2", "limit_test_batches=1", "batch_size=32", "log_every=1"]
+    refused = launch(*args, "model.pretrained=original", cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        "error: model.pretrained=original is not known for model.name=resnet20_irnet with 10 "
+        "classes; allowed: a CIFAR ResNet (resnet20, resnet32, resnet44, resnet56, resnet110) "
+        "on CIFAR-10 or CIFAR-100, or a checkpoint path"
+    ], refused.stderr[-2000:]
+    assert not (tmp_path / "outputs").exists()
+    done = launch(*args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run_dir = tmp_path / "outputs/quantize/fake/resnet20_irnet-dorefa-w1-multifc-sgd-s0"
+    steps = [r for r in _rows(run_dir) if r["kind"] == "step"]
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"

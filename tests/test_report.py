@@ -26,6 +26,7 @@ META = {
         net: {"_target_": "mq.meta.MetaQuantStep", "net": net, "hidden_size": 100, "lr": 0.001}
         for net in ("multifc", "fcgrad", "lstmfc")
     },
+    "ewgs": {"_target_": "mq.meta.ewgs.EWGSStep", "delta": 0.001},
 }
 
 

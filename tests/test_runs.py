@@ -87,6 +87,13 @@ def test_old_zero_based_and_new_one_based_metrics_read_alike(tmp_path):
     assert run.updated == 1.8e9 + 4
 
 
+@pytest.mark.parametrize("method", ["ste", "multifc", "ewgs"])
+def test_method_is_named_from_the_config_when_the_summary_is_missing(tmp_path, method):
+    """A job killed before its first summary: the method comes from its step's or net's class."""
+    run_dir = make_run(tmp_path, method, 0, [10.0], summary=False)
+    assert read_run(run_dir).method == method
+
+
 def test_values_are_normalized():
     assert normalize("1") == normalize(1) == normalize(1.0) == 1
     assert normalize("1e-3") == normalize(0.001)
@@ -111,6 +118,8 @@ class PlainStep:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        self.progress: list[tuple[int, int]] = []  # set_progress calls (an annealing estimator)
+        self.started: list[torch.Tensor] = []  # start_epoch calls (EWGS's Hessian delta)
 
     def train_step(self, x, y):
         logits = self.model(x)
@@ -123,6 +132,12 @@ class PlainStep:
     def set_lr(self, lr, meta_lr_factor=1.0):
         for group in self.opt.param_groups:
             group["lr"] = lr
+
+    def set_progress(self, epoch, epochs):
+        self.progress.append((epoch, epochs))
+
+    def start_epoch(self, batches):
+        self.started.append(next(batches)[1])  # the labels of the epoch's first batch
 
     def state_dict(self):
         return self.opt.state_dict()
@@ -138,7 +153,11 @@ def test_metrics_rows_count_epochs_from_one_and_carry_times(tmp_path):
     common = dict(run_dir=tmp_path, lr=0.01, lr_step=10, progress_bar=False, log_every=1)
     before = time.time()
     limits = dict(limit_train_batches=3, limit_test_batches=2)
-    first = train(model, PlainStep(model), data.train, data.test, epochs=2, **common, **limits)
+    step = PlainStep(model)
+    first = train(model, step, data.train, data.test, epochs=2, **common, **limits)
+    assert step.progress == [(0, 2), (1, 2)]  # at each epoch's start, from 0
+    firsts = [next(data.train.epoch(e))[1] for e in (0, 1)]  # and the epoch's own batches
+    assert len(step.started) == 2 and all(map(torch.equal, step.started, firsts))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in rows if r["kind"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2]  # epochs completed, as the logs say
@@ -153,9 +172,10 @@ def test_metrics_rows_count_epochs_from_one_and_carry_times(tmp_path):
     # Resumed: epoch numbers and elapsed time go on from where they were.
     first_rows = len(rows)
     resume = load_checkpoint(tmp_path / "checkpoint.pt")
-    second = train(
-        model, PlainStep(model), data.train, data.test, epochs=3, resume=resume, **common
-    )
+    step = PlainStep(model)
+    second = train(model, step, data.train, data.test, epochs=3, resume=resume, **common)
+    assert step.progress == [(2, 3)]  # a resumed run tells the step where it stands
+    assert len(step.started) == 1 and torch.equal(step.started[0], next(data.train.epoch(2))[1])
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2, 3]
     # (the checkpoint's elapsed, not the summary's: the first run's summary also counts the

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, SMOKE, compose_config, launch
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.utils import create_config_search_path
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from wandb_records import read_records
@@ -33,6 +35,8 @@ PRESETS = {
     "fair_compare": 1,  # one grid point; its 9 groups are studies (hydra/sweeper=tune)
     "step_size": 24,
     "step_size_bwn": 12,
+    # w1a32, w1a1 x every option of the meta group (glob(*)) x dorefa, bwn x sgd, adam x 5 seeds
+    "estimators": 2 * len(list((ROOT / "conf" / "meta").glob("*.yaml"))) * 2 * 2 * 5,
 }
 FAST = [*SMOKE, "meta=ste"]  # STE: the fastest step
 
@@ -48,10 +52,16 @@ def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
+def config_loader() -> ConfigLoaderImpl:
+    return ConfigLoaderImpl(config_search_path=create_config_search_path(str(ROOT / "conf")))
+
+
 def grid(preset: str) -> list[list[str]]:
     cfg = compose_config([f"+sweep={preset}"])
     params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
-    (jobs,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params), None)
+    # with the config loader, as the sweeper parses them: glob(*) needs the group's options
+    parser = OverridesParser.create(config_loader=config_loader())
+    (jobs,) = BasicSweeper.split_arguments(parser.parse_overrides(params), None)
     return jobs
 
 
@@ -67,8 +77,11 @@ def test_presets_exist_and_expand_to_the_documented_grids():
 def test_every_preset_point_composes_and_checks(preset):
     from mq.job.checks import check
 
-    jobs = grid(preset)
-    for job in (jobs[0], jobs[-1]):  # every option of every key appears in one of them
+    covered: set[str] = set()
+    for job in grid(preset):
+        if covered.issuperset(job):
+            continue  # every option of every key is checked in some job, not every job
+        covered.update(job)
         cfg = compose_config([f"+sweep={preset}", *job, "model.pretrained=null"])
         assert cfg.sweep_name == preset
         task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
@@ -78,6 +91,19 @@ def test_every_preset_point_composes_and_checks(preset):
         assert (cfg.epochs, cfg.lr_step, cfg.optimizer.lr, cfg.batch_size) == (30, 10, 1e-4, 128)
         assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.dataset.num_classes == 1000
         assert compose_config(["+sweep=table3", "meta=multifc"]).meta.lr == 1e-3  # gamma
+    if preset == "estimators":  # every meta option, W1A32 as Table 1 and the binary papers' W1A1
+        w1a32 = compose_config(["+sweep=estimators", "+sweep/precision=w1a32"])
+        assert (w1a32.model.name, w1a32.model.pretrained) == ("resnet20", "original")
+        assert w1a32.act._target_ is None  # act=none
+        w1a1 = compose_config(["+sweep=estimators", "+sweep/precision=w1a1"])
+        assert (w1a1.model.name, w1a1.act._target_.rsplit(".")[-1]) == (
+            "resnet20_irnet",
+            "SignActivation",
+        )
+        assert w1a1.model.pretrained == "outputs/pretrain/cifar10/resnet20_irnet-fp-sgdm-s0"
+        assert {o.split("=")[1] for o in covered if o.startswith("meta=")} == {
+            p.stem for p in (ROOT / "conf" / "meta").glob("*.yaml")
+        }
 
 
 @pytest.mark.parametrize("launcher", ["slurm", "local"])

@@ -72,7 +72,7 @@ def upgrade(config: dict[str, Any]) -> dict[str, Any]:
     """A saved run config (a run folder's config.yaml) in today's layout, so that the resume
     check and the report compare old and new runs key by key: each step below turns one earlier
     layout into today's and returns other configs as given."""
-    for step in (_meta_net_by_target, _task_by_target, _model_by_target):
+    for step in (_meta_net_by_target, _task_by_target, _model_by_target, _act_group):
         config = step(config)
     return config
 
@@ -118,3 +118,11 @@ def _model_by_target(config: dict[str, Any]) -> dict[str, Any]:
     today = option_node("model", option)
     added = {k: v for k, v in today.items() if k not in model}
     return {**config, "model": {**model, **added, "_target_": today["_target_"]}}
+
+
+def _act_group(config: dict[str, Any]) -> dict[str, Any]:
+    """A run from before the act group (no ``act`` node) quantized no activations: it is the
+    run of act=none (whose ``act_bits`` mq.job.identity leaves out, as it changes nothing)."""
+    if "act" in config or "quant" not in config:
+        return config
+    return {**config, "act": option_node("act", "none")}

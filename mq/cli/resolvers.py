@@ -9,12 +9,19 @@ from typing import Any
 from mq.cli.conf import CONF, exclude_keys
 
 
+def act_tag(act: str, act_bits: Any) -> str:
+    """The part of run_name that says how activations are quantized: ``-a2-lsq``; empty for
+    act=none, so that every run folder named before the act group keeps its name."""
+    return "" if act == "none" else f"-a{act_bits}-{act}"
+
+
 def register_resolvers() -> None:
     """The resolvers conf/ uses: ``${mq.subdir:}`` (sweep folder names), ``${mq.exclude_keys:}``
-    (the keys left out of them), ``${mq_checkpoint_tag:}`` (eval folders) and ``${mq.help:}``
-    (--help), and the schemas that type conf/'s keys (mq.cli.schema). Registered by the programs
-    that compose conf/ (launch.py before Hydra starts, each submitit job, mq.bench, the tests),
-    never as a side effect of an import."""
+    (the keys left out of them), ``${mq_checkpoint_tag:}`` (eval folders), ``${mq.act_tag:}``
+    (run_name's activation part) and ``${mq.help:}`` (--help), and the schemas that type
+    conf/'s keys (mq.cli.schema). Registered by the programs that compose conf/ (launch.py
+    before Hydra starts, each submitit job, mq.bench, the tests), never as a side effect of an
+    import."""
     from omegaconf import OmegaConf
 
     from mq.cli import dirname, helptext, schema
@@ -23,6 +30,7 @@ def register_resolvers() -> None:
         dirname.RESOLVER: dirname.resolve,
         "mq.exclude_keys": exclude_keys,
         "mq_checkpoint_tag": dirname.checkpoint_tag,
+        "mq.act_tag": act_tag,
         helptext.RESOLVER: helptext.text,
     }
     for name, function in resolvers.items():

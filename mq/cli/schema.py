@@ -50,6 +50,7 @@ class Config:
     epochs: int = MISSING
     batch_size: int = MISSING
     seed: int = MISSING
+    act_bits: int = MISSING
     lr_step: int = MISSING
     device: str = MISSING
     cudnn_benchmark: bool = MISSING
@@ -67,6 +68,7 @@ class Config:
     model: Any = MISSING
     dataset: Any = MISSING
     quant: Any = MISSING
+    act: Any = MISSING
     meta: Any = MISSING
     optimizer: Any = MISSING
     logger: Any = MISSING
@@ -138,6 +140,18 @@ class Quantizer:
 @dataclass
 class BWNQuantizer(Quantizer):
     per_filter: bool = MISSING
+
+
+@dataclass
+class ActQuantizer:
+    _target_: str = MISSING
+    bit_width: int = MISSING
+
+
+@dataclass
+class PACTQuantizer(ActQuantizer):
+    alpha_init: float = MISSING
+    alpha_decay: float = MISSING
 
 
 @dataclass
@@ -215,6 +229,8 @@ SCHEMAS: dict[str, type] = {
     "dataset/imagenet": ImageNetDataset,
     "quant/quantizer": Quantizer,
     "quant/bwn": BWNQuantizer,
+    "act/quantizer": ActQuantizer,
+    "act/pact": PACTQuantizer,
     "meta/ste": STE,
     "meta/metaquant": MetaQuant,
     "meta/net/fc": FCNet,

@@ -61,6 +61,10 @@ def validate(cfg: DictConfig) -> None:
     if not cfg.quant.get("_target_") and cfg.bits not in range(1, 9):
         # quant=none has no constructor to refuse bits (a quantizer's own takes its range)
         raise ConfigError(f"bits={cfg.bits} is not allowed; allowed: an integer in 1..8")
+    act = cfg.get("act")
+    if "act_bits" in cfg and not (act and act.get("_target_")) and cfg.act_bits not in range(1, 9):
+        # act=none quantizes nothing, so nothing else refuses an act_bits no quantizer takes
+        raise ConfigError(f"act_bits={cfg.act_bits} is not allowed; allowed: an integer in 1..8")
     for key in ("optimizer.lr", "meta.lr"):
         value = OmegaConf.select(cfg, key)
         if value is not None and (not isinstance(value, (int, float)) or value < 0):

@@ -32,6 +32,8 @@ def result_config(cfg: DictConfig) -> dict[str, Any]:
             data.get("dataset", {}).pop(key, None)
     if data.get("quant", {}).get("calibration") == "paper":
         data["quant"].pop("calibration")
+    if not (data.get("act") or {}).get("_target_"):  # act=none: act_bits quantizes nothing
+        data.pop("act_bits", None)
     return {**data, **instantiate(cfg.task).identity(cfg)}
 
 

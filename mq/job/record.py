@@ -186,5 +186,6 @@ def drop_training_state(path: Path, device: torch.device) -> None:
     if not path.exists():
         return
     state = load_checkpoint(path, device)  # saved back where training kept it
-    kept = {k: state[k] for k in ("version", "model", "progress", "metrics_offset") if k in state}
+    keys = ("version", "model", "act", "progress", "metrics_offset")  # act: PACT alpha, LSQ s
+    kept = {k: state[k] for k in keys if k in state}
     save_checkpoint({**kept, "training_state": "dropped at completion"}, path)

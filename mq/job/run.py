@@ -20,8 +20,7 @@ from mq.job.identity import check_run_dir, finished_message
 from mq.job.ledger import FINAL
 from mq.job.rundir import FolderRefused, check_location
 from mq.job.runlock import started, take_lock
-from mq.job.tasks import Job, Task, build_quantizer
-from mq.quant.layers import quantize_model
+from mq.job.tasks import Job, Task, build_quantized
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +82,7 @@ def job(
         log.info("%s", finished_message(run_dir, previous))
         return previous
     torch.manual_seed(cfg.seed)
-    model = quantize_model(instantiate(cfg.model), build_quantizer(cfg)).to(device)
+    model = build_quantized(cfg, instantiate(cfg.model)).to(device)
     if cfg.get("sync_bn", False) and ranks.launched:  # before the optimizers take the params
         model = distributed.sync_batchnorm(model, device)
     shard = {"rank": ranks.rank, "world_size": ranks.world_size} if ranks.parallel else {}

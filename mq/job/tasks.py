@@ -25,7 +25,7 @@ from mq.job.resume import check_resumable, completed_progress, rebuild_summary
 from mq.job.rundir import check_name
 from mq.job.train import Settings, Training
 from mq.models import checkpoint_file
-from mq.quant.layers import quantize_model
+from mq.quant.layers import load_act_state, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,45 @@ class Job:
 def build_quantizer(cfg: DictConfig) -> Any:
     """The weight quantizer cfg.quant names, or None (quant=none: full precision)."""
     return instantiate(cfg.quant) if cfg.quant.get("_target_") else None
+
+
+def build_act_quantizer(cfg: DictConfig) -> Any:
+    """The activation quantizer cfg.act names, or None (act=none, and configs from before the
+    act group: activations full precision)."""
+    act = cfg.get("act")
+    return instantiate(act) if act is not None and act.get("_target_") else None
+
+
+def build_quantized(cfg: DictConfig, net: torch.nn.Module) -> torch.nn.Module:
+    """``net`` with cfg's weight and activation quantizers (mq.quant.layers.quantize_model)."""
+    return quantize_model(net, build_quantizer(cfg), build_act_quantizer(cfg))
+
+
+def pretrained_act_state(cfg: DictConfig) -> dict[str, torch.Tensor] | None:
+    """The activation quantizers' state (PACT's alpha, LSQ's s) saved with model.pretrained, when
+    that is a checkpoint of an mq run with act; None otherwise (a full-precision model, an
+    original checkpoint, a run with act=none). Read only when cfg quantizes activations."""
+    path = cfg.model.pretrained
+    if not path or build_act_quantizer(cfg) is None:
+        return None
+    state = load_checkpoint(checkpoint_file(str(path)), "cpu")
+    act = state.get("act") if isinstance(state, dict) else None
+    return act if isinstance(act, dict) else None
+
+
+def load_pretrained_act(cfg: DictConfig, model: torch.nn.Module, strict: bool) -> None:
+    """Give ``model``'s activation quantizers the state saved with model.pretrained, if any.
+    ``strict`` (task=eval): a state of another act choice is an error; else (a run that
+    starts from another run's weights) it is left out, logged, and they start fresh."""
+    state = pretrained_act_state(cfg)
+    if state is None:
+        return
+    try:
+        load_act_state(model, state, f"model.pretrained={cfg.model.pretrained}")
+    except ConfigError as exc:
+        if strict:
+            raise
+        log.info("%s: the activation quantizers start fresh", exc)
 
 
 class Task:
@@ -82,7 +121,7 @@ class Train(Task):
         self.from_pretrained = from_pretrained
 
     def check(self, cfg: DictConfig) -> None:
-        stand_in = quantize_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), build_quantizer(cfg))
+        stand_in = build_quantized(cfg, torch.nn.Sequential(torch.nn.Linear(2, 2)))
         instantiate(cfg.meta, model=stand_in, optimizer=instantiate(cfg.optimizer))
 
     def check_folder(self, cfg: DictConfig, run_dir: Path) -> None:
@@ -96,6 +135,7 @@ class Train(Task):
                 "starts from a full-precision model: run task=pretrain first (see README).",
                 job.choices.get("model", cfg.model.name),
             )
+        load_pretrained_act(cfg, job.model, strict=False)  # a run with act: its alpha or s go on
         step = instantiate(cfg.meta, model=job.model, optimizer=instantiate(cfg.optimizer))
         if ranks.launched:
             step.all_reduce = distributed.average_gradients
@@ -145,7 +185,15 @@ class Evaluate(Task):
             raise ConfigError(
                 "task=eval needs model.pretrained=PATH (a checkpoint or run directory)"
             )
-        build_quantizer(cfg)
+        build_quantized(cfg, torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        act = build_act_quantizer(cfg)
+        learned = act is not None and bool(act.state_dict())  # sign learns nothing
+        if learned and pretrained_act_state(cfg) is None:
+            # a fresh alpha or s would be tested, not the trained one
+            raise ConfigError(
+                f"task=eval act={act.name} needs model.pretrained from a run trained with "
+                f"act={act.name}: {cfg.model.pretrained} holds no activation quantizer state"
+            )
 
     def identity(self, cfg: DictConfig) -> dict[str, Any]:
         # The folder names the checkpoint's path; its content is part of the result too: a
@@ -156,6 +204,7 @@ class Evaluate(Task):
 
     def __call__(self, job: Job) -> dict[str, Any]:
         cfg = job.cfg
+        load_pretrained_act(cfg, job.model, strict=True)  # the run's trained alpha or s
         summary = evaluate_only(job.model, job.data.test, cfg.limit_test_batches, cfg.progress)
         # config.yaml makes a repeat find this result (reported, never overwritten)
         OmegaConf.save(OmegaConf.create(result_config(cfg)), job.run_dir / "config.yaml")

@@ -17,7 +17,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -35,7 +35,7 @@ from mq.job.evaluation import evaluate, tested_on
 from mq.job.loggers import MetricsFile
 from mq.job.preempt import CHECKPOINT, STOP
 from mq.job.progress import EpochSums, Progress, rng_state, set_rng_state, summarize
-from mq.quant.layers import plain_state_dict, unwrap
+from mq.quant.layers import act_state_dict, load_act_state, plain_state_dict, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ class Interrupted(Exception):
 class Step(Protocol):
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]: ...
     def set_lr(self, lr: float, meta_lr_factor: float = 1.0) -> None: ...
+    def set_progress(self, epoch: int, epochs: int) -> None: ...
+    def start_epoch(self, batches: Iterator[tuple[Tensor, Tensor]]) -> None: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -164,6 +166,9 @@ class Training:
         epoch, lr_step = self.progress.epoch, self.s.lr_step
         lr = lr_at(self.s.lr, epoch, lr_step)
         self.step.set_lr(lr, meta_lr_factor=0.1 ** (epoch // lr_step))
+        self.step.set_progress(epoch, self.s.epochs)
+        if self.progress.batch == 0:  # part-way, the step's state has what the start measured
+            self.step.start_epoch(self.train_data.epoch(epoch))
         return lr
 
     def train_epoch(self, lr: float, started: float, seen_at_start: float) -> bool:
@@ -329,6 +334,7 @@ class Training:
             state = {
                 "version": 1,
                 "model": plain_state_dict(self.model),
+                "act": act_state_dict(self.model),  # PACT's alpha, LSQ's s: None without act
                 "step_state": self.step.state_dict(),
                 "progress": self.progress.state(),
                 "rng": rng_state(),
@@ -353,6 +359,7 @@ class Training:
                 "statistics and the data shards depend on it"
             )
         unwrap(self.model).load_state_dict(resume["model"])
+        load_act_state(self.model, resume.get("act"), f"the checkpoint in {self.run_dir}")
         self.step.load_state_dict(resume["step_state"])
         progress = Progress(**resume["progress"])
         set_rng_state(resume["rng"])

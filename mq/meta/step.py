@@ -9,7 +9,7 @@ fc bias) by a second one, so the quantized weights can wait for their meta gradi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,15 @@ def _set_lr(optimizer: torch.optim.Optimizer | None, lr: float) -> None:
             group["lr"] = lr
 
 
+def needs_quantized(model: nn.Module, option: str) -> QuantizedModel:
+    """``model`` if its weights are quantized; meta=``option`` cannot serve quant=none."""
+    if not isinstance(model, QuantizedModel):
+        raise ConfigError(
+            f"meta={option} needs quantized weights but quant=none; allowed with quant=none: ste"
+        )
+    return model
+
+
 class STEStep:
     """Baseline: autograd through A(W) and the clipped STE, then ordinary optimizer steps."""
 
@@ -53,6 +62,16 @@ class STEStep:
     def set_lr(self, lr: float, meta_lr_factor: float = 1.0) -> None:
         _set_lr(self.weight_optimizer, lr)
         _set_lr(self.other_optimizer, lr)
+
+    def set_progress(self, epoch: int, epochs: int) -> None:
+        """Called with the lr at the start of each epoch (``epoch`` of ``epochs``, from 0), for
+        an estimator that anneals over training (mq.meta.ede); the STE does not."""
+
+    def start_epoch(self, batches: Iterator[tuple[Tensor, Tensor]]) -> None:
+        """Called after ``set_progress`` at the start of an epoch that starts at its first batch
+        (not on resuming one part-way), with that epoch's training batches, for an estimator
+        that measures the model before the epoch's steps (EWGS's Hessian delta); the STE
+        does not. Batches it does not take are not drawn."""
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """One step on a batch; returns (loss, logits), both still on the device."""
@@ -132,12 +151,7 @@ class MetaQuantStep(STEStep):
         super().__init__(model, optimizer)
         if update not in UPDATES:
             raise ConfigError(f"meta.update={update} is not known; allowed: {', '.join(UPDATES)}")
-        if not isinstance(model, QuantizedModel):
-            raise ConfigError(
-                f"meta={type(net).__name__.lower()} needs quantized weights but quant=none; "
-                "allowed with quant=none: ste"
-            )
-        self.model: QuantizedModel = model
+        self.model: QuantizedModel = needs_quantized(model, type(net).__name__.lower())
         self.quantizer = model.weight_quant
         self.update = update
         self.base_meta_lr = lr

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
@@ -39,6 +40,19 @@ class BasicBlock(nn.Module):
         return self.relu(out + shortcut)
 
 
+def cifar_stages(block: Callable[[int, int, int], nn.Module], blocks: int) -> list[nn.Sequential]:
+    """The three stages of a CIFAR ResNet, 16/32/64 channels, ``blocks`` blocks
+    ``block(in_planes, planes, stride)`` each, the first of stages 2 and 3 with stride 2."""
+    planes, stages = 16, []
+    for width, stride in ((16, 1), (32, 2), (64, 2)):
+        layers = []
+        for i in range(blocks):
+            layers.append(block(planes, width, stride if i == 0 else 1))
+            planes = width
+        stages.append(nn.Sequential(*layers))
+    return stages
+
+
 class CifarResNet(nn.Module):
     """Three stages of 16/32/64 channels, (depth - 2) / 6 basic blocks each."""
 
@@ -50,15 +64,7 @@ class CifarResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU(inplace=True)
-        planes = 16
-        stages = []
-        for width, stride in ((16, 1), (32, 2), (64, 2)):
-            layers = []
-            for i in range(blocks):
-                layers.append(BasicBlock(planes, width, stride if i == 0 else 1))
-                planes = width
-            stages.append(nn.Sequential(*layers))
-        self.layer1, self.layer2, self.layer3 = stages
+        self.layer1, self.layer2, self.layer3 = cifar_stages(BasicBlock, blocks)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_classes)
         for m in self.modules():

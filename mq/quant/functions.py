@@ -29,12 +29,12 @@ def check_calibration(calibration: str) -> None:
         )
 
 
-def check_bit_width(bit_width: int, allowed: range, name: str) -> None:
-    """``bits``, as the quantizer ``name`` (its conf/quant/ option) takes it: an integer in
-    ``allowed``."""
+def check_bit_width(bit_width: int, allowed: range, name: str, key: str = "bits") -> None:
+    """``key`` (bits; act_bits for an activation quantizer), as the quantizer ``name`` (its
+    conf/ option) takes it: an integer in ``allowed``."""
     if isinstance(bit_width, bool) or not isinstance(bit_width, int) or bit_width not in allowed:
         span = f"{allowed[0]}..{allowed[-1]}" if len(allowed) > 1 else f"{allowed[0]}"
-        raise ConfigError(f"bits={bit_width} is not allowed for {name}; allowed: {span}")
+        raise ConfigError(f"{key}={bit_width} is not allowed for {name}; allowed: {span}")
 
 
 def check_ste_slope(ste_slope: str) -> None:

@@ -50,6 +50,20 @@ class WeightQuantizer(nn.Module):
         """dW~/dW used by MetaQuant, or None where it is 1."""
         return None
 
+    def unit_levels(
+        self, w_tilde: Tensor, layout: FlatLayout | None = None
+    ) -> tuple[Tensor, Tensor] | None:
+        """(x, x_q): W~ and its quantized level mapped onto [0, 1], the interval in which the
+        clipped STE passes gradient, levels at j / (2^k - 1); the domain of the estimators'
+        rules (mq.meta.estimator); x elementwise and differentiable in W~ (an estimator with
+        parameters of its own takes dx/dW~ from it). None: this quantizer has no such levels."""
+        return None
+
+    def slope(self, w_tilde: Tensor, layout: FlatLayout | None = None) -> Tensor | float:
+        """The STE's slope without its clip: Q's backward is slope * g_W^ * 1{|W~| <= 1}
+        (``ste_slope``: forward, Q's slope; unit, 1). For an estimator that drops the clip."""
+        raise NotImplementedError
+
     def quantize_original(
         self, w_tilde: Tensor, before: Tensor, layout: FlatLayout | None = None
     ) -> Tensor:
@@ -86,6 +100,15 @@ class DorefaWeight(WeightQuantizer):
         # W^ = 2 Q'(W~) - 1: slope 2 (Q' = round((2^k-1) W~)/(2^k-1) passes g unchanged)
         slope = 2.0 if self.ste_slope == "forward" else None
         return clipped_ste(w_tilde, dorefa_levels(w_tilde, self.bit_width), slope)
+
+    def unit_levels(
+        self, w_tilde: Tensor, layout: FlatLayout | None = None
+    ) -> tuple[Tensor, Tensor]:
+        # W~ is already in [0, 1]; W^ = 2 x_q - 1
+        return w_tilde, (dorefa_levels(w_tilde, self.bit_width) + 1) / 2
+
+    def slope(self, w_tilde: Tensor, layout: FlatLayout | None = None) -> float:
+        return 2.0 if self.ste_slope == "forward" else 1.0
 
     def calibration(self, weight: Tensor, layout: FlatLayout | None = None) -> Tensor:
         return dorefa_calibration(weight, layout, exact=self.calibration_kind == "exact")
@@ -140,6 +163,15 @@ class BWNWeight(WeightQuantizer):
             torch.tensor([float(len(s) > 2) for s in layout.shapes], device=before.device)
         )
         return self._quantize(w_tilde, torch.where(conv > 0, before, w_tilde.detach()), layout)
+
+    def unit_levels(
+        self, w_tilde: Tensor, layout: FlatLayout | None = None
+    ) -> tuple[Tensor, Tensor]:
+        # sign's input W~ = W, clipped to [-1, 1] by the STE, mapped onto [0, 1]; levels 0, 1
+        return (w_tilde + 1) / 2, (torch.sign(w_tilde.detach()) + 1) / 2
+
+    def slope(self, w_tilde: Tensor, layout: FlatLayout | None = None) -> Tensor | float:
+        return bwn_scale(w_tilde, self.per_filter, layout) if self.ste_slope == "forward" else 1.0
 
     def _quantize(self, w_tilde: Tensor, scale_of: Tensor, layout: FlatLayout | None) -> Tensor:
         """W^ = alpha sign(W~), alpha taken from ``scale_of``."""

@@ -180,8 +180,8 @@ def read_run(path: Path) -> Run:
     # without choices: the meta net's class (mq.meta.MultiFC -> multifc; older configs are
     # upgraded to that layout by _read_config)
     meta = choices.get("meta") or _target_name(config.get("meta.net._target_"))
-    if not meta and config:
-        meta = "ste" if _target_name(config.get("meta._target_")) == "stestep" else "?"
+    if not meta and config:  # a step class: STEStep -> ste, EWGSStep -> ewgs
+        meta = _target_name(config.get("meta._target_")).removesuffix("step") or "?"
     # Older summaries lack the measured keys: the limits are also result keys of the config.
     measured = {k: config[k] for k in MEASURED if config.get(k) is not None}
     measured |= {k: (summary or {})[k] for k in MEASURED if k in (summary or {})}
