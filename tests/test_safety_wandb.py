@@ -58,6 +58,7 @@ def test_each_groups_choice_is_a_top_level_config_key_and_reaches_the_server(tmp
         "choice/model": "resnet20",
         "choice/dataset": "fake",
         "choice/quant": "dorefa",
+        "choice/act": "none",
         "choice/meta": "ste",
         "choice/optimizer": "sgd",
         "choice/logger": "wandb",
