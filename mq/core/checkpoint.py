@@ -83,7 +83,23 @@ class _KeepError:
             raise
 
 
+def _compact(value: Any) -> Any:
+    """``value`` with every tensor that is a view into a larger storage copied out: torch.save
+    writes a view's whole storage (a packed run's weights are views into K runs' tensors)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        whole = value.untyped_storage().nbytes()
+        return value.clone() if whole > value.numel() * value.element_size() else value
+    if isinstance(value, dict):
+        return type(value)((k, _compact(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_compact(v) for v in value)
+    return value
+
+
 def _torch_save(state: dict[str, Any], tmp: Path) -> None:
+    state = _compact(state)
     with open(tmp, "wb") as f:
         writer = _KeepError(f)
         try:

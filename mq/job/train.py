@@ -17,7 +17,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -139,12 +139,24 @@ class Training:
     # ------------------------------------------------------------------------------ loop ----
     def run(self) -> dict[str, Any]:
         """Train up to ``settings.epochs``; returns the summary (the caller writes it)."""
+        session = self.session()
+        try:
+            batch = next(session)
+            while True:
+                batch = session.send(self.step.train_step(*batch))
+        except StopIteration as done:
+            return done.value
+
+    def session(self) -> Generator[tuple[Tensor, Tensor], tuple[Tensor, Tensor], dict[str, Any]]:
+        """The loop, with each step's batch handed out: it yields (x, y), takes (loss, logits)
+        of the step on it, and returns the summary. ``run`` takes the steps itself; a pack
+        (mq.job.pack) takes many runs' steps at once."""
         status = "completed"
         self.model.train()
         while self.progress.epoch < self.s.epochs:
             lr = self.set_lr()
             started, seen_at_start = time.perf_counter(), self.progress.partial.seen
-            if self.train_epoch(lr, started, seen_at_start):
+            if (yield from self.train_epoch(lr, started, seen_at_start)):
                 log.warning(
                     "loss is not finite at step %d: run ends as diverged", self.progress.step
                 )
@@ -171,8 +183,11 @@ class Training:
             self.step.start_epoch(self.train_data.epoch(epoch))
         return lr
 
-    def train_epoch(self, lr: float, started: float, seen_at_start: float) -> bool:
-        """The steps of one epoch from ``progress.batch`` on; True when the loss diverged."""
+    def train_epoch(
+        self, lr: float, started: float, seen_at_start: float
+    ) -> Generator[tuple[Tensor, Tensor], tuple[Tensor, Tensor], bool]:
+        """The steps of one epoch from ``progress.batch`` on (as ``session``); True when the
+        loss diverged."""
         p, epoch = self.progress, self.progress.epoch
         bar = self._bar(f"epoch {epoch + 1}/{self.s.epochs}", self.batches, p.batch)
         pending: list[StepRecord] = []
@@ -180,7 +195,7 @@ class Training:
             for x, y in self.train_data.epoch(epoch, start_batch=p.batch):
                 if p.batch >= self.batches:
                     break
-                loss, logits = self.step.train_step(x, y)
+                loss, logits = yield x, y
                 correct = (logits.argmax(1) == y).sum()
                 pending.append(StepRecord(epoch, p.step, loss, correct, y.numel()))
                 p.step, p.batch = p.step + 1, p.batch + 1

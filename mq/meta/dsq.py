@@ -75,9 +75,8 @@ class DSQStep(EstimatorStep):
         i, u, k_delta, s = self._interval(x, self.alpha)
         return (i + (s * torch.tanh(k_delta * u) + 1) / 2) / self.intervals
 
-    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        out = super().train_step(x, y)
+    def finish(self) -> None:
+        super().finish()
         if self.learned:
             with torch.no_grad():
                 self.alpha.clamp_(ALPHA_MIN, ALPHA_MAX)
-        return out

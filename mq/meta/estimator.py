@@ -15,11 +15,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mq.core.errors import ConfigError
-from mq.meta.step import OptimizerFactory, STEStep, _params, needs_quantized
+from mq.meta.step import NetworkInput, OptimizerFactory, STEStep, _params, needs_quantized
 from mq.quant.flat import FlatLayout
 from mq.quant.layers import QuantizedModel
 
@@ -52,6 +51,7 @@ class EstimatorStep(STEStep):
                 "it has no levels on [0, 1] (WeightQuantizer.unit_levels)"
             )
         self.learned: list[nn.Parameter] = []  # the estimator's own parameters (learn)
+        self._pending: tuple[Tensor, Tensor] | None = None  # (W~, W^ leaf): prepare to finish
 
     def learn(self, params: list[nn.Parameter]) -> None:
         """Make ``params`` the estimator's own learnable parameters: one more parameter group of
@@ -70,17 +70,20 @@ class EstimatorStep(STEStep):
         """The factor on the quantizer's STE gradient, elementwise; flat tensors of all layers."""
         raise NotImplementedError
 
-    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def prepare(self) -> NetworkInput:
         layout = self.model.layout(self.weights)
         w_tilde = self.quantizer.transform(layout.flatten(self.weights), layout)
-        w_hat = self.quantizer.quantize(w_tilde, layout)
-        leaf = w_hat.detach().requires_grad_()
+        leaf = self.quantizer.quantize(w_tilde, layout).detach().requires_grad_()
         for opt in (self.weight_optimizer, self.other_optimizer):
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
-        logits = self.model(x, self.model.named(layout.unflatten(leaf)))
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
+        self._pending = (w_tilde, leaf)
+        return NetworkInput(leaf, {})
+
+    def finish(self) -> None:
+        assert self._pending is not None
+        (w_tilde, leaf), self._pending = self._pending, None
+        layout = self.model.layout(self.weights)
         grad_hat = leaf.grad
         assert grad_hat is not None
         if self.all_reduce is not None:  # g_W^ and the other parameters' gradients: one call
@@ -99,7 +102,6 @@ class EstimatorStep(STEStep):
         for opt in (self.weight_optimizer, self.other_optimizer):
             if opt is not None:
                 opt.step()
-        return loss.detach(), logits.detach()
 
     def _learned_gradients(
         self, ste: Tensor, w: Tensor, levels: tuple[Tensor, Tensor], layout: FlatLayout

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,31 @@ from mq.quant.layers import QuantizedModel, quantized_weights
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 UPDATES = ("paper", "original")
+
+
+class NetworkInput(NamedTuple):
+    """What a step's network reads in place of the model's own parameters."""
+
+    flat: Tensor | None  # W^ of every quantized layer, flat (FlatLayout); None: full precision
+    extra: dict[str, Tensor]  # by parameter name: the released look-ahead biases, or nothing
+
+
+class _Pending(NamedTuple):
+    first: bool
+    weights: Tensor  # W (W_meta after the first step), flat, W^'s graph starts here
+    w_hat: Tensor
+    w_tilde: Tensor
+    leaf: Tensor  # W^ as the network's leaf: its gradient is g_W^
+
+
+def network_tensors(model: nn.Module, given: NetworkInput) -> tuple[dict[str, Tensor], ...]:
+    """``model(x, *network_tensors(model, given))`` runs the network on ``given``: () for a
+    full-precision model's own parameters, else the per-layer tensors QuantizedModel takes."""
+    if given.flat is None:
+        return ()
+    assert isinstance(model, QuantizedModel)
+    layout = model.layout()
+    return ({**model.named(layout.unflatten(given.flat)), **given.extra},)
 
 
 def _split(model: nn.Module) -> tuple[list[str], list[nn.Parameter], list[nn.Parameter]]:
@@ -75,18 +101,31 @@ class STEStep:
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """One step on a batch; returns (loss, logits), both still on the device."""
-        logits = self.model(x)
+        logits = self.model(x, *network_tensors(self.model, self.prepare()))
         loss = F.cross_entropy(logits, y)
+        loss.backward()
+        self.finish()
+        return loss.detach(), logits.detach()
+
+    def prepare(self) -> NetworkInput:
+        """A step's first part: zero the gradients and return what the network reads in place
+        of its own weights. The network's forward and backward come next, here or fused with
+        other runs' (mq.meta.pack); ``finish`` then reads the gradients they left."""
         for opt in (self.weight_optimizer, self.other_optimizer):
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if not isinstance(self.model, QuantizedModel):
+            return NetworkInput(None, {})
+        layout = self.model.layout(self.weights)
+        return NetworkInput(self.model.weight_quant(layout.flatten(self.weights), layout), {})
+
+    def finish(self) -> None:
+        """A step's last part, after the network's backward: the optimizer steps."""
         if self.all_reduce is not None:
             self.all_reduce(None, _params(self.weight_optimizer, self.other_optimizer))
         for opt in (self.weight_optimizer, self.other_optimizer):
             if opt is not None:
                 opt.step()
-        return loss.detach(), logits.detach()
 
     def state_dict(self) -> dict:
         return {
@@ -168,6 +207,7 @@ class MetaQuantStep(STEStep):
         self.previous_update: Tensor | None = None  # lr * u of the previous step (original)
         # original: lr * u_b of the previous step for each quantized layer's bias
         self.previous_bias_update: list[Tensor] | None = None
+        self._pending: _Pending | None = None  # from prepare to finish, within one step
 
     def set_lr(self, lr: float, meta_lr_factor: float = 1.0) -> None:
         old = self.weight_optimizer.param_groups[0]["lr"] if self.weight_optimizer else lr
@@ -218,7 +258,7 @@ class MetaQuantStep(STEStep):
             return self.quantizer.quantize_original(w_tilde, before, layout), w_tilde
         return self.quantizer.quantize(w_tilde, layout), w_tilde
 
-    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def prepare(self) -> NetworkInput:
         layout = self.model.layout(self.weights)
         first = self.grad_hat is None
         if first:
@@ -226,19 +266,22 @@ class MetaQuantStep(STEStep):
         else:
             weights, before = self._meta_weights(layout)
         w_hat, w_tilde = self._quantize(weights, before, layout)
-        # Cut the graph at W^: the model's backward stops there and yields g_W^ on this leaf;
-        # a second, small backward carries g_W^ on through Q, A and M.
+        # Cut the graph at W^: the network's backward stops there and yields g_W^ on this leaf;
+        # a second, small backward in finish carries g_W^ on through Q, A and M.
         leaf = w_hat.detach().requires_grad_()
         for opt in (self.other_optimizer, self.meta_optimizer):
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
-        tensors = self.model.named(layout.unflatten(leaf))
+        look_ahead = {}
         if self.previous_bias_update is not None:
             for (name, b), u in zip(self.biases.items(), self.previous_bias_update, strict=True):
-                tensors[name] = b - u  # the released look-ahead; b takes the gradient
-        logits = self.model(x, tensors)
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
+                look_ahead[name] = b - u  # the released look-ahead; b takes the gradient
+        self._pending = _Pending(first, weights, w_hat, w_tilde, leaf)
+        return NetworkInput(leaf, look_ahead)
+
+    def finish(self) -> None:
+        first, weights, w_hat, w_tilde, leaf = self._pending
+        self._pending = None
         grad_hat = leaf.grad
         assert grad_hat is not None
         if self.all_reduce is not None:  # g_W^ and the other parameters' gradients: one call
@@ -263,7 +306,6 @@ class MetaQuantStep(STEStep):
                 self.previous_bias_update = [old - b.detach() for old, b in pairs]
         self.grad_hat = grad_hat
         self.w_tilde = w_tilde.detach()
-        return loss.detach(), logits.detach()
 
     def state_dict(self) -> dict:
         state = super().state_dict()

@@ -68,6 +68,16 @@ class FlatLayout:
             )
         ]
 
+    def unflatten_stacked(self, flat: Tensor) -> list[Tensor]:
+        """``unflatten`` of every row of ``flat`` (K, numel): views (K, *shape) per tensor."""
+        rows = flat.shape[0]
+        return [
+            part.view(rows, *permuted).permute(0, *(d + 1 for d in inverse))
+            for part, permuted, inverse in zip(
+                flat.split(self.sizes, dim=1), self._permuted, self._inverse, strict=True
+            )
+        ]
+
     def reorder(self, flat: Tensor, orders: Sequence[Sequence[int]] | None) -> Tensor:
         """Rows of ``flat`` (N, ...), laid out by a layout with memory ``orders`` (None: plain
         row-major per tensor, how step state was laid out before), in this layout's order."""
