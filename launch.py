@@ -41,6 +41,10 @@ def main(cfg: DictConfig) -> dict:
         logger_args = {"group": group, "name": str(hydra_cfg.sweep.subdir) or cfg.run_name}
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
+        if cfg.get("pack_file"):  # runs a sweep packed together (hydra.sweeper.pack)
+            from mq.job.packjob import run_pack
+
+            return {"runs": run_pack(Path(cfg.pack_file))}
         return run(cfg, run_dir, choices, logger_args)
     except Interrupted as exc:  # SIGTERM outside SLURM: checkpointed, marked failed; stop here
         print(f"error: {exc}", file=sys.stderr)

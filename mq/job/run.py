@@ -81,6 +81,19 @@ def job(
     if previous and previous.get("status") in FINAL:
         log.info("%s", finished_message(run_dir, previous))
         return previous
+    return task(build_job(cfg, run_dir, choices, logger_args, ranks, device, previous or {}))
+
+
+def build_job(
+    cfg: DictConfig,
+    run_dir: Path,
+    choices: dict[str, str],
+    logger_args: dict[str, Any],
+    ranks: distributed.Ranks,
+    device: torch.device,
+    previous: dict[str, Any],
+) -> Job:
+    """The model (seeded by cfg.seed) and the data a task runs on."""
     torch.manual_seed(cfg.seed)
     model = build_quantized(cfg, instantiate(cfg.model)).to(device)
     if cfg.get("sync_bn", False) and ranks.launched:  # before the optimizers take the params
@@ -94,7 +107,7 @@ def job(
         progress=cfg.progress and ranks.main,
         **shard,
     )
-    return task(Job(cfg, run_dir, choices, logger_args, ranks, model, data, previous or {}))
+    return Job(cfg, run_dir, choices, logger_args, ranks, model, data, previous)
 
 
 def start_ranks(cfg: DictConfig, task: Task) -> tuple[distributed.Ranks | None, torch.device]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,26 @@ class Train(Task):
         check_resumable(run_dir, cfg.epochs)  # a refused relaunch writes nothing
 
     def __call__(self, job: Job) -> dict[str, Any]:
+        begun = self.begin(job)
+        if isinstance(begun, dict):
+            return begun
+        record, loop = begun
+        # SIGTERM / preemption: checkpoint between steps, mark the summary (mq.job.preempt).
+        with GracefulStop(on_terminate=record.mark) as stop:
+            try:
+                record.loop = loop(stop.poll)
+                summary = record.loop.run()
+            except BaseException as exc:
+                instead = record.failed(exc, stop, job.ranks)
+                if instead is not None:
+                    raise instead from None
+                raise
+        return self.end(job, record, summary)
+
+    def begin(self, job: Job) -> dict[str, Any] | tuple[RunRecord, Callable[..., Training]]:
+        """Everything up to the loop: the step, the checkpoint to resume, summary.json
+        "running" and the logger. Returns the summary of a run with nothing left to train, or
+        its record and the loop to build with a signal poll (mq.job.packjob runs many)."""
         cfg, run_dir, ranks = job.cfg, job.run_dir, job.ranks
         if self.from_pretrained and cfg.quant.get("_target_") and not cfg.model.pretrained:
             log.warning(
@@ -154,24 +175,23 @@ class Train(Task):
             record = RunRecord.start(*args)
         else:  # the other ranks of a data-parallel job write nothing
             record = RunRecord(run_dir, head=None)
-        # SIGTERM / preemption: checkpoint between steps, mark the summary (mq.job.preempt).
-        with GracefulStop(on_terminate=record.mark) as stop:
-            try:
-                record.loop = Training(
-                    *(job.model, step, job.data.train, job.data.test, run_dir, Settings.of(cfg)),
-                    val_data=job.data.val,
-                    resume=resume,
-                    logger=record.logger,
-                    interrupt=stop.poll,
-                    ranks=ranks,
-                )
-                summary = record.loop.run()
-            except BaseException as exc:
-                instead = record.failed(exc, stop, ranks)
-                if instead is not None:
-                    raise instead from None
-                raise
-        return record.completed(summary, cfg.get("keep_training_state", False), device)
+
+        def loop(interrupt: Callable[[], str | None]) -> Training:
+            return Training(
+                *(job.model, step, job.data.train, job.data.test, run_dir, Settings.of(cfg)),
+                val_data=job.data.val,
+                resume=resume,
+                logger=record.logger,
+                interrupt=interrupt,
+                ranks=ranks,
+            )
+
+        return record, loop
+
+    def end(self, job: Job, record: RunRecord, summary: dict[str, Any]) -> dict[str, Any]:
+        """The summary of a run whose loop ended (completed or diverged), written."""
+        device = next(job.model.parameters()).device
+        return record.completed(summary, job.cfg.get("keep_training_state", False), device)
 
 
 class Evaluate(Task):

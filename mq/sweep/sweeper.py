@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from mq.cli.conf import options
 from mq.core.errors import ConfigError
 from mq.job import ledger
+from mq.sweep.packing import check_pack, pack_jobs, pack_member
 
 log = logging.getLogger(__name__)
 IN_SLURM = "in SLURM"  # running or pending (requeued) under an earlier launch: not again
@@ -50,6 +51,8 @@ class Point:
     overrides: list[str]
     run_dir: Path
     status: str  # ledger status before this launch
+    member: Any = None  # mq.job.packjob.Member: what a pack job needs of it (pack > 1)
+    pack_key: Any = None  # points with equal keys can share a pack; None: packed alone
 
 
 def _one_line(exc: BaseException) -> str:
@@ -82,8 +85,11 @@ def grid(overrides: list[Override]) -> list[list[str]]:
 
 
 class Sweeper(HydraSweeper):
-    def __init__(self, max_batch_size: int | None = None, params: dict | None = None) -> None:
+    def __init__(
+        self, max_batch_size: int | None = None, params: dict | None = None, pack: Any = 1
+    ) -> None:
         super().__init__()
+        self.pack = pack
         self.auto_name: str | None = None
         self.max_batch_size = max_batch_size
         self.params = params or {}
@@ -136,6 +142,11 @@ class Sweeper(HydraSweeper):
     def sweep(self, arguments: list[str]) -> Any:
         assert self.config is not None and self.launcher is not None
         assert self.hydra_context is not None
+        try:
+            self.pack = check_pack(self.pack)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
         params = self._job_params(arguments)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         jobs = grid(parser.parse_overrides(params))
@@ -174,10 +185,13 @@ class Sweeper(HydraSweeper):
         if not todo:
             return []
 
-        size = self.max_batch_size or len(todo)
+        jobs = [p.overrides for p in todo]
+        if self.pack > 1:
+            jobs = pack_jobs(todo, self.pack, sweep_dir)
+        size = self.max_batch_size or len(jobs)
         returns: list[list[JobReturn]] = []
-        for start in range(0, len(todo), size):
-            chunk = [p.overrides for p in todo[start : start + size]]
+        for start in range(0, len(jobs), size):
+            chunk = jobs[start : start + size]
             try:
                 returns.append(list(self.launcher.launch(chunk, initial_job_idx=start)))
             except ConfigError as exc:  # sbatch refused: its message, one line
@@ -221,7 +235,10 @@ class Sweeper(HydraSweeper):
                         file=sys.stderr,
                     )
                     sys.exit(2)
-                points.append(Point(list(overrides), run_dir, ledger.job_status(run_dir)))
+                point = Point(list(overrides), run_dir, ledger.job_status(run_dir))
+                if self.pack > 1:
+                    point.member, point.pack_key = pack_member(cfg, task_cfg, run_dir)
+                points.append(point)
         finally:
             if isinstance(master, DictConfig):
                 HydraConfig.instance().set_config(master)
