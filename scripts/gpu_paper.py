@@ -91,8 +91,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--results", help="report copy (docs/results/table1-gpu; smoke: none)")
     p.add_argument("--tests", help="pytest arguments of the equivalence step (run even on CPU)")
     p.add_argument("--no-tests", action="store_true", help="skip the equivalence step")
-    p.add_argument("extra", nargs="*", default=[], help="after --: overrides for every run")
-    args = p.parse_args(argv)
+    p.epilog = "After --: launch.py overrides for every run (key=value ...)."
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = p.parse_args(argv[: len(argv) - len(extra) - (1 if "--" in argv else 0)])
+    args.extra = extra
     args.budget = positive(float, "--budget", args.budget or ("300" if args.smoke else "540"))
     args.jobs = positive(int, "--jobs", args.jobs or ("2" if args.smoke else "16"))
     args.epochs = positive(int, "--epochs", args.epochs or ("2" if args.smoke else "100"))
@@ -318,7 +320,8 @@ def bundle(work: Path, out: Path) -> None:
             tar.add(path, str(path.relative_to(work)))
         if (work / "report").is_dir():
             tar.add(work / "report", "report")
-        for run in sorted(p for p in (work / "runs").iterdir() if p.is_dir()):
+        runs = sorted((work / "runs").iterdir()) if (work / "runs").is_dir() else []
+        for run in (p for p in runs if p.is_dir()):
             for name in ("config.yaml", "summary.json", "launch.log"):
                 if (run / name).is_file():
                     tar.add(run / name, f"runs/{run.name}/{name}")
@@ -344,13 +347,14 @@ def main(argv: list[str]) -> int:
     work = Path(args.runs or default).resolve()
     if args.results is None and not args.smoke:
         args.results = str(ROOT / "docs/results/table1-gpu")
-    (work / "runs").mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     mode = "smoke (toy size, CPU)" if args.smoke else "full"
     say(out, f"gpu-paper: {mode}; budget {args.budget:.0f} s, {args.jobs} runs at once, in {work}")
     if not equivalence(args, work, out):
         say(out, f"equivalence tests failed: sweep not started ({work / 'equivalence.log'})")
         bundle(work, out)
         return 1
+    (work / "runs").mkdir(exist_ok=True)
     data = work / "data"
     if not (data / "train").is_dir():
         if args.smoke:
