@@ -41,6 +41,10 @@
 # the speed work of issue 20 (today ~40,000 img/s for 8 runs on one H200, where one seed of
 # Table 1 needs ~150,000 for 540 s): the summary says which did. Smoke: about 1-2 minutes on
 # 2 CPU cores (4 configurations, 2 epochs of 2 batches, a generated image folder).
+# A dry run of the full path on a CPU (the JPEG data, the checkpoint, all 16 configurations,
+# the report; 2 min on 2 cores): bash scripts/gpu-paper.sh OUT --no-tests --epochs 1 --jobs 2
+#   --runs /tmp/work --results /tmp/results -- device=cpu batch_size=32 limit_train_batches=2
+#   limit_test_batches=1
 # Exit status: 0 when every run completed or was stopped by the budget, 1 when a run or the
 # report failed or the equivalence tests did, 2 for bad input (one line, nothing written).
 set -u

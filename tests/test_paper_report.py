@@ -99,3 +99,11 @@ def test_limited_cells_keep_their_mark(tmp_path):
     (run / "summary.json").write_text(json.dumps(summary))
     rows = section(write_report(tmp_path / "s", Path(tmp_path / "out")).read_text())
     assert any("| ste | 40.00 (-) n=1 *" in r for r in rows)
+
+
+def test_rows_follow_table1s_order(tmp_path):
+    for method, optimizer in (("ste", "adam"), ("ste", "sgd")):
+        make_run(tmp_path / "s" / optimizer, method, 0, [50.0], optimizer=optimizer)
+    rows = section(write_report(tmp_path / "s", tmp_path / "out", plots=False).read_text())
+    optimizers = [r.split(" | ")[3] for r in rows]
+    assert optimizers.index("sgd") < optimizers.index("adam")  # SGD first, as in the paper

@@ -18,6 +18,13 @@ def _base(row: RowKey) -> tuple[str, str, str, str, str]:
     return (row.model, row.dataset, row.quant, str(row.bits), row.optimizer)
 
 
+def _paper_order(row: RowKey) -> tuple:
+    """Table 1's order: dorefa before BWN, SGD before Adam."""
+    quant = {"dorefa": 0, "bwn": 1}.get(row.quant, 2)
+    optimizer = {"sgd": 0, "adam": 1}.get(row.optimizer, 2)
+    return (row.model, row.dataset, quant, row.quant, optimizer, row.optimizer, str(row.extra))
+
+
 def _ste_mean(table: Table, row: RowKey) -> float | None:
     """Our STE mean for the row's setting: its own STE cell, else the one STE cell of a row that
     differs only in extra keys (STE with Adam runs without weight decay, as the released
@@ -49,7 +56,7 @@ def _delta(value: float | None, reference: float | None) -> str:
 
 def paper_markdown(table: Table) -> str:
     """The section (empty when no row of ``table`` is a Table 1 setting)."""
-    rows = [r for r in table.rows if covers(r.model, r.dataset, r.bits)]
+    rows = sorted((r for r in table.rows if covers(r.model, r.dataset, r.bits)), key=_paper_order)
     if not rows:
         return ""
     cols = list(table.cols)
