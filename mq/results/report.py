@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from mq.results.fair_report import fair_markdown, mark_tuning_runs, missing_finals
+from mq.results.paper_report import paper_markdown
 from mq.results.plots import plot_row
 from mq.results.runs import collect_runs
 from mq.results.table import RowKey, Table, make_table
@@ -63,6 +64,9 @@ def render_markdown(
     notes = table.footnotes()
     if notes:
         lines += [*notes, ""]
+    paper = paper_markdown(table)  # Table 1's settings: the paper's numbers beside ours
+    if paper:
+        lines += [paper]
     # A tuned sweep is no grid: only the runs it defined (final runs listed in tune.json) can
     # be missing, not every combination of its trials' values.
     missing = table.missing(sweep_dir, grid=not tuned)
