@@ -204,3 +204,22 @@ def test_preempted_job_is_requeued_resumes_and_matches_an_uninterrupted_run(tmp_
     assert len(segments) == 2 and len({p.name.rsplit("-", 1)[1] for p in segments}) == 1
     assert got["wandb_id"] == segments[0].name.rsplit("-", 1)[1]
     print(f"preempt -> requeue -> resume: {time.monotonic() - t0:.1f} s")
+
+
+@pytest.mark.slurm
+def test_a_packed_sweep_is_one_slurm_job_per_pack(tmp_path):
+    t0 = time.monotonic()
+    args = ["-m", *SLURM, *TINY, "sweep_name=packed", "quant=dorefa,bwn", "seed=0,1"]
+    args.append("hydra.sweeper.pack=2")
+    result = launch(*args, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "4 runs in 2 packs (2, 2)" in result.stdout + result.stderr
+    sweep = tmp_path / "outputs/sweeps/packed"
+    runs = [d for d in sweep.iterdir() if (d / "summary.json").exists()]
+    assert len(runs) == 4 and all(summary(d)["status"] == "completed" for d in runs)
+    assert all((d / "config.yaml").exists() and steps(d) == 3 for d in runs)
+    assert len(list(sweep.glob(".submitit/*/*_log.out"))) == 2  # one SLURM job per pack
+    assert job_log(sweep).count("training 2 runs as one pack") == 2
+    again = launch(*args, cwd=tmp_path, timeout=120)
+    assert again.returncode == 0 and "launching 0, skipping 4" in again.stdout
+    print(f"4 runs in 2 packs through SLURM + relaunch: {time.monotonic() - t0:.1f} s")

@@ -311,6 +311,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch intra-op threads (default: torch's, one per core)",
     )
     p.add_argument("--quick", action="store_true", help="2 warm-up, 2x3 steps, 20-batch epoch")
+    p.add_argument(
+        "--pack",
+        default=None,
+        help="pack sizes, e.g. 1,2,4,8,16: fused packs beside separate processes (bench_pack)",
+    )
+    p.add_argument("--pack-net", default="multifc", help="--pack: the meta option of its runs")
+    p.add_argument("--pack-quant", default="dorefa", help="--pack: the quantizer of its runs")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
     if args.device == "auto":
@@ -322,10 +329,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         ("--quants", args.quants.split(","), QUANTS),
         ("--model", [args.model], MODELS),
         ("--state-dtype", [args.state_dtype], ("float32", "bfloat16", "float16")),
+        ("--pack-net", [args.pack_net], NETS),
+        ("--pack-quant", [args.pack_quant], QUANTS),
     ):
         bad = [v for v in values if v not in allowed]
         if bad:
             p.error(f"{option} {','.join(bad)} is not known; allowed: {', '.join(allowed)}")
+    if args.pack is not None:
+        sizes = args.pack.split(",")
+        if not all(k.isdigit() and int(k) >= 1 for k in sizes):
+            p.error(f"--pack {args.pack} is not a list of pack sizes; allowed: e.g. 1,2,4,8,16")
     if args.quick:
         args.warmup, args.steps, args.rounds = 2, 2, 3
         args.epoch_batches = args.epoch_batches or 20
@@ -334,6 +347,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
+    if args.pack is not None:
+        from mq.tools.bench_pack import run
+
+        return run(args)
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark  # as mq.job.run does for every run
     if not args.glibc_defaults:
