@@ -87,3 +87,21 @@ def test_launch_trains_on_cuda(tmp_path, meta):
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)  # where it was saved
     assert checkpoint["model"]["conv1.weight"].is_cuda
+
+
+@pytest.mark.parametrize("update", ["paper", "original"])
+def test_a_pack_on_cuda_equals_its_runs_alone_on_cuda(update):
+    """The fused network (vmap, grouped convolutions, channels-last weights) on the GPU, in
+    float64 there too: the pack's tests (tests/test_pack.py) run on the CPU."""
+    from test_pack import batches, check_pack_equals_alone
+
+    torch.manual_seed(0)
+    network = build_model("resnet20", 10).double().cuda()
+    runs = [
+        ("ste", "sgd", 0.05, None),
+        ("multifc", "adam", 0.05, update),
+        ("lstmfc", "sgdm", 0.02, update),
+        ("fcgrad", "sgd", 0.1, update),
+    ]
+    check_pack_equals_alone(network, "dorefa", runs, device="cuda")
+    assert batches(0)[0][0].dtype == torch.float64

@@ -125,3 +125,39 @@ def test_a_pack_killed_mid_epoch_and_relaunched_equals_one_never_stopped(tmp_pat
         b = torch.load(killed / "checkpoint.pt", weights_only=True)["model"]
         for key, t in a.items():
             assert torch.equal(t, b[key]), f"{run.name} {key}"
+
+
+@pytest.mark.slow  # a pack stopped by SIGTERM, then relaunched: about 40 s
+def test_sigterm_checkpoints_and_marks_every_run_of_the_pack(tmp_path):
+    args = ["-m", *GRID, *ARGS, "hydra.sweeper.pack=4", "log_every=1", "sweep_name=term"]
+    args += ["epochs=4"]
+    proc = start_launch(*args, cwd=tmp_path)
+    sweep = tmp_path / "outputs/sweeps/term"
+    deadline = time.monotonic() + 240
+    try:
+        while not any('"epoch": 2' in p.read_text() for p in sweep.glob("*/metrics.jsonl")):
+            assert proc.poll() is None, f"ended early:\n{proc.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    for run in run_dirs(tmp_path, "term"):
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["status"] == "failed" and "SIGTERM" in summary["error"], summary
+        saved = torch.load(run / "checkpoint.pt", weights_only=True)["progress"]["step"]
+        assert saved == summary["steps"]  # checkpointed where it stopped
+    steps = {
+        torch.load(r / "checkpoint.pt", weights_only=True)["progress"]["step"]
+        for r in run_dirs(tmp_path, "term")
+    }
+    assert len(steps) == 1  # at the same step boundary
+    again = launch(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert all(
+        json.loads((r / "summary.json").read_text())["status"] == "completed"
+        for r in run_dirs(tmp_path, "term")
+    )
