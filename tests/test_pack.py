@@ -114,7 +114,7 @@ def check_pack_equals_alone(network, quant, runs, device="cpu"):
         [step.train_step(x, y)[0].item() for x, y in d]
         for (_, step), d in zip(alone, data, strict=True)
     ]
-    pack = Pack([m for m, _ in packed], [s for _, s in packed])
+    pack = Pack([m for m, _ in packed], [s for _, s in packed], fuse=True)
     losses_packed = [[] for _ in runs]
     for i in range(STEPS):
         out = pack.train_step([d[i][0] for d in data], [d[i][1] for d in data])
@@ -166,7 +166,7 @@ def test_a_mixed_pack_equals_its_runs_alone(network, quant):
 def test_a_diverging_run_leaves_the_others_alone(network):
     runs = [("multifc", "sgd", 0.05, "paper"), ("ste", "sgd", 0.05, None)]
     alone, packed = make_runs(network, "dorefa", runs), make_runs(network, "dorefa", runs)
-    pack = Pack([m for m, _ in packed], [s for _, s in packed])
+    pack = Pack([m for m, _ in packed], [s for _, s in packed], fuse=True)
     data = [batches(k) for k in range(2)]
     nan = data[0][1][0].clone()
     nan[0, 0, 0, 0] = float("nan")
@@ -184,7 +184,7 @@ def test_packed_models_still_work_alone_and_save_compact(network, tmp_path):
     from mq.core.checkpoint import load_checkpoint, save_checkpoint
 
     runs = make_runs(network, "dorefa", pack_of("ste", None)[:2])
-    Pack([m for m, _ in runs], [s for _, s in runs])
+    Pack([m for m, _ in runs], [s for _, s in runs], fuse=True)
     model = runs[1][0]
     x, y = batches(1, steps=1)[0]
     runs[1][1].train_step(x, y)  # a step of its own, on views of the pack's tensors
@@ -205,3 +205,19 @@ def test_what_cannot_be_packed_is_refused(network):
     act = quantize_model(copy.deepcopy(network), build_quantizer("dorefa", 1), SignActivation(1))
     with pytest.raises(ConfigError, match="run 1 .* activation quantizers"):
         Pack([runs[0][0], act], [runs[0][1], make_step(act, "ste", "sgd", 0.1, None)])
+
+
+def test_on_a_cpu_a_pack_runs_its_networks_one_by_one_as_alone(network):
+    """Unfused (the CPU's default): each run's own step, so the numbers are the run's alone."""
+    runs = [("multifc", "sgd", 0.05, "paper"), ("ste", "adam", 0.05, None)]
+    alone, packed = make_runs(network, "dorefa", runs), make_runs(network, "dorefa", runs)
+    pack = Pack([m for m, _ in packed], [s for _, s in packed])
+    assert not pack.fused
+    data = [batches(k, steps=2) for k in range(2)]
+    for i in range(2):
+        out = pack.train_step([d[i][0] for d in data], [d[i][1] for d in data])
+        for k, (_, step) in enumerate(alone):
+            loss, _ = step.train_step(*data[k][i])
+            assert torch.equal(loss, out[k][0])
+    for (a, _), (b, _) in zip(alone, packed, strict=True):
+        assert all(torch.equal(t, b.state_dict()[n]) for n, t in a.state_dict().items())

@@ -96,7 +96,7 @@ def test_a_pack_writes_what_each_run_writes_alone(tmp_path):
     alone = folders_in(tmp_path / "alone", 3)
     packed = folders_in(tmp_path / "packed", 3)
     summaries = [loop.run() for loop in loops_for(RUNS, alone)]
-    packed_summaries = train_pack(loops_for(RUNS, packed))
+    packed_summaries = train_pack(loops_for(RUNS, packed), fuse=True)
     for a, b, sa, sb in zip(alone, packed, summaries, packed_summaries, strict=True):
         assert sb["status"] == sa["status"] == "completed"
         assert sb["test_acc"] == pytest.approx(sa["test_acc"], rel=1e-10)
@@ -112,25 +112,25 @@ def stop_at(step):
 
 def test_a_stopped_pack_resumes_where_it_stopped_even_when_its_runs_are_apart(tmp_path):
     whole = folders_in(tmp_path / "whole", 3)
-    train_pack(loops_for(RUNS, whole))
+    train_pack(loops_for(RUNS, whole), fuse=True)
     parts = folders_in(tmp_path / "parts", 3)
     # Stop mid-epoch 1 (step 2 of 4), keep run 1's checkpoint from there; stop again at step 5.
     shared = SharedInterrupt(stop_at(2))
     with pytest.raises(Interrupted):
-        train_pack(loops_for(RUNS, parts, interrupt=shared), shared)
+        train_pack(loops_for(RUNS, parts, interrupt=shared), shared, fuse=True)
     early = (parts[1] / "checkpoint.pt").read_bytes()
     early_rows = (parts[1] / "metrics.jsonl").read_bytes()
     resume = [load_checkpoint(f / "checkpoint.pt") for f in parts]
     shared = SharedInterrupt(stop_at(2))
     with pytest.raises(Interrupted):
-        train_pack(loops_for(RUNS, parts, resume=resume, interrupt=shared), shared)
+        train_pack(loops_for(RUNS, parts, resume=resume, interrupt=shared), shared, True)
     assert load_checkpoint(parts[0] / "checkpoint.pt")["progress"]["step"] == 6
     # As if killed between two runs' saves: run 1 is 3 steps behind the others.
     (parts[1] / "checkpoint.pt").write_bytes(early)
     (parts[1] / "metrics.jsonl").write_bytes(early_rows)
     resume = [load_checkpoint(f / "checkpoint.pt") for f in parts]
     assert [r["progress"]["step"] for r in resume] == [6, 3, 6]
-    summaries = train_pack(loops_for(RUNS, parts, resume=resume))
+    summaries = train_pack(loops_for(RUNS, parts, resume=resume), fuse=True)
     assert [s["status"] for s in summaries] == ["completed"] * 3
     for a, b in zip(whole, parts, strict=True):
         assert_same_rows(
@@ -144,7 +144,7 @@ def test_a_diverging_run_ends_and_the_pack_goes_on(tmp_path):
     runs = [RUNS[0], ("ste", "sgd", float("nan"), None), RUNS[2]]  # NaN weights, NaN loss
     alone = folders_in(tmp_path / "alone", 3)
     packed = folders_in(tmp_path / "packed", 3)
-    summaries = train_pack(loops_for(runs, packed))
+    summaries = train_pack(loops_for(runs, packed), fuse=True)
     assert [s["status"] for s in summaries] == ["completed", "diverged", "completed"]
     expected = [loop.run() for k, loop in enumerate(loops_for(runs, alone)) if k != 1]
     for k, summary in zip((0, 2), expected, strict=True):

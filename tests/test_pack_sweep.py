@@ -28,11 +28,12 @@ def losses(run_dir):
 
 
 def test_a_packed_sweep_trains_every_run_as_alone_and_relaunch_skips_them(tmp_path):
-    packed = launch("-m", *GRID, *ARGS, "hydra.sweeper.pack=4", "sweep_name=packed", cwd=tmp_path)
+    fused = ["hydra.sweeper.pack=4", "hydra.sweeper.fuse=true"]  # the GPU's way, on the CPU
+    packed = launch("-m", *GRID, *ARGS, *fused, "sweep_name=packed", cwd=tmp_path)
     assert packed.returncode == 0, packed.stderr[-3000:]
     log = packed.stdout + packed.stderr
     assert "hydra.sweeper.pack=4: 4 runs in 1 packs (4), 0 runs alone" in log
-    assert "training 4 runs as one pack" in log
+    assert "training 4 runs as one pack (one fused network)" in log
     alone = launch("-m", *GRID, *ARGS, "sweep_name=alone", cwd=tmp_path)
     assert alone.returncode == 0, alone.stderr[-3000:]
     a, b = summaries(tmp_path, "alone"), summaries(tmp_path, "packed")
@@ -49,20 +50,26 @@ def test_a_packed_sweep_trains_every_run_as_alone_and_relaunch_skips_them(tmp_pa
         ours, theirs = losses(folder), losses(tmp_path / "outputs/sweeps/alone" / name)
         assert ours[:2] == pytest.approx(theirs[:2], rel=1e-4)  # step 1: the meta net's start
         assert ours == pytest.approx(theirs, rel=0.1)
-    again = launch("-m", *GRID, *ARGS, "hydra.sweeper.pack=4", "sweep_name=packed", cwd=tmp_path)
+    again = launch("-m", *GRID, *ARGS, *fused, "sweep_name=packed", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "launching 0, skipping 4" in again.stdout + again.stderr
 
 
-@pytest.mark.parametrize("pack", ["0", "-1", "two", "1.5"])
-def test_a_bad_pack_size_is_one_line_and_writes_nothing(tmp_path, pack):
-    result = launch("-m", *GRID, *ARGS, f"hydra.sweeper.pack={pack}", cwd=tmp_path)
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("pack", "0", "is not a pack size; allowed: an integer >= 1 (1: every run its own job)"),
+        ("pack", "-1", "is not a pack size; allowed: an integer >= 1 (1: every run its own job)"),
+        ("pack", "two", "is not a pack size; allowed: an integer >= 1 (1: every run its own job)"),
+        ("pack", "1.5", "is not a pack size; allowed: an integer >= 1 (1: every run its own job)"),
+        ("fuse", "gpu", "is not known; allowed: null (fused on a GPU, one network after another"),
+    ],
+)
+def test_a_bad_pack_setting_is_one_line_and_writes_nothing(tmp_path, key, value, allowed):
+    result = launch("-m", *GRID, *ARGS, f"hydra.sweeper.{key}={value}", cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert lines[-1] == (
-        f"error: hydra.sweeper.pack={pack} is not a pack size; allowed: an integer >= 1 "
-        "(1: every run its own job)"
-    )
+    assert lines[-1].startswith(f"error: hydra.sweeper.{key}={value} {allowed}"), lines[-1]
     assert not (tmp_path / "outputs").exists()
 
 

@@ -40,10 +40,11 @@ class SharedInterrupt:
 
 
 def train_pack(
-    loops: Sequence[Training], shared: SharedInterrupt | None = None
+    loops: Sequence[Training], shared: SharedInterrupt | None = None, fuse: bool | None = None
 ) -> list[dict[str, Any]]:
     """Run every loop to its end, their steps fused where they are at the same step; returns
-    their summaries in order. ``shared``: the interrupt the loops were given, if any."""
+    their summaries in order. ``shared``: the interrupt the loops were given, if any; ``fuse``:
+    as mq.meta.pack.Pack's (None: fused on a GPU, one network after another on a CPU)."""
     sessions: dict[int, Session] = {k: loop.session() for k, loop in enumerate(loops)}
     summaries: dict[int, dict[str, Any]] = {}
     asks: dict[int, tuple[Tensor, Tensor]] = {}
@@ -55,8 +56,10 @@ def train_pack(
         if tuple(asks) != members:  # a run ended: the others go on without it
             members = tuple(asks)
             if len(members) > 1:
-                pack = Pack([loops[k].model for k in members], [loops[k].step for k in members])
-                log.info("training %d runs as one pack", len(members))
+                models, steps = [loops[k].model for k in members], [loops[k].step for k in members]
+                pack = Pack(models, steps, fuse)
+                how = "one fused network" if pack.fused else "one network after another"
+                log.info("training %d runs as one pack (%s)", len(members), how)
         if shared is not None:
             shared.refresh()
         lowest = min(loops[k].progress.step for k in asks)

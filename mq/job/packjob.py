@@ -48,7 +48,8 @@ class Member:
     logger_args: dict[str, Any]
 
 
-def write_pack_file(path: Path, members: list[Member]) -> None:
+def write_pack_file(path: Path, members: list[Member], fuse: bool | None = None) -> None:
+    """The pack's runs (and ``fuse``: mq.meta.pack.Pack's) for its job to read."""
     from mq.core.checkpoint import write_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,19 +62,20 @@ def write_pack_file(path: Path, members: list[Member]) -> None:
         }
         for m in members
     ]
-    write_json({"runs": data}, path)
+    write_json({"runs": data, "fuse": fuse}, path)
 
 
-def read_pack_file(path: Path) -> list[Member]:
+def read_pack_file(path: Path) -> tuple[list[Member], bool | None]:
     from mq.core.checkpoint import read_json
 
     data = read_json(path)
     if data is None or not isinstance(data.get("runs"), list):
         raise ValueError(f"{path} is not a pack file written by the sweeper")
-    return [
+    members = [
         Member(OmegaConf.create(r["cfg"]), Path(r["run_dir"]), r["choices"], r["logger_args"])
         for r in data["runs"]
     ]
+    return members, data.get("fuse")
 
 
 class _HandOverOnce:
@@ -91,7 +93,7 @@ class _HandOverOnce:
 
 def run_pack(path: Path) -> list[dict[str, Any]]:
     """Train the pack in ``path``; returns the runs' summaries (those left alone too)."""
-    members = read_pack_file(path)
+    members, fuse = read_pack_file(path)
     summaries: dict[int, dict[str, Any]] = {}
     with ExitStack() as locks:
         jobs: dict[int, tuple[Job, Train, dict[str, Any]]] = {}
@@ -101,7 +103,7 @@ def run_pack(path: Path) -> list[dict[str, Any]]:
                 summaries[k] = opened
             else:
                 jobs[k] = opened
-        summaries.update(_train(jobs))
+        summaries.update(_train(jobs, fuse))
     return [summaries[k] for k in range(len(members))]
 
 
@@ -136,7 +138,9 @@ def _open(member: Member, locks: ExitStack) -> tuple[Job, Train, dict[str, Any]]
         raise
 
 
-def _train(jobs: dict[int, tuple[Job, Train, dict[str, Any]]]) -> dict[int, dict[str, Any]]:
+def _train(
+    jobs: dict[int, tuple[Job, Train, dict[str, Any]]], fuse: bool | None
+) -> dict[int, dict[str, Any]]:
     """Begin every run (Train.begin), train the pack, end every run (Train.end)."""
     summaries: dict[int, dict[str, Any]] = {}
     begun: dict[int, tuple[Job, Train, RunRecord, Any]] = {}
@@ -162,7 +166,7 @@ def _train(jobs: dict[int, tuple[Job, Train, dict[str, Any]]]) -> dict[int, dict
             for _, _, record, loop in begun.values():
                 record.loop = loop(shared)
                 loops.append(record.loop)
-            done = train_pack(loops, shared)
+            done = train_pack(loops, shared, fuse)
         except BaseException as exc:
             last = len(records) - 1
             instead = None

@@ -70,7 +70,9 @@ class Pack:
     the parameter objects, which stay the same), pack, then train; ``models[k]`` still works
     alone (evaluation, a checkpoint, a step of its own)."""
 
-    def __init__(self, models: Sequence[nn.Module], steps: Sequence[STEStep]) -> None:
+    def __init__(
+        self, models: Sequence[nn.Module], steps: Sequence[STEStep], fuse: bool | None = None
+    ) -> None:
         if not models or len(models) != len(steps):
             raise ValueError("a pack needs one step per model, and at least one model")
         for k, (model, step) in enumerate(zip(models, steps, strict=True)):
@@ -85,6 +87,11 @@ class Pack:
                     "(class, parameter shapes, dtype or device): a pack needs one architecture"
                 )
         self.models, self.steps = list(models), list(steps)
+        device = next(unwrap(self.models[0]).parameters()).device
+        # None: fused on a GPU (one kernel for K runs' work beats K launches); on a CPU one run's
+        # convolution already fills the cores, and the grouped convolution's backward is slower
+        # there than K plain ones (python -m mq.bench --pack): the networks run one by one.
+        self.fused = device.type == "cuda" if fuse is None else fuse
         self.net = unwrap(self.models[0])  # its modules run the fused forward under vmap
         nets = [unwrap(m) for m in self.models]
         self.params = self._alias(nets, "parameter")
@@ -136,6 +143,8 @@ class Pack:
     def train_step(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
         """One step of every run on its own batch (``xs[k]``, ``ys[k]``, all of one shape);
         returns each run's (loss, logits), still on the device."""
+        if not self.fused:
+            return [step.train_step(x, y) for step, x, y in zip(self.steps, xs, ys, strict=True)]
         given = [step.prepare() for step in self.steps]
         inputs = self.inputs(given)
         x, y = torch.stack(list(xs)), torch.stack(list(ys))

@@ -36,6 +36,16 @@ def check_pack(pack: Any) -> int:
     return pack
 
 
+def check_fuse(fuse: Any) -> bool | None:
+    """``hydra.sweeper.fuse``: null, true or false, or a one-line ConfigError."""
+    if fuse is not None and not isinstance(fuse, bool):
+        raise ConfigError(
+            f"hydra.sweeper.fuse={fuse} is not known; allowed: null (fused on a GPU, one "
+            "network after another on a CPU), true, false"
+        )
+    return fuse
+
+
 def why_alone(cfg: DictConfig, choices: dict[str, str]) -> str | None:
     """Why a (task) config's run cannot share a pack; None when it can."""
     if cfg.task.get("_target_", "").rsplit(".", 1)[-1] != "Train":
@@ -75,7 +85,9 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
 
 
-def pack_jobs(points: list[Any], size: int, sweep_dir: Path) -> list[list[str]]:
+def pack_jobs(
+    points: list[Any], size: int, sweep_dir: Path, fuse: bool | None = None
+) -> list[list[str]]:
     """The jobs to launch for ``points`` packed ``size`` at most: a pack's job overrides are its
     first run's, its own folder and its pack file; a point alone keeps its own overrides."""
     groups: dict[Any, list[Any]] = {}
@@ -91,7 +103,7 @@ def pack_jobs(points: list[Any], size: int, sweep_dir: Path) -> list[list[str]]:
                 jobs.append(chunk[0].overrides)
                 continue
             sizes.append(len(chunk))
-            jobs.append(_pack_job(chunk, sweep_dir, group))
+            jobs.append(_pack_job(chunk, sweep_dir, group, fuse))
     alone = Counter(p.pack_key[1] for p in points if isinstance(p.pack_key, tuple))
     log.info(
         "hydra.sweeper.pack=%d: %d runs in %d packs (%s), %d runs alone",
@@ -106,7 +118,7 @@ def pack_jobs(points: list[Any], size: int, sweep_dir: Path) -> list[list[str]]:
     return jobs
 
 
-def _pack_job(chunk: list[Any], sweep_dir: Path, group: str) -> list[str]:
+def _pack_job(chunk: list[Any], sweep_dir: Path, group: str, fuse: bool | None) -> list[str]:
     from mq.job.packjob import write_pack_file
 
     digest = hashlib.sha1("\n".join(str(p.run_dir) for p in chunk).encode()).hexdigest()[:12]
@@ -116,6 +128,6 @@ def _pack_job(chunk: list[Any], sweep_dir: Path, group: str) -> list[str]:
     for p in chunk:
         p.member.logger_args = {**p.member.logger_args, "group": group}
         members.append(p.member)
-    write_pack_file(path, members)
+    write_pack_file(path, members, fuse)
     quoted = str(path.resolve()).replace("\\", "\\\\").replace("'", "\\'")
     return [*chunk[0].overrides, f"hydra.sweep.subdir={PACKS}/{name}", f"+pack_file='{quoted}'"]

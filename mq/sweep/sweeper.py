@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from mq.cli.conf import options
 from mq.core.errors import ConfigError
 from mq.job import ledger
-from mq.sweep.packing import check_pack, pack_jobs, pack_member
+from mq.sweep.packing import check_fuse, check_pack, pack_jobs, pack_member
 
 log = logging.getLogger(__name__)
 IN_SLURM = "in SLURM"  # running or pending (requeued) under an earlier launch: not again
@@ -86,10 +86,14 @@ def grid(overrides: list[Override]) -> list[list[str]]:
 
 class Sweeper(HydraSweeper):
     def __init__(
-        self, max_batch_size: int | None = None, params: dict | None = None, pack: Any = 1
+        self,
+        max_batch_size: int | None = None,
+        params: dict | None = None,
+        pack: Any = 1,
+        fuse: Any = None,
     ) -> None:
         super().__init__()
-        self.pack = pack
+        self.pack, self.fuse = pack, fuse
         self.auto_name: str | None = None
         self.max_batch_size = max_batch_size
         self.params = params or {}
@@ -143,7 +147,7 @@ class Sweeper(HydraSweeper):
         assert self.config is not None and self.launcher is not None
         assert self.hydra_context is not None
         try:
-            self.pack = check_pack(self.pack)
+            self.pack, self.fuse = check_pack(self.pack), check_fuse(self.fuse)
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
@@ -187,7 +191,7 @@ class Sweeper(HydraSweeper):
 
         jobs = [p.overrides for p in todo]
         if self.pack > 1:
-            jobs = pack_jobs(todo, self.pack, sweep_dir)
+            jobs = pack_jobs(todo, self.pack, sweep_dir, self.fuse)
         size = self.max_batch_size or len(jobs)
         returns: list[list[JobReturn]] = []
         for start in range(0, len(jobs), size):

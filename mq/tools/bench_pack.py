@@ -1,10 +1,11 @@
 """Packed-runs benchmark (``python -m mq.bench --pack 1,2,4,8,16``): images per second of a
-fused pack of K runs (mq.meta.pack) in one process, beside K separate processes each training
-one run at the same time, and beside one run alone (K runs one after another take K times its
-time). Each measurement is a fresh process (spawn); the K separate processes start their timed
-steps together (a barrier) and the aggregate is K x batch x steps over the slowest one's time.
-The runs of a pack differ in seed and lr, as a sweep's would; the data is a fixed random batch
-per run, so this times the step, not the data path (``python -m mq.bench`` times that).
+pack of K runs (mq.meta.pack) in one process, fused (one network for all K: the GPU's default)
+and one network after another (the CPU's), beside K separate processes each training one run at
+the same time, and beside one run alone (K runs one after another take K times its time). Each
+measurement is a fresh process (spawn); the K separate processes start their timed steps
+together (a barrier) and the aggregate is K x batch x steps over the slowest one's time. The
+runs of a pack differ in lr, as a sweep's would; the data is a fixed random batch per run, so
+this times the step, not the data path (``python -m mq.bench`` times that).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def _runs(k: int, args: argparse.Namespace, device: torch.device) -> list[Any]:
 
 
 def _time(k: int, fused: bool, args: argparse.Namespace, barrier: Any, out: Any) -> None:
+    """Time ``args.steps`` steps of ``k`` runs: a Pack (``fused``: one fused network, else one
+    network after another) or, for k == 1, the run's own step."""
     from mq.tools.bench import sync
 
     torch.set_num_threads(args.threads)
@@ -44,8 +47,8 @@ def _time(k: int, fused: bool, args: argparse.Namespace, barrier: Any, out: Any)
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(args.batch, 3, 32, 32, generator=g).to(device) for _ in range(k)]
     ys = [torch.randint(0, 10, (args.batch,), generator=g).to(device) for _ in range(k)]
-    if fused and k > 1:
-        pack = Pack([s.model for s in steps], steps)
+    if k > 1:
+        pack = Pack([s.model for s in steps], steps, fuse=fused)
 
         def step() -> None:
             pack.train_step(xs, ys)
@@ -67,11 +70,14 @@ def _time(k: int, fused: bool, args: argparse.Namespace, barrier: Any, out: Any)
     out.send(time.perf_counter() - start)
 
 
+MODES = ("fused", "one by one", "processes")
+
+
 def measure(k: int, mode: str, args: argparse.Namespace) -> float:
-    """Seconds for ``args.steps`` steps of ``k`` runs: "pack" (fused, one process) or
-    "processes" (k processes at once, the slowest one's time)."""
+    """Seconds for ``args.steps`` steps of ``k`` runs: a pack in one process ("fused", or "one
+    by one": its networks unfused), or "processes" (k at once, the slowest one's time)."""
     ctx = mp.get_context("spawn")
-    n = 1 if mode == "pack" else k
+    n = k if mode == "processes" else 1
     barrier = ctx.Barrier(n) if n > 1 else None
     pipes, procs = [], []
     for _ in range(n):
@@ -99,7 +105,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     images = args.batch * args.steps
     single = None
     for k in sizes:
-        for mode in ("pack", "processes") if k > 1 else ("pack",):
+        for mode in MODES if k > 1 else ("alone",):
             if mode == "processes" and args.device == "cpu":
                 args.threads = max(1, threads // k)  # the cores shared out, not oversubscribed
             seconds = measure(k, mode, args)
@@ -109,7 +115,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append(
                 {
                     "k": k,
-                    "mode": mode if k > 1 else "alone",
+                    "mode": mode,
                     "seconds": seconds,
                     "images_per_s_per_run": aggregate / k,
                     "images_per_s": aggregate,
@@ -125,6 +131,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _line(row: dict[str, Any]) -> str:
     return (
-        f"K={row['k']:<3} {row['mode']:<10} {row['images_per_s_per_run']:>9.1f} img/s per run"
+        f"K={row['k']:<3} {row['mode']:<11} {row['images_per_s_per_run']:>9.1f} img/s per run"
         f" {row['images_per_s']:>9.1f} img/s together  x{row['x_one_run']:.2f} one run alone"
     )
