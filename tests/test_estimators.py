@@ -9,13 +9,11 @@ import copy
 import functools
 import json
 import math
-import signal
-import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import SMOKE, build_quantizer, launch, start_launch
+from conftest import SMOKE, build_quantizer, kill_when, launch, rows_in_epoch
 from hydra.utils import get_class
 
 from mq.cli.conf import option_file, options
@@ -418,16 +416,10 @@ def test_a_killed_dsq_run_resumes_alpha_from_its_checkpoint(tmp_path):
     assert reference.returncode == 0, reference.stderr[-2000:]
     outputs = tmp_path / "outputs/quantize/fake"
     metrics = outputs / "killed/metrics.jsonl"
-    proc = start_launch(*args, "run_name=killed", cwd=tmp_path)
-    deadline = time.monotonic() + 240
-    try:  # the first epoch's checkpoint is written, the second epoch under way
-        while sum(json.loads(r).get("epoch") == 2 for r in _lines(metrics)) < 3:
-            assert proc.poll() is None, f"run ended early:\n{proc.stderr.read()[-3000:]}"
-            assert time.monotonic() < deadline, "timed out"
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
+    # killed once the first epoch's checkpoint is written and the second epoch is under way
+    kill_when(
+        [*args, "run_name=killed"], tmp_path, lambda: rows_in_epoch(outputs / "killed", 2) >= 3
+    )
     resumed = launch(*args, "run_name=killed", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed at epoch 2" in resumed.stdout + resumed.stderr

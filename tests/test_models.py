@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import time
 from typing import Any
 
 import pytest
 import torch
-from conftest import SMOKE, compose_config, launch, start_launch, task_config
+from conftest import SMOKE, compose_config, kill_when, launch, rows_in_epoch, task_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
@@ -209,16 +207,7 @@ def test_a_run_folder_from_before_model_targets_resumes(tmp_path):
     args = ["dataset=fake", "logger=none", "progress=false", "batch_size=32", "epochs=2"]
     args += ["limit_test_batches=1", "log_every=1", "meta=ste", "run_name=old"]
     run_dir = tmp_path / "outputs/quantize/fake/old"
-    proc = start_launch(*args, cwd=tmp_path)
-    deadline = time.monotonic() + 240
-    try:
-        while not [r for r in _rows(run_dir) if r.get("epoch") == 2]:
-            assert proc.poll() is None, f"run ended early:\n{proc.stderr.read()[-3000:]}"
-            assert time.monotonic() < deadline, "timed out"
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
+    kill_when(args, tmp_path, lambda: rows_in_epoch(run_dir, 2) >= 1)
     saved = run_dir / "config.yaml"
     config = OmegaConf.to_container(OmegaConf.load(saved))
     assert config["model"]["_target_"] == "mq.models.cifar_resnet"
