@@ -565,6 +565,61 @@ def test_reste_refuses_bad_keys_in_one_line(base, kwargs, message):
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
 
 
+# Every estimator's number keys, through its constructor: the whole line, the bound's kind
+# (> or >=, [a, b], integer) as each key's check says it.
+@pytest.mark.parametrize(
+    ("step", "kwargs", "message"),
+    [
+        ("ede", {"t_min": 0}, "meta.t_min=0 is not allowed; allowed: a number > 0"),
+        ("ede", {"t_max": math.inf}, "meta.t_max=inf is not allowed; allowed: a number > 0"),
+        (
+            "reste",
+            {"threshold": 1.0, "interval": 1.0},
+            "meta.interval=1.0 is not allowed; allowed: a number > 0 and < meta.threshold=1.0",
+        ),
+        (
+            "dsq",
+            {"alpha": 0.7},
+            "meta.alpha=0.7 is not allowed; allowed: a number in [0.0001, 0.5]",
+        ),
+        (
+            "dsq",
+            {"alpha": False},
+            "meta.alpha=False is not allowed; allowed: a number in [0.0001, 0.5]",
+        ),
+        ("ewgs", {"delta": -0.1}, "meta.delta=-0.1 is not allowed; allowed: a number >= 0"),
+        (
+            "ewgs",
+            {"hessian_every": 2.0},
+            "meta.hessian_every=2.0 is not allowed; allowed: an integer >= 0 (0: delta fixed)",
+        ),
+    ],
+)
+def test_estimator_number_keys_are_refused_in_one_whole_line(base, step, kwargs, message):
+    from mq.meta.reste import ReSTEStep
+
+    steps = {"ede": EDEStep, "reste": ReSTEStep, "dsq": DSQStep, "ewgs": EWGSStep}
+    model = quantize_model(copy.deepcopy(base), DorefaWeight(1))
+    with pytest.raises(ConfigError) as info:
+        steps[step](model, OPTIMIZERS["sgd"], **kwargs)
+    assert str(info.value) == message
+
+
+def test_estimator_number_keys_take_their_closed_bounds(base):
+    """The bounds a key's line calls >= or [a, b] are allowed themselves."""
+    from mq.meta.dsq import ALPHA_MAX, ALPHA_MIN
+    from mq.meta.reste import ReSTEStep
+
+    model = quantize_model(copy.deepcopy(base), DorefaWeight(1))
+    assert ReSTEStep(model, OPTIMIZERS["sgd"], o_end=1).o_end == 1.0
+    assert EWGSStep(model, OPTIMIZERS["sgd"], delta=0, hessian_every=0).delta == 0.0
+    for alpha in (ALPHA_MIN, ALPHA_MAX):
+        dsq = DSQStep(
+            quantize_model(copy.deepcopy(base), DorefaWeight(2)), OPTIMIZERS["sgd"], alpha=alpha
+        )
+        assert (dsq.alpha == alpha).all()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
