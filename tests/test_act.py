@@ -279,14 +279,30 @@ def test_a_run_folder_from_before_the_act_group_resumes(tmp_path):
     ("args", "message"),
     [
         (["act=lsq", "act_bits=9"], "act_bits=9 is not allowed for lsq; allowed: 1..8"),
-        (["act=pact", "act_bits=0"], "act_bits=0 is not allowed for pact; allowed: 1..8"),
-        (["act=sign", "act_bits=2"], "act_bits=2 is not allowed for sign; allowed: 1"),
-        (["act=none", "act_bits=9"], "act_bits=9 is not allowed; allowed: an integer in 1..8"),
+        pytest.param(
+            ["act=pact", "act_bits=0"],
+            "act_bits=0 is not allowed for pact; allowed: 1..8",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["act=sign", "act_bits=2"],
+            "act_bits=2 is not allowed for sign; allowed: 1",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["act=none", "act_bits=9"],
+            "act_bits=9 is not allowed; allowed: an integer in 1..8",
+            marks=pytest.mark.slow,
+        ),
         (
             ["act=lsq", "quant=none"],
             "act=lsq needs quantized weights but quant=none; allowed with quant=none: act=none",
         ),
-        (["act=pact", "act.alpha_init=0"], "act.alpha_init=0.0 is not allowed"),
+        pytest.param(
+            ["act=pact", "act.alpha_init=0"],
+            "act.alpha_init=0.0 is not allowed",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_bad_act_input_exits_2_in_one_line_and_writes_nothing(tmp_path, args, message):

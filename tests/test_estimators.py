@@ -236,7 +236,9 @@ def test_ede_refuses_more_than_one_bit():
     [
         (["meta=ede", "bits=2"], "meta=ede cannot serve bits=2; allowed: 1"),
         (["meta=ewgs", "quant=none"], "meta=ewgs needs quantized weights but quant=none"),
-        (["meta=ewgs", "meta.delta=-1"], "meta.delta=-1 is not allowed"),
+        pytest.param(
+            ["meta=ewgs", "meta.delta=-1"], "meta.delta=-1 is not allowed", marks=pytest.mark.slow
+        ),
     ],
 )
 def test_bad_estimator_input_exits_2_in_one_line_and_writes_nothing(tmp_path, args, message):
@@ -396,8 +398,14 @@ def test_a_resumed_dsq_restores_alpha(base):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["meta=dsq", "meta.alpha=0.7"], "meta.alpha=0.7 is not allowed; allowed: a number in"),
-        (["meta=dsq", "meta.alpha=0"], "meta.alpha=0 is not allowed"),
+        pytest.param(
+            ["meta=dsq", "meta.alpha=0.7"],
+            "meta.alpha=0.7 is not allowed; allowed: a number in",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["meta=dsq", "meta.alpha=0"], "meta.alpha=0 is not allowed", marks=pytest.mark.slow
+        ),
         (["meta=dsq", "meta.learn_alpha=2"], "meta.learn_alpha=2 is not allowed"),
     ],
 )
@@ -623,8 +631,16 @@ def test_estimator_number_keys_take_their_closed_bounds(base):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["meta=reste", "bits=2"], "meta=reste cannot serve bits=2; allowed: 1"),
-        (["meta=reste", "meta.interval=2"], "meta.interval=2 is not allowed"),
+        pytest.param(
+            ["meta=reste", "bits=2"],
+            "meta=reste cannot serve bits=2; allowed: 1",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["meta=reste", "meta.interval=2"],
+            "meta.interval=2 is not allowed",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_bad_reste_input_exits_2_in_one_line_and_writes_nothing(tmp_path, args, message):

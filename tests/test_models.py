@@ -174,6 +174,7 @@ pretrained: null # full-precision checkpoint to start from
 """
 
 
+@pytest.mark.slow  # two launches; test_tasks' new task keeps hydra.searchpath fast
 def test_a_new_model_is_its_constructor_and_its_yaml(tmp_path, monkeypatch):
     """Outside the repository (hydra.searchpath): its constructor's check refuses bad keys in
     one line before anything is built or written; with good ones it trains."""
@@ -201,6 +202,7 @@ def _rows(run_dir) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+@pytest.mark.slow  # killed and relaunched; test_act's old-folder resume is the fast one
 def test_a_run_folder_from_before_model_targets_resumes(tmp_path):
     """A run killed in its second epoch, its config.yaml rewritten as mq wrote it when every
     model was mq.models.build_model: the relaunch resumes it from its checkpoint."""
@@ -247,6 +249,7 @@ def test_irnet_resnet20_is_the_authors_architecture():
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.slow  # two launches; the architecture test above is in-process
 def test_irnet_resnet20_trains_and_refuses_the_released_metaquant_checkpoints(tmp_path):
     args = ["model=resnet20_irnet", "dataset=fake", "logger=none", "progress=false", "epochs=1"]
     args += ["limit_train_batches=2", "limit_test_batches=1", "batch_size=32", "log_every=1"]

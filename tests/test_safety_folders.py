@@ -101,7 +101,14 @@ def test_mq_runs_are_recognised_by_what_mq_and_hydra_wrote(tmp_path):
 
 
 # ------------------------------------------------------ 2-4. Hydra's own locations ----
-@pytest.mark.parametrize("subdir", ["../theirs", "ABS", "x/../../theirs", ".."])
+# one fast; the other spellings of "outside" in the slow suite (a launch each)
+@pytest.mark.parametrize(
+    "subdir",
+    [
+        "../theirs",
+        *(pytest.param(s, marks=pytest.mark.slow) for s in ("ABS", "x/../../theirs", "..")),
+    ],
+)
 def test_output_subdir_must_be_a_folder_name_inside_the_run_folder(tmp_path, subdir):
     theirs = victim(tmp_path / "theirs")
     (theirs / "config.yaml").write_text("mine: 1\n")
@@ -121,6 +128,7 @@ def test_a_sweep_folder_of_user_files_is_refused_untouched(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow  # launches; the output_subdir test keeps the folder check fast
 def test_a_sweep_job_folder_must_be_inside_the_sweep_folder(tmp_path):
     result = launch("-m", *F, "bits=1", "hydra.sweep.subdir=../../../x", cwd=tmp_path)
     one_line_error(result, "is outside its sweep folder outputs/sweeps/")
@@ -172,6 +180,7 @@ def test_only_a_cache_mq_wrote_is_replaced(tmp_path, tiny_tree):
 
 
 # --------------------------------------------------------------- 6. planted links ----
+@pytest.mark.slow  # seven launches
 def test_links_planted_in_a_run_folder_are_refused_and_stale_tmp_removed(tmp_path):
     args = [*F, "keep_training_state=true"]  # resumable below
     first = launch(*args, cwd=tmp_path)
@@ -211,6 +220,7 @@ def test_links_planted_in_a_run_folder_are_refused_and_stale_tmp_removed(tmp_pat
     assert not names & set(mq_tmp) and set(kept) <= names
 
 
+@pytest.mark.slow  # launches
 def test_run_folder_that_is_a_file_or_whose_lock_is_a_folder(tmp_path):
     (tmp_path / "afile").write_text("mine\n")
     run = tmp_path / "run"
@@ -243,6 +253,7 @@ def fill(folder: Path, leave: int) -> None:
     (folder / "filler").write_bytes(b"\0" * max(0, free - leave))
 
 
+@pytest.mark.slow  # a launch; the full disk during a save is the fast one
 def test_full_disk_at_start_is_one_line_and_leaves_nothing(tmp_path, small_disk):
     for leave in (0, 500 * 1024):  # full; some room, not enough for a run
         fill(small_disk, leave)
