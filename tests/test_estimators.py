@@ -162,7 +162,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+# adam in the slow suite: the rule is in the gradient, which SGD applies as it is; the factor-one
+# test above hands an estimator's gradient to every optimizer
+@pytest.mark.parametrize("optimizer", ["sgd", pytest.param("adam", marks=pytest.mark.slow)])
 @pytest.mark.parametrize(("method", "quant", "kwargs"), CASES, ids=lambda c: str(c))
 def test_the_update_is_the_authors_rule_in_the_forward(base, method, quant, kwargs, optimizer):
     cls = {"ewgs": EWGSStep, "ede": EDEStep}[method]
@@ -235,7 +237,11 @@ def test_ede_refuses_more_than_one_bit():
     ("args", "message"),
     [
         (["meta=ede", "bits=2"], "meta=ede cannot serve bits=2; allowed: 1"),
-        (["meta=ewgs", "quant=none"], "meta=ewgs needs quantized weights but quant=none"),
+        pytest.param(
+            ["meta=ewgs", "quant=none"],
+            "meta=ewgs needs quantized weights but quant=none",
+            marks=pytest.mark.slow,
+        ),
         pytest.param(
             ["meta=ewgs", "meta.delta=-1"], "meta.delta=-1 is not allowed", marks=pytest.mark.slow
         ),
@@ -343,7 +349,9 @@ def test_dsq_factor_is_the_soft_quantizers_slope_and_its_sign_the_hard_level(bas
     torch.testing.assert_close(layer0.scale(ends, ends, ends), expected)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+# adam in the slow suite: the rule is in the gradient, which SGD applies as it is; the factor-one
+# test above hands an estimator's gradient to every optimizer
+@pytest.mark.parametrize("optimizer", ["sgd", pytest.param("adam", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("quant", ["dorefa1", "dorefa2", "bwn", "bwn_f"])
 def test_dsq_trains_weights_and_alpha_as_the_soft_quantizer_in_the_forward(base, quant, optimizer):
     model = quantize_model(copy.deepcopy(base).double(), QUANTS[quant]())
@@ -406,7 +414,11 @@ def test_a_resumed_dsq_restores_alpha(base):
         pytest.param(
             ["meta=dsq", "meta.alpha=0"], "meta.alpha=0 is not allowed", marks=pytest.mark.slow
         ),
-        (["meta=dsq", "meta.learn_alpha=2"], "meta.learn_alpha=2 is not allowed"),
+        pytest.param(
+            ["meta=dsq", "meta.learn_alpha=2"],
+            "meta.learn_alpha=2 is not allowed",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_bad_dsq_input_exits_2_in_one_line_and_writes_nothing(tmp_path, args, message):
@@ -500,7 +512,9 @@ RESTE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+# adam in the slow suite: the rule is in the gradient, which SGD applies as it is; the factor-one
+# test above hands an estimator's gradient to every optimizer
+@pytest.mark.parametrize("optimizer", ["sgd", pytest.param("adam", marks=pytest.mark.slow)])
 @pytest.mark.parametrize(("quant", "kwargs"), RESTE_CASES, ids=lambda c: str(c))
 def test_reste_updates_as_binary_reste_in_the_forward(base, quant, kwargs, optimizer):
     from mq.meta.reste import ReSTEStep
@@ -595,6 +609,7 @@ def test_reste_refuses_bad_keys_in_one_line(base, kwargs, message):
             {"alpha": False},
             "meta.alpha=False is not allowed; allowed: a number in [0.0001, 0.5]",
         ),
+        ("dsq", {"learn_alpha": 2}, "meta.learn_alpha=2 is not allowed; allowed: a boolean"),
         ("ewgs", {"delta": -0.1}, "meta.delta=-0.1 is not allowed; allowed: a number >= 0"),
         (
             "ewgs",

@@ -79,6 +79,7 @@ def test_wandb_offline_run_has_the_choices_name_and_metric_names(tmp_path):
     assert jsonl_keys <= history_keys(records)
 
 
+@pytest.mark.slow  # two launches; the helper serves the slow suite's resume tests
 def test_kill_when_fails_clearly_if_the_run_exits_or_the_time_passes_first(tmp_path):
     """The tests' kill-and-relaunch helper: a run that ends before the condition holds (bad
     input, exit 2) is an AssertionError with its exit code and last output; so is a condition
@@ -89,7 +90,10 @@ def test_kill_when_fails_clearly_if_the_run_exits_or_the_time_passes_first(tmp_p
         kill_when([*SMOKE, "epochs=50"], tmp_path, lambda: False, timeout=1)
 
 
-# LSTMFC (its per-weight state too) in the slow suite: 3x the time of MultiFC here.
+# In the slow suite (three launches): a step's exact continuation is test_meta's
+# test_step_state_round_trip_gives_identical_continuation, the kill and the relaunch test_act's
+# test_a_run_folder_from_before_the_act_group_resumes. LSTMFC costs 3x MultiFC here.
+@pytest.mark.slow
 @pytest.mark.parametrize("meta", ["multifc", pytest.param("lstmfc", marks=pytest.mark.slow)])
 def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, meta):
     args = [

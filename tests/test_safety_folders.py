@@ -58,7 +58,7 @@ def job_config(overrides: list[str]) -> dict:
 
 
 # ---------------------------------------------------------- 1. whose folder is it ----
-@pytest.mark.parametrize("make", [hydra_project, look_alike])
+@pytest.mark.parametrize("make", [hydra_project, pytest.param(look_alike, marks=pytest.mark.slow)])
 def test_a_folder_that_holds_no_mq_run_is_refused_untouched(tmp_path, make):
     folder = make(tmp_path / "theirs")
     before = snapshot(folder)
@@ -119,6 +119,7 @@ def test_output_subdir_must_be_a_folder_name_inside_the_run_folder(tmp_path, sub
     assert snapshot(tmp_path) == before  # no outputs/ either
 
 
+@pytest.mark.slow  # a launch; a run folder of user files is the fast one
 def test_a_sweep_folder_of_user_files_is_refused_untouched(tmp_path):
     theirs = victim(tmp_path / "theirs")
     (theirs / "multirun.yaml").write_text("mine: 1\n")
@@ -264,6 +265,7 @@ def test_full_disk_at_start_is_one_line_and_leaves_nothing(tmp_path, small_disk)
         (small_disk / "filler").unlink()
 
 
+@pytest.mark.slow  # a launch; the full disk during a save is the fast one
 def test_file_too_large_while_hydra_writes_is_one_line_and_leaves_nothing(tmp_path):
     def limit() -> None:  # Hydra's hydra.yaml (~3 KB) is the first file over 1 KB
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
