@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -83,6 +88,52 @@ def start_launch(*args: str, cwd: Path) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    """The rows of ``run_dir/metrics.jsonl`` written so far ([] before it exists); a last line
+    still being written (no newline yet) is left for the next read."""
+    metrics = run_dir / "metrics.jsonl"
+    text = metrics.read_text() if metrics.exists() else ""
+    return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
+
+
+def rows_in_epoch(run_dir: Path, epoch: int) -> int:
+    """How many rows of ``run_dir``'s metrics.jsonl so far belong to ``epoch``."""
+    return sum(row.get("epoch") == epoch for row in metrics_rows(run_dir))
+
+
+def kill_when(
+    args: Sequence[str], cwd: Path, condition: Callable[[], bool], timeout: float = 240
+) -> None:
+    """Start ``python launch.py ARGS`` in ``cwd`` and SIGKILL it (no handler runs, as after the
+    OOM killer or a node failure) as soon as ``condition()`` holds; returns once it is dead.
+    AssertionError, with the run's last output, if it exits or ``timeout`` seconds pass first."""
+    # Output to a file, not a pipe: a pipe nobody reads until the end can fill and stall the run.
+    with tempfile.TemporaryFile("w+") as output:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "launch.py"), *args],
+            cwd=cwd,
+            env=launch_env(),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + timeout
+        try:
+            while not condition():
+                if proc.poll() is not None:
+                    output.seek(0)
+                    raise AssertionError(
+                        f"launch.py exited ({proc.returncode}) before the kill condition held:"
+                        f"\n{output.read()[-3000:]}"
+                    )
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the kill condition did not hold within {timeout} s")
+                time.sleep(0.02)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
 
 
 @pytest.fixture

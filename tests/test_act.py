@@ -11,12 +11,10 @@ import copy
 import functools
 import json
 import math
-import signal
-import time
 
 import pytest
 import torch
-from conftest import SMOKE, compose_config, launch, start_launch, task_config
+from conftest import SMOKE, compose_config, kill_when, launch, rows_in_epoch, task_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
@@ -233,23 +231,8 @@ def test_launch_trains_with_every_act_option(tmp_path):
             assert state["act"] is None
 
 
-def _rows(run_dir) -> list[dict]:
-    metrics = run_dir / "metrics.jsonl"
-    text = metrics.read_text() if metrics.exists() else ""
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
 def _kill_in_second_epoch(args: list[str], cwd, run_dir) -> None:
-    proc = start_launch(*args, cwd=cwd)
-    deadline = time.monotonic() + 240
-    try:
-        while not [r for r in _rows(run_dir) if r.get("epoch") == 2]:
-            assert proc.poll() is None, f"run ended early:\n{proc.stderr.read()[-3000:]}"
-            assert time.monotonic() < deadline, "timed out"
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
+    kill_when(args, cwd, lambda: rows_in_epoch(run_dir, 2) >= 1)
 
 
 ARGS = ["dataset=fake", "logger=none", "progress=false", "batch_size=32", "epochs=2"]
@@ -296,14 +279,30 @@ def test_a_run_folder_from_before_the_act_group_resumes(tmp_path):
     ("args", "message"),
     [
         (["act=lsq", "act_bits=9"], "act_bits=9 is not allowed for lsq; allowed: 1..8"),
-        (["act=pact", "act_bits=0"], "act_bits=0 is not allowed for pact; allowed: 1..8"),
-        (["act=sign", "act_bits=2"], "act_bits=2 is not allowed for sign; allowed: 1"),
-        (["act=none", "act_bits=9"], "act_bits=9 is not allowed; allowed: an integer in 1..8"),
+        pytest.param(
+            ["act=pact", "act_bits=0"],
+            "act_bits=0 is not allowed for pact; allowed: 1..8",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["act=sign", "act_bits=2"],
+            "act_bits=2 is not allowed for sign; allowed: 1",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["act=none", "act_bits=9"],
+            "act_bits=9 is not allowed; allowed: an integer in 1..8",
+            marks=pytest.mark.slow,
+        ),
         (
             ["act=lsq", "quant=none"],
             "act=lsq needs quantized weights but quant=none; allowed with quant=none: act=none",
         ),
-        (["act=pact", "act.alpha_init=0"], "act.alpha_init=0.0 is not allowed"),
+        pytest.param(
+            ["act=pact", "act.alpha_init=0"],
+            "act.alpha_init=0.0 is not allowed",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_bad_act_input_exits_2_in_one_line_and_writes_nothing(tmp_path, args, message):

@@ -43,9 +43,25 @@ def test_every_model_instantiates(model):
     assert net(torch.zeros(2, 3, size, size)).shape[1] == 10
 
 
-@pytest.mark.parametrize("quant", options("quant"))
-@pytest.mark.parametrize("meta", options("meta"))
-@pytest.mark.parametrize("optimizer", options("optimizer"))
+def _quant_meta_optimizer() -> list:
+    """Every quant x meta with sgd, and adam and sgdm with dorefa and MultiFC, the paper's
+    setting (every option composes and trains fast); the other adam and sgdm pairs, the same
+    steps under another optimizer, in the slow suite."""
+    cases = []
+    for optimizer in options("optimizer"):
+        for meta in options("meta"):
+            for quant in options("quant"):
+                fast = optimizer == "sgd" or (quant, meta) == ("dorefa", "multifc")
+                marks = () if fast else pytest.mark.slow
+                cases.append(
+                    pytest.param(
+                        quant, meta, optimizer, marks=marks, id=f"{optimizer}-{meta}-{quant}"
+                    )
+                )
+    return cases
+
+
+@pytest.mark.parametrize(("quant", "meta", "optimizer"), _quant_meta_optimizer())
 def test_every_quant_meta_optimizer_instantiates(quant, meta, optimizer):
     cfg = compose_config(
         [f"quant={quant}", f"meta={meta}", f"optimizer={optimizer}", "model=resnet20"]

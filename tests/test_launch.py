@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SMOKE, launch, lowest_bits
+from conftest import SMOKE, kill_when, launch, lowest_bits, rows_in_epoch
 from wandb_records import history_keys, read_records
 
 from mq.cli.conf import options
@@ -84,18 +79,21 @@ def test_wandb_offline_run_has_the_choices_name_and_metric_names(tmp_path):
     assert jsonl_keys <= history_keys(records)
 
 
-def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early:\n{proc.stderr.read()[-3000:]}")
-        time.sleep(0.02)
-    raise AssertionError("timed out")
+@pytest.mark.slow  # two launches; the helper serves the slow suite's resume tests
+def test_kill_when_fails_clearly_if_the_run_exits_or_the_time_passes_first(tmp_path):
+    """The tests' kill-and-relaunch helper: a run that ends before the condition holds (bad
+    input, exit 2) is an AssertionError with its exit code and last output; so is a condition
+    that does not hold in time."""
+    with pytest.raises(AssertionError, match=r"exited \(2\)[\s\S]*error: bits=0"):
+        kill_when([*SMOKE, "bits=0"], tmp_path, lambda: False)
+    with pytest.raises(AssertionError, match="did not hold within 1 s"):
+        kill_when([*SMOKE, "epochs=50"], tmp_path, lambda: False, timeout=1)
 
 
-# LSTMFC (its per-weight state too) in the slow suite: 3x the time of MultiFC here.
+# In the slow suite (three launches): a step's exact continuation is test_meta's
+# test_step_state_round_trip_gives_identical_continuation, the kill and the relaunch test_act's
+# test_a_run_folder_from_before_the_act_group_resumes. LSTMFC costs 3x MultiFC here.
+@pytest.mark.slow
 @pytest.mark.parametrize("meta", ["multifc", pytest.param("lstmfc", marks=pytest.mark.slow)])
 def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, meta):
     args = [
@@ -113,30 +111,8 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, meta):
     reference = launch(*args, "run_name=reference", cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
     run_dir = tmp_path / "outputs/quantize/fake/killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "launch.py"), *args, "run_name=killed"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    metrics = run_dir / "metrics.jsonl"
-
-    def mid_second_epoch() -> bool:
-        if not metrics.exists():
-            return False
-        epochs = [
-            json.loads(line).get("epoch") for line in metrics.read_text().splitlines() if line
-        ]
-        return epochs.count(2) >= 3  # a checkpoint at the end of epoch 1, then 3 steps into 2
-
-    try:
-        _wait_for(mid_second_epoch, 240, proc)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    # a checkpoint at the end of epoch 1, then 3 steps into epoch 2
+    kill_when([*args, "run_name=killed"], tmp_path, lambda: rows_in_epoch(run_dir, 2) >= 3)
     assert summary(run_dir)["status"] == "running"
     resumed = launch(*args, "run_name=killed", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import time
 from typing import Any
 
 import pytest
 import torch
-from conftest import SMOKE, compose_config, launch, start_launch, task_config
+from conftest import SMOKE, compose_config, kill_when, launch, rows_in_epoch, task_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
@@ -176,6 +174,7 @@ pretrained: null # full-precision checkpoint to start from
 """
 
 
+@pytest.mark.slow  # two launches; test_tasks' new task keeps hydra.searchpath fast
 def test_a_new_model_is_its_constructor_and_its_yaml(tmp_path, monkeypatch):
     """Outside the repository (hydra.searchpath): its constructor's check refuses bad keys in
     one line before anything is built or written; with good ones it trains."""
@@ -203,22 +202,14 @@ def _rows(run_dir) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+@pytest.mark.slow  # killed and relaunched; test_act's old-folder resume is the fast one
 def test_a_run_folder_from_before_model_targets_resumes(tmp_path):
     """A run killed in its second epoch, its config.yaml rewritten as mq wrote it when every
     model was mq.models.build_model: the relaunch resumes it from its checkpoint."""
     args = ["dataset=fake", "logger=none", "progress=false", "batch_size=32", "epochs=2"]
     args += ["limit_test_batches=1", "log_every=1", "meta=ste", "run_name=old"]
     run_dir = tmp_path / "outputs/quantize/fake/old"
-    proc = start_launch(*args, cwd=tmp_path)
-    deadline = time.monotonic() + 240
-    try:
-        while not [r for r in _rows(run_dir) if r.get("epoch") == 2]:
-            assert proc.poll() is None, f"run ended early:\n{proc.stderr.read()[-3000:]}"
-            assert time.monotonic() < deadline, "timed out"
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
+    kill_when(args, tmp_path, lambda: rows_in_epoch(run_dir, 2) >= 1)
     saved = run_dir / "config.yaml"
     config = OmegaConf.to_container(OmegaConf.load(saved))
     assert config["model"]["_target_"] == "mq.models.cifar_resnet"
@@ -258,6 +249,7 @@ def test_irnet_resnet20_is_the_authors_architecture():
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.slow  # two launches; the architecture test above is in-process
 def test_irnet_resnet20_trains_and_refuses_the_released_metaquant_checkpoints(tmp_path):
     args = ["model=resnet20_irnet", "dataset=fake", "logger=none", "progress=false", "epochs=1"]
     args += ["limit_train_batches=2", "limit_test_batches=1", "batch_size=32", "log_every=1"]

@@ -24,6 +24,8 @@ def released(tmp_path_factory) -> Path:
     return folder
 
 
+# an eval and a sweep launched; the file's lookup: test_presets_start_from_the_released_models
+@pytest.mark.slow
 def test_original_in_a_run_and_a_sweep(released, tmp_path, monkeypatch):
     file = released / "ResNet20-CIFAR10-pretrain.pth"
     monkeypatch.setenv("MQ_CHECKPOINTS", str(released))  # launch() passes the environment on

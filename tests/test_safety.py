@@ -101,6 +101,7 @@ def test_bad_value_with_run_dir_dot_keeps_the_clone(tmp_path):
     assert snapshot(clone) == before
 
 
+@pytest.mark.slow  # a launch; test_safety_folders' foreign folders are the fast ones
 def test_run_dir_that_is_a_git_checkout_elsewhere_is_refused(tmp_path):
     clone = victim(tmp_path / "clone", git=True)
     before = snapshot(clone)
@@ -130,7 +131,8 @@ def test_run_and_sweep_names_are_one_plain_folder_name(name):
         check_name("run_name", good)
 
 
-@pytest.mark.parametrize("name", [".", pytest.param("../escape", marks=pytest.mark.slow)])
+@pytest.mark.slow  # launches; the names themselves: the in-process test above
+@pytest.mark.parametrize("name", [".", "../escape"])
 def test_bad_run_name_is_refused_and_other_runs_survive(tmp_path, name):
     done = fake_run(tmp_path / "outputs/quantize/fake/done")
     before = snapshot(tmp_path)
@@ -159,6 +161,7 @@ def test_bad_sweep_name_is_refused(tmp_path):
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow  # a launch; test_launch's dataset.root=nowhere is the fast one
 def test_data_error_removes_only_the_folders_it_created(tmp_path):
     outputs = victim(tmp_path / "outputs")
     before = snapshot(outputs)

@@ -229,8 +229,16 @@ FAST = [*SMOKE, "meta=ste"]  # the default run_name: it interpolates bits, seed,
         ),
         (["+foo=bar"], "error: foo is not a config key; allowed: bits, epochs, batch_size"),
         (["model.num_classes=0"], "error: model.num_classes=0 is not allowed; allowed: an integer"),
-        (["seed=99999999999999999999"], "error: seed=99999999999999999999 is not allowed"),
-        (["meta=multifc", "meta.net.hidden_size=10000000"], "error: meta.net.hidden_size=1000"),
+        pytest.param(
+            ["seed=99999999999999999999"],
+            "error: seed=99999999999999999999 is not allowed",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["meta=multifc", "meta.net.hidden_size=10000000"],
+            "error: meta.net.hidden_size=1000",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_launch_refuses_in_one_line_with_exit_2_and_writes_nothing(tmp_path, args, line):

@@ -58,7 +58,7 @@ def job_config(overrides: list[str]) -> dict:
 
 
 # ---------------------------------------------------------- 1. whose folder is it ----
-@pytest.mark.parametrize("make", [hydra_project, look_alike])
+@pytest.mark.parametrize("make", [hydra_project, pytest.param(look_alike, marks=pytest.mark.slow)])
 def test_a_folder_that_holds_no_mq_run_is_refused_untouched(tmp_path, make):
     folder = make(tmp_path / "theirs")
     before = snapshot(folder)
@@ -101,7 +101,14 @@ def test_mq_runs_are_recognised_by_what_mq_and_hydra_wrote(tmp_path):
 
 
 # ------------------------------------------------------ 2-4. Hydra's own locations ----
-@pytest.mark.parametrize("subdir", ["../theirs", "ABS", "x/../../theirs", ".."])
+# one fast; the other spellings of "outside" in the slow suite (a launch each)
+@pytest.mark.parametrize(
+    "subdir",
+    [
+        "../theirs",
+        *(pytest.param(s, marks=pytest.mark.slow) for s in ("ABS", "x/../../theirs", "..")),
+    ],
+)
 def test_output_subdir_must_be_a_folder_name_inside_the_run_folder(tmp_path, subdir):
     theirs = victim(tmp_path / "theirs")
     (theirs / "config.yaml").write_text("mine: 1\n")
@@ -112,6 +119,7 @@ def test_output_subdir_must_be_a_folder_name_inside_the_run_folder(tmp_path, sub
     assert snapshot(tmp_path) == before  # no outputs/ either
 
 
+@pytest.mark.slow  # a launch; a run folder of user files is the fast one
 def test_a_sweep_folder_of_user_files_is_refused_untouched(tmp_path):
     theirs = victim(tmp_path / "theirs")
     (theirs / "multirun.yaml").write_text("mine: 1\n")
@@ -121,6 +129,7 @@ def test_a_sweep_folder_of_user_files_is_refused_untouched(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow  # launches; the output_subdir test keeps the folder check fast
 def test_a_sweep_job_folder_must_be_inside_the_sweep_folder(tmp_path):
     result = launch("-m", *F, "bits=1", "hydra.sweep.subdir=../../../x", cwd=tmp_path)
     one_line_error(result, "is outside its sweep folder outputs/sweeps/")
@@ -172,6 +181,7 @@ def test_only_a_cache_mq_wrote_is_replaced(tmp_path, tiny_tree):
 
 
 # --------------------------------------------------------------- 6. planted links ----
+@pytest.mark.slow  # seven launches
 def test_links_planted_in_a_run_folder_are_refused_and_stale_tmp_removed(tmp_path):
     args = [*F, "keep_training_state=true"]  # resumable below
     first = launch(*args, cwd=tmp_path)
@@ -211,6 +221,7 @@ def test_links_planted_in_a_run_folder_are_refused_and_stale_tmp_removed(tmp_pat
     assert not names & set(mq_tmp) and set(kept) <= names
 
 
+@pytest.mark.slow  # launches
 def test_run_folder_that_is_a_file_or_whose_lock_is_a_folder(tmp_path):
     (tmp_path / "afile").write_text("mine\n")
     run = tmp_path / "run"
@@ -243,6 +254,7 @@ def fill(folder: Path, leave: int) -> None:
     (folder / "filler").write_bytes(b"\0" * max(0, free - leave))
 
 
+@pytest.mark.slow  # a launch; the full disk during a save is the fast one
 def test_full_disk_at_start_is_one_line_and_leaves_nothing(tmp_path, small_disk):
     for leave in (0, 500 * 1024):  # full; some room, not enough for a run
         fill(small_disk, leave)
@@ -253,6 +265,7 @@ def test_full_disk_at_start_is_one_line_and_leaves_nothing(tmp_path, small_disk)
         (small_disk / "filler").unlink()
 
 
+@pytest.mark.slow  # a launch; the full disk during a save is the fast one
 def test_file_too_large_while_hydra_writes_is_one_line_and_leaves_nothing(tmp_path):
     def limit() -> None:  # Hydra's hydra.yaml (~3 KB) is the first file over 1 KB
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

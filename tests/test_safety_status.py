@@ -162,6 +162,7 @@ def lose_summary(completed: Path, tmp_path: Path, damages: tuple[str, ...]) -> P
     return run_dir
 
 
+@pytest.mark.slow  # launches over a completed run
 def test_completed_run_whose_summary_was_lost_is_rebuilt_not_failed(completed, tmp_path):
     lose_summary(completed, tmp_path, ("missing",))
     repeat = launch(*F, cwd=tmp_path)
@@ -206,6 +207,7 @@ def test_checkpoint_that_cannot_resume_is_one_line(completed, tmp_path, kind, me
 
 
 # --------------------------------------------------------- 3. damaged metrics.jsonl ----
+@pytest.mark.slow  # a launch; test_safety's torn metrics file is the fast one
 def test_resume_over_a_garbage_line_moves_the_file_aside_and_merges_no_rows(completed, tmp_path):
     run_dir = copy_run(completed, tmp_path, drop_state=False)  # resumable at its last epoch
     original = (run_dir / "metrics.jsonl").read_bytes()

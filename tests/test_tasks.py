@@ -73,6 +73,7 @@ def test_a_run_saved_before_tasks_had_targets_is_the_same_run(tmp_path, task):
         check_run_dir(job_cfg, tmp_path)
 
 
+@pytest.mark.slow  # a launch; test_safety's in-process check_name test takes the names
 def test_a_task_name_is_a_folder_name(tmp_path):
     done = launch("task.name=../x", *SMOKE, cwd=tmp_path)
     assert done.returncode == 2

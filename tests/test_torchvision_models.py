@@ -5,13 +5,12 @@ torchvision-layout weights; unknown names and wrong key layouts are one-line err
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 import torch
-from conftest import CONF, compose_config, launch, start_launch
+from conftest import CONF, compose_config, kill_when, launch, rows_in_epoch
 from hydra.utils import instantiate
-from test_launch import _wait_for, rows
+from test_launch import rows
 from torch import nn
 
 from mq.core.errors import ConfigError
@@ -150,18 +149,7 @@ def test_mobilenet_v2_run_is_killed_resumes_and_matches_an_uninterrupted_one(tmp
     reference = launch(*args, "run_name=reference", cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
     run_dir = tmp_path / "outputs/quantize/fake/killed"
-    proc = start_launch(*args, "run_name=killed", cwd=tmp_path)
-
-    def mid_second_epoch() -> bool:
-        metrics = run_dir / "metrics.jsonl"
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        return [json.loads(ln).get("epoch") for ln in lines if ln].count(2) >= 3
-
-    try:
-        _wait_for(mid_second_epoch, 240, proc)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_when([*args, "run_name=killed"], tmp_path, lambda: rows_in_epoch(run_dir, 2) >= 3)
     resumed = launch(*args, "run_name=killed", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed at epoch 2, batch 0" in resumed.stderr + resumed.stdout

@@ -17,13 +17,11 @@ parameters, then clamped into (0, 0.5] (ALPHA_MIN, ALPHA_MAX).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from mq.core.errors import ConfigError
-from mq.meta.estimator import EstimatorStep
+from mq.meta.estimator import EstimatorStep, check_number
 from mq.meta.step import OptimizerFactory
 
 # alpha's clamp after each step: the paper keeps it in (0, 0.5); 0 itself would make k infinite
@@ -40,12 +38,7 @@ class DSQStep(EstimatorStep):
         alpha: float = 0.2,
         learn_alpha: bool = True,
     ) -> None:
-        number = isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
-        if not (number and math.isfinite(alpha) and ALPHA_MIN <= alpha <= ALPHA_MAX):
-            raise ConfigError(
-                f"meta.alpha={alpha} is not allowed; "
-                f"allowed: a number in [{ALPHA_MIN}, {ALPHA_MAX}]"
-            )
+        check_number("meta.alpha", alpha, low=ALPHA_MIN, high=ALPHA_MAX)
         if not isinstance(learn_alpha, bool):
             raise ConfigError(f"meta.learn_alpha={learn_alpha} is not allowed; allowed: a boolean")
         super().__init__(model, optimizer)

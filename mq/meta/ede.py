@@ -14,8 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from mq.core.errors import ConfigError
-from mq.meta.estimator import EstimatorStep
+from mq.meta.estimator import EstimatorStep, check_number
 from mq.meta.step import OptimizerFactory
 
 
@@ -31,10 +30,8 @@ class EDEStep(EstimatorStep):
         t_min: float = 0.1,
         t_max: float = 10.0,
     ) -> None:
-        for key, value in (("t_min", t_min), ("t_max", t_max)):
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not (number and math.isfinite(value) and value > 0):
-                raise ConfigError(f"meta.{key}={value} is not allowed; allowed: a number > 0")
+        check_number("meta.t_min", t_min, low=0, low_open=True)
+        check_number("meta.t_max", t_max, low=0, low_open=True)
         super().__init__(model, optimizer)
         self.t_min, self.t_max = float(t_min), float(t_max)
         self.set_progress(0, 1)

@@ -12,6 +12,7 @@ their gradient through ``soft_level``.
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -21,6 +22,40 @@ from mq.core.errors import ConfigError
 from mq.meta.step import NetworkInput, OptimizerFactory, STEStep, _params, needs_quantized
 from mq.quant.flat import FlatLayout
 from mq.quant.layers import QuantizedModel
+
+
+def check_number(
+    key: str,
+    value: object,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    high_name: str | None = None,
+    integer: bool = False,
+    note: str = "",
+) -> None:
+    """ConfigError naming ``key``, ``value`` and what is allowed unless ``value`` is a finite
+    number (an int with ``integer``; never a bool) from ``low`` to ``high``: each bound is
+    included unless ``low_open``/``high_open``; ``high_name`` names the key ``high`` came from;
+    ``note`` is appended to the allowed part, e.g. what a special value means."""
+    kind = (int,) if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if ok:
+        return
+    top = f"{high_name}={high}" if high_name else f"{high}"
+    if low is not None and high is not None and not (low_open or high_open):
+        bounds = [f"in [{low}, {top}]"]
+    else:
+        bounds = [f"{'>' if low_open else '>='} {low}"] if low is not None else []
+        bounds += [f"{'<' if high_open else '<='} {top}"] if high is not None else []
+    allowed = " ".join(["an integer" if integer else "a number", " and ".join(bounds)]).strip()
+    raise ConfigError(f"{key}={value} is not allowed; allowed: {allowed}{note}")
 
 
 class EstimatorStep(STEStep):

@@ -12,7 +12,6 @@ tr(H_l) / n_l / (3 std(g_xq,l)), clipped at 0, the trace by Hutchinson's method.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -20,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mq.core.errors import ConfigError
-from mq.meta.estimator import EstimatorStep
+from mq.meta.estimator import EstimatorStep, check_number
 from mq.meta.step import OptimizerFactory
 
 HESSIAN_BATCHES = 3  # their update_grad_scales: "estimate trace using 3 batches"
@@ -38,16 +36,10 @@ class EWGSStep(EstimatorStep):
         delta: float = 1e-3,
         hessian_every: int = 0,
     ) -> None:
-        number = isinstance(delta, (int, float)) and not isinstance(delta, bool)
-        if not (number and math.isfinite(delta) and delta >= 0):
-            raise ConfigError(f"meta.delta={delta} is not allowed; allowed: a number >= 0")
-        if not (isinstance(hessian_every, int) and not isinstance(hessian_every, bool)) or (
-            hessian_every < 0
-        ):
-            raise ConfigError(
-                f"meta.hessian_every={hessian_every} is not allowed; allowed: an integer >= 0 "
-                "(0: delta fixed)"
-            )
+        check_number("meta.delta", delta, low=0)
+        check_number(
+            "meta.hessian_every", hessian_every, low=0, integer=True, note=" (0: delta fixed)"
+        )
         super().__init__(model, optimizer)
         self.delta: float | Tensor = float(delta)  # a flat tensor (per layer) once measured
         self.hessian_every = hessian_every

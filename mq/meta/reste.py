@@ -20,13 +20,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from mq.core.errors import ConfigError
-from mq.meta.estimator import EstimatorStep
+from mq.meta.estimator import EstimatorStep, check_number
 from mq.meta.step import OptimizerFactory
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class ReSTEStep(EstimatorStep):
@@ -42,17 +37,19 @@ class ReSTEStep(EstimatorStep):
         threshold: float = 1.5,
         interval: float = 0.1,
     ) -> None:
-        if not (_number(o_end) and o_end >= 1):
-            raise ConfigError(f"meta.o_end={o_end} is not allowed; allowed: a number >= 1")
-        if not (_number(threshold) and threshold > 0):
-            raise ConfigError(f"meta.threshold={threshold} is not allowed; allowed: a number > 0")
+        check_number("meta.o_end", o_end, low=1)
+        check_number("meta.threshold", threshold, low=0, low_open=True)
         # the band is written after the power part in their backward: past threshold it would
         # pass gradient where the clip should stop it
-        if not (_number(interval) and 0 < interval < threshold):
-            raise ConfigError(
-                f"meta.interval={interval} is not allowed; "
-                f"allowed: a number > 0 and < meta.threshold={threshold}"
-            )
+        check_number(
+            "meta.interval",
+            interval,
+            low=0,
+            low_open=True,
+            high=threshold,
+            high_open=True,
+            high_name="meta.threshold",
+        )
         super().__init__(model, optimizer)
         self.o_end, self.threshold, self.interval = float(o_end), float(threshold), float(interval)
         self.set_progress(0, 1)
