@@ -51,6 +51,8 @@ def test_bench_writes_table_and_json(tmp_path):
         (["--quants", "xnor"], "--quants xnor is not known; allowed: "),
         (["--model", "vgg"], "--model vgg is not known; allowed: resnet20"),
         (["--device", "tpu"], "invalid choice: 'tpu'"),
+        (["--pack", "1,0"], "--pack 1,0 is not a list of pack sizes; allowed: e.g. 1,2,4,8,16"),
+        (["--pack", "2", "--pack-net", "foo"], "--pack-net foo is not known; allowed: "),
     ],
 )
 def test_bench_bad_arguments_exit_with_one_line(args, message, capsys):
@@ -89,3 +91,27 @@ def test_every_bench_option_has_a_help_text(monkeypatch):
     parse(["--quick"])
     (parser,) = parsers
     assert [a.option_strings for a in parser._actions if not a.help] == []
+
+
+def test_bench_pack_times_each_mode_with_its_runs(tmp_path):
+    """K runs in one process (fused, one by one), K processes of one run each, one alone."""
+    from mq.tools.bench import main
+
+    out = tmp_path / "pack.json"
+    args = ["--pack", "1,2", "--batch", "4", "--steps", "1", "--warmup", "0"]
+    main([*args, "--pack-net", "ste", "--device", "cpu", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["k"], r["mode"]) for r in rows] == [
+        (1, "alone"),
+        (2, "fused"),
+        (2, "one by one"),
+        (2, "processes"),
+    ]
+    # what each process stepped: the bench measured what its rows say
+    assert [(r["processes"], r["runs_per_process"]) for r in rows] == [
+        (1, 1),
+        (1, 2),
+        (1, 2),
+        (2, 1),
+    ]
+    assert all(r["images_per_s"] > 0 and r["x_one_run"] > 0 for r in rows)

@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from conftest import launch, start_launch
+from conftest import kill_when, launch, metrics_rows, start_launch
 
 ARGS = ["dataset=fake", "logger=none", "progress=false", "batch_size=16", "epochs=2"]
 ARGS += ["limit_train_batches=3", "limit_test_batches=1", "keep_training_state=true"]
@@ -97,29 +97,14 @@ def test_points_that_cannot_share_a_pack_are_packed_apart_and_said_so(tmp_path):
 
 @pytest.mark.slow  # a pack killed and relaunched, and one never stopped: about a minute
 def test_a_pack_killed_mid_epoch_and_relaunched_equals_one_never_stopped(tmp_path):
-    args = ["-m", *GRID, *ARGS, "hydra.sweeper.pack=4", "log_every=1"]
-    proc = start_launch(*args, "sweep_name=killed", cwd=tmp_path)
-    deadline = time.monotonic() + 240
+    args = ["-m", *GRID, *ARGS, "hydra.sweeper.pack=4", "hydra.sweeper.fuse=true", "log_every=1"]
     sweep = tmp_path / "outputs/sweeps/killed"
-    try:
-        while True:  # until every run has a step of epoch 2 logged
-            rows = (
-                [
-                    json.loads(line)
-                    for p in sweep.glob("*/metrics.jsonl")
-                    for line in p.read_text().splitlines()
-                ]
-                if sweep.exists()
-                else []
-            )
-            if sum(r.get("epoch") == 2 and r["kind"] == "step" for r in rows) >= 4:
-                break
-            assert proc.poll() is None, f"ended early:\n{proc.stderr.read()[-3000:]}"
-            assert time.monotonic() < deadline, "timed out"
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
+
+    def every_run_in_epoch_2() -> bool:
+        rows = [r for p in sweep.glob("*/metrics.jsonl") for r in metrics_rows(p.parent)]
+        return sum(r.get("epoch") == 2 and r["kind"] == "step" for r in rows) >= 4
+
+    kill_when([*args, "sweep_name=killed"], tmp_path, every_run_in_epoch_2)
     again = launch(*args, "sweep_name=killed", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed at epoch 2" in again.stdout + again.stderr

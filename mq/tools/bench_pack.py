@@ -67,31 +67,31 @@ def _time(k: int, fused: bool, args: argparse.Namespace, barrier: Any, out: Any)
     for _ in range(args.steps):
         step()
     sync(device)
-    out.send(time.perf_counter() - start)
+    out.send((time.perf_counter() - start, len(steps)))
 
 
 MODES = ("fused", "one by one", "processes")
 
 
-def measure(k: int, mode: str, args: argparse.Namespace) -> float:
+def measure(k: int, mode: str, args: argparse.Namespace) -> tuple[float, int, int]:
     """Seconds for ``args.steps`` steps of ``k`` runs: a pack in one process ("fused", or "one
-    by one": its networks unfused), or "processes" (k at once, the slowest one's time)."""
+    by one": its networks unfused), or "processes" (k at once, the slowest one's time); with
+    the processes and the runs each stepped."""
     ctx = mp.get_context("spawn")
     n = k if mode == "processes" else 1
     barrier = ctx.Barrier(n) if n > 1 else None
     pipes, procs = [], []
     for _ in range(n):
         parent, child = ctx.Pipe()
-        proc = ctx.Process(
-            target=_time, args=(k if mode == "pack" else 1, True, args, barrier, child)
-        )
+        runs = 1 if mode == "processes" else k
+        proc = ctx.Process(target=_time, args=(runs, mode == "fused", args, barrier, child))
         proc.start()
         pipes.append(parent)
         procs.append(proc)
-    times = [p.recv() for p in pipes]
+    results = [p.recv() for p in pipes]
     for proc in procs:
         proc.join()
-    return max(times)
+    return max(t for t, _ in results), n, results[0][1]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for mode in MODES if k > 1 else ("alone",):
             if mode == "processes" and args.device == "cpu":
                 args.threads = max(1, threads // k)  # the cores shared out, not oversubscribed
-            seconds = measure(k, mode, args)
+            seconds, processes, runs = measure(k, mode, args)
             args.threads = threads
             aggregate = k * images / seconds
             single = aggregate if k == 1 else single
@@ -117,6 +117,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "k": k,
                     "mode": mode,
                     "seconds": seconds,
+                    "processes": processes,
+                    "runs_per_process": runs,
                     "images_per_s_per_run": aggregate / k,
                     "images_per_s": aggregate,
                     "x_one_run": aggregate / single if single else float("nan"),
