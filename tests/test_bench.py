@@ -95,7 +95,7 @@ def test_every_bench_option_has_a_help_text(monkeypatch):
 
 def test_bench_pack_times_each_mode_with_its_runs(tmp_path):
     """K runs in one process (fused, one by one), K processes of one run each, one alone."""
-    from mq.tools.bench import main
+    from mq.tools.bench_pack import main  # python -m mq.bench's entry
 
     out = tmp_path / "pack.json"
     args = ["--pack", "1,2", "--batch", "4", "--steps", "1", "--warmup", "0"]

@@ -347,10 +347,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
-    if args.pack is not None:
-        from mq.tools.bench_pack import run
-
-        return run(args)
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark  # as mq.job.run does for every run
     if not args.glibc_defaults:

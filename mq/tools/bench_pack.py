@@ -94,6 +94,14 @@ def measure(k: int, mode: str, args: argparse.Namespace) -> tuple[float, int, in
     return max(t for t, _ in results), n, results[0][1]
 
 
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``python -m mq.bench``: this benchmark with ``--pack``, else mq.tools.bench's."""
+    from mq.tools import bench
+
+    args = bench.parse(argv)
+    return run(args) if args.pack is not None else bench.main(argv)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = [int(k) for k in args.pack.split(",")]
     threads = args.threads
