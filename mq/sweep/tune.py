@@ -67,8 +67,14 @@ class TuneSweeper(Sweeper):
         space: list[Any] | None = None,
         final_seeds: list[int] | None = None,
         final_defaults: bool = True,
+        pack: Any = 1,
+        fuse: Any = None,
     ) -> None:
+        # pack, fuse: the basic sweeper's keys, left in hydra.sweeper when a preset names this
+        # class (conf/sweep/fair_compare.yaml); a study's trials are not packed
         super().__init__(max_batch_size=max_batch_size, params=params)
+        if pack != 1:
+            log.warning("hydra.sweeper.pack=%s: a tuning study's trials are not packed", pack)
         self.groups = [str(g) for g in (groups or [""])]
         self.trials, self.parallel = int(trials), max(int(parallel), 1)
         self.objective, self.direction = objective, direction
