@@ -1,6 +1,6 @@
 """A pack job: the runs a sweep packed together (``hydra.sweeper.pack``), trained in one process.
 
-The sweeper writes a pack file (``<sweep>/.packs/<name>.yaml``: each run's resolved config,
+The sweeper writes a pack file (``<sweep>/.packs/<name>.json``: each run's resolved config,
 folder, choices and wandb names) and submits one job for it; that job's own Hydra folder is
 ``<sweep>/.packs/<name>/``, out of the runs' tree. Here every run gets what a job of its own
 gets (mq.job.run): its folder checked and locked, its summary, logger and checkpoints; a run
